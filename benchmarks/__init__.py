@@ -1,0 +1,1 @@
+"""steer benchmarks: one script per question, each writing benchmarks/results/<name>.json."""

