@@ -49,7 +49,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Time each variant ``repeats`` times, interleaved A B A B ..., after ``warmup`` untimed rounds."""
     for _ in range(warmup):
         for fn in variants.values():
@@ -126,7 +128,9 @@ def write_result(name: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "machine": machine_info(), **payload}, indent=2, default=str))
+    tmp.write_text(
+        json.dumps({"benchmark": name, "machine": machine_info(), **payload}, indent=2, default=str)
+    )
     os.replace(tmp, path)
     return path
 

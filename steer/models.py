@@ -308,13 +308,22 @@ def tiny_causal_lm(
         if num_kv_heads not in (None, num_heads):
             raise ValueError("gpt2 has no grouped-query attention; leave num_kv_heads unset")
         config = AutoConfig.for_model(
-            "gpt2", n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=512, **common
+            "gpt2",
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
         )
     else:
         raise ValueError(f"unknown tiny arch {arch!r}; choose 'llama' or 'gpt2'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()  # like from_pretrained; trainers switch to train mode themselves
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
