@@ -1,0 +1,547 @@
+"""The ``steer`` command line: ``steer train constrained|persona``, ``steer eval toxicity|opinions``, ``steer demo``.
+
+Every command reads an optional recipe YAML (``--config FILE.yaml``) and ``--key value`` overrides into the
+command's config dataclasses with TRL's :class:`~trl.TrlParser` (command line wins over the YAML; a YAML
+``env:`` mapping sets environment variables first). Unknown keys, in the YAML or on the command line, are
+errors that name the key. ``steer <command> --help`` lists every field with its help text.
+
+The CLI runs in-process, so it works unchanged under ``accelerate launch``::
+
+    accelerate launch --config_file accelerate_configs/ddp.yaml -m steer.cli train constrained --config X.yaml
+    accelerate launch --config_file accelerate_configs/ddp.yaml $(which steer) train constrained --config X.yaml
+
+Command modules are imported only when their command runs, so ``steer --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("steer.cli")
+
+PROG = "steer"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One leaf command: the module that implements it, its config dataclasses and its entry point."""
+
+    words: tuple[str, ...]
+    module: str
+    arg_types: tuple[str, ...]
+    entry: str
+    help: str
+    optional_dataclasses: bool = False  # demo: run without arguments when the module defines none
+    report_files: tuple[str, ...] = ()  # markdown reports (under the parsed output_dir) printed at the end
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.words)
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        ("train", "constrained"),
+        "steer.trainers.constrained",
+        ("ConstrainedScriptArguments", "ConstrainedConfig"),
+        "train_constrained",
+        "fine-tune a policy under a sequence-level constraint (NADO guidance + closed-form KL)",
+    ),
+    Command(
+        ("train", "persona"),
+        "steer.trainers.persona",
+        ("PersonaScriptArguments", "PersonaConfig"),
+        "train_persona",
+        "train a persona soft-prompt network on survey answers (frozen LLM)",
+    ),
+    Command(
+        ("eval", "toxicity"),
+        "steer.eval.toxicity",
+        ("ToxicityEvalArguments",),
+        "run_toxicity_eval",
+        "RealToxicityPrompts evaluation: expected max toxicity, toxicity probability, perplexity, distinct-n",
+        report_files=("toxicity_report.md",),
+    ),
+    Command(
+        ("eval", "agreement"),
+        "steer.eval.toxicity",
+        ("OracleAgreementArguments",),
+        "run_oracle_agreement",
+        "agreement (AUC, accuracy, F1) of a toxicity oracle with the Perspective labels shipped in RTP",
+    ),
+    Command(
+        ("eval", "opinions"),
+        "steer.eval.opinions",
+        ("OpinionEvalArguments",),
+        "run_opinion_eval",
+        "OpinionQA evaluation: per-individual accuracy and representativeness against Pew distributions",
+        report_files=("opinions.md",),
+    ),
+    Command(
+        ("demo",),
+        "steer.demo",
+        ("DemoArguments",),
+        "run_demo",
+        "short detox run on the embedded SmolLM2-135M with a before/after table",
+        optional_dataclasses=True,
+    ),
+)
+
+
+class CommandLineError(Exception):
+    """A usage error: printed as ``steer <command>: error: ...`` with exit status 2."""
+
+    def __init__(self, command: str, message: str):
+        super().__init__(message)
+        self.command = command
+
+
+# --------------------------------------------------------------------------------------------------
+# Help
+# --------------------------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    from steer import __version__
+
+    return __version__
+
+
+def _usage(prefix: tuple[str, ...] = ()) -> str:
+    commands = [c for c in COMMANDS if c.words[: len(prefix)] == prefix]
+    width = max(len(c.name) for c in commands) + 2
+    lines = [
+        f"usage: {PROG} {' '.join(prefix) + ' ' if prefix else ''}<command> [--config FILE.yaml] [--key value ...]",
+        "",
+        "Constrained (NADO-guided) and persona-steered fine-tuning.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {c.name.ljust(width)}{c.help}" for c in commands]
+    lines += [
+        "",
+        "options:",
+        "  -h, --help     show this help; `steer <command> --help` lists every config field with its help text",
+        "  --version      print the steer version",
+        "",
+        "Values come from the recipe YAML given with --config, then from --key value overrides. Multi-process:",
+        "  accelerate launch --config_file accelerate_configs/ddp.yaml -m steer.cli train constrained \\",
+        "      --config recipes/detox/config.yaml",
+        "(see recipes/README.md).",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------
+
+
+def find_command(argv: Sequence[str]) -> tuple[Command | None, tuple[str, ...], list[str]]:
+    """Split ``argv`` into (leaf command or None, the command words consumed, the remaining arguments)."""
+    words: tuple[str, ...] = ()
+    for token in argv:
+        if token.startswith("-"):
+            break
+        candidate = (*words, token)
+        if not any(c.words[: len(candidate)] == candidate for c in COMMANDS):
+            break
+        words = candidate
+        leaf = next((c for c in COMMANDS if c.words == words), None)
+        if leaf is not None:
+            return leaf, words, list(argv[len(words) :])
+    return None, words, list(argv[len(words) :])
+
+
+def _load_command(command: Command) -> tuple[Any, list[type]]:
+    try:
+        module = importlib.import_module(command.module)
+    except ModuleNotFoundError as err:
+        if err.name and command.module.startswith(err.name):
+            raise CommandLineError(
+                command.name, f"`{command.module}` is not available in this installation ({err})"
+            ) from err
+        raise
+    types = []
+    for name in command.arg_types:
+        cls = getattr(module, name, None)
+        if cls is None:
+            if command.optional_dataclasses:
+                continue
+            raise CommandLineError(command.name, f"{command.module} does not define {name}")
+        types.append(cls)
+    if not hasattr(module, command.entry):
+        raise CommandLineError(command.name, f"{command.module} does not define {command.entry}()")
+    return module, types
+
+
+def _check_disjoint(command: Command, types: Sequence[type]) -> None:
+    """Two config dataclasses of one command must not share a field name (one key would set both)."""
+    owner: dict[str, str] = {}
+    for cls in types:
+        for f in dataclasses.fields(cls):
+            if f.name in owner:
+                raise CommandLineError(
+                    command.name,
+                    f"field {f.name!r} is defined by both {owner[f.name]} and {cls.__name__}; "
+                    "rename one of them so that a recipe key sets exactly one field",
+                )
+            owner[f.name] = cls.__name__
+
+
+def make_parser(command: Command, types: Sequence[type] | None = None):
+    """The :class:`~trl.TrlParser` of one command (prefix abbreviations disabled: every key must be exact)."""
+    from trl import TrlParser
+
+    if types is None:
+        _, types = _load_command(command)
+    _check_disjoint(command, types)
+    prog = f"{PROG} {command.name}"
+    parser = TrlParser(
+        list(types),
+        prog=prog,
+        usage=f"{prog} [--config FILE.yaml] [--key value ...]",
+        description=f"{command.help}. Every option below is also a key of the --config YAML; the command "
+        "line wins over the YAML; an `env:` mapping in the YAML sets environment variables.",
+        allow_abbrev=False,
+    )
+    dests = {action.dest for action in parser._actions}
+    if CPU_DEFAULTS.keys() <= dests and not _accelerator_available():
+        parser.set_defaults(**CPU_DEFAULTS)
+    return parser
+
+
+def _known_keys(parser) -> list[str]:
+    return sorted({a.dest for a in parser._actions if a.dest not in ("help",)})
+
+
+def _unknown_message(parser, strings: list[str], source: str) -> str:
+    keys = [s for s in strings if s.startswith("-")] or strings
+    known = _known_keys(parser)
+    parts = []
+    for key in keys:
+        bare = key.lstrip("-").split("=", 1)[0].replace("-", "_")
+        close = difflib.get_close_matches(bare, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        parts.append(f"{bare!r}{hint}")
+    noun = "key" if len(parts) == 1 else "keys"
+    return f"unknown {noun} {', '.join(parts)} {source}; `{parser.prog} --help` lists the valid keys"
+
+
+def _normalise_config_flag(args: list[str]) -> tuple[list[str], str | None]:
+    """Accept ``--config=FILE`` as well as ``--config FILE``; check the file exists."""
+    out, path = [], None
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token.startswith("--config="):
+            path = token.split("=", 1)[1]
+            out += ["--config", path]
+        elif token == "--config":
+            if i + 1 >= len(args):
+                raise CommandLineError("", "--config needs a YAML file path")
+            path = args[i + 1]
+            out += ["--config", path]
+            i += 1
+        else:
+            out.append(token)
+        i += 1
+    if out.count("--config") > 1:
+        raise CommandLineError("", "--config given more than once")
+    if path is not None and not os.path.isfile(path):
+        raise CommandLineError("", f"config file not found: {path}")
+    return out, path
+
+
+def parse_command_args(command: Command, args: Sequence[str], types: Sequence[type] | None = None) -> tuple:
+    """Parse ``[--config FILE.yaml] [--key value ...]`` into the command's dataclass instances."""
+    if types is None:
+        _, types = _load_command(command)
+    parser = make_parser(command, types)
+    try:
+        args, config_path = _normalise_config_flag(list(args))
+    except CommandLineError as err:
+        raise CommandLineError(command.name, str(err)) from None
+    try:
+        *parsed, from_config, from_cli = parser.parse_args_and_config(
+            args, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ValueError as err:  # a field's validation (__post_init__) or a malformed YAML mapping
+        where = f" (config {config_path})" if config_path else ""
+        raise CommandLineError(command.name, f"{err}{where}") from err
+    if from_config:
+        raise CommandLineError(command.name, _unknown_message(parser, from_config, f"in {config_path}"))
+    if from_cli:
+        raise CommandLineError(command.name, _unknown_message(parser, from_cli, "on the command line"))
+    return tuple(parsed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    accel = getattr(torch, "accelerator", None)
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
+
+
+# Defaults that replace TrainingArguments' own on a machine without an accelerator (YAML and flags still win):
+# SFTConfig defaults to bf16=True, which TrainingArguments rejects without a GPU unless use_cpu is set.
+CPU_DEFAULTS = {"use_cpu": True, "bf16": False}
+
+
+def _use_cpu_when_no_accelerator() -> None:
+    """Launched with several ranks on a machine without an accelerator -> make accelerate use gloo on CPU.
+
+    Without it ``TrainingArguments(use_cpu=False)`` leaves each rank with ``DistributedType.NO`` (every rank
+    trains alone on the full data) although torch.distributed is up. Setting ``use_cpu: true`` in the
+    recipe does the same explicitly.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "ACCELERATE_USE_CPU" in os.environ:
+        return
+    if not _accelerator_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def _training_args(parsed: Iterable[Any]):
+    from transformers import TrainingArguments
+
+    return next((p for p in parsed if isinstance(p, TrainingArguments)), None)
+
+
+def _log_process(command: Command, training_args) -> None:
+    state = training_args.distributed_state
+    backend = getattr(state, "backend", None)
+    logger.info(
+        "%s: rank %d/%d (local rank %d), distributed_type=%s, backend=%s, device=%s",
+        command.name,
+        training_args.process_index,
+        training_args.world_size,
+        training_args.local_process_index,
+        getattr(state.distributed_type, "value", state.distributed_type),
+        backend,
+        training_args.device,
+    )
+
+
+SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+MAX_DIGEST_VALUES = 500_000_000  # skip the check for huge full fine-tunes (hashing would take minutes)
+
+
+def parameter_digest(modules: Iterable[Any], *, max_values: int | None = None) -> tuple[str, int]:
+    """SHA-256 over the trained weights of ``modules`` (fp32 bytes, fixed order); returns (hex, #values).
+
+    For an ``nn.Module``: its parameters that require grad or belong to an adapter (``lora_``), sorted by
+    name. For an object with ``trainable_parameters()`` (the guidance model, whose parameters are frozen
+    between rounds): exactly those. Used after distributed training to check that all ranks agree.
+    Returns ``("", 0)`` when there are more than ``max_values`` values.
+    """
+    import torch
+
+    groups = []
+    for module in modules:
+        if module is None:
+            continue
+        module = getattr(module, "module", module)  # DDP wrapper
+        if callable(getattr(module, "trainable_parameters", None)):
+            named = [(str(i), p) for i, p in enumerate(module.trainable_parameters())]
+        else:
+            named = sorted(
+                ((n, p) for n, p in module.named_parameters() if p.requires_grad or _is_adapter(n)),
+                key=lambda item: item[0],
+            )
+        groups.append(named)
+    if max_values is not None and sum(p.numel() for named in groups for _, p in named) > max_values:
+        return "", 0
+    digest = hashlib.sha256()
+    count = 0
+    for index, named in enumerate(groups):
+        for name, param in named:
+            digest.update(f"{index}:{name}:{tuple(param.shape)}".encode())
+            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            count += param.numel()
+    return digest.hexdigest(), count
+
+
+def _is_adapter(name: str) -> bool:
+    return "lora_" in name or "modules_to_save" in name
+
+
+def _result_modules(result: Any) -> list[Any]:
+    """The trained modules behind an entry point's result (a Trainer or a model)."""
+    import torch
+
+    if isinstance(result, torch.nn.Module):
+        return [result]
+    model = getattr(result, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return []
+    modules = [model]
+    for attr in ("guidance", "guidance_model"):
+        extra = getattr(result, attr, None)
+        if (
+            extra is not None
+            and extra is not model
+            and callable(getattr(extra, "trainable_parameters", None))
+        ):
+            modules.append(extra)
+    return modules
+
+
+def _log_replica_digest(command: Command, training_args, result: Any) -> None:
+    """Log a digest of the trained weights on every rank and warn when the ranks disagree."""
+    modules = _result_modules(result)
+    if not modules:
+        return
+    kind = str(getattr(training_args.distributed_state.distributed_type, "value", ""))
+    if kind in SHARDED_TYPES:  # each rank holds only its shard: local digests differ by design
+        return
+    digest, count = parameter_digest(modules, max_values=MAX_DIGEST_VALUES)
+    if not count:
+        return
+    logger.info(
+        "%s: rank %d/%d trained-parameter digest %s (%d values)",
+        command.name,
+        training_args.process_index,
+        training_args.world_size,
+        digest,
+        count,
+    )
+    if training_args.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            digests: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(digests, digest)
+            if len(set(digests)) > 1:
+                logger.warning("%s: ranks ended with DIFFERENT weights: %s", command.name, digests)
+            elif training_args.process_index == 0:
+                logger.info("%s: all %d ranks hold identical trained weights", command.name, len(digests))
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def run(argv: Sequence[str] | None = None) -> Any:
+    """Run one command and return what its entry point returns (e.g. the trainer). Raises CommandLineError."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, words, rest = find_command(argv)
+    if command is None:
+        if not rest or rest[0] in ("-h", "--help"):
+            print(_usage(words))
+            return None
+        if rest[0] == "--version" and not words:
+            print(f"{PROG} {_version()}")
+            return None
+        known = sorted({c.words[len(words)] for c in COMMANDS if c.words[: len(words)] == words})
+        where = f"`{PROG} {' '.join(words)}`" if words else f"`{PROG}`"
+        raise CommandLineError(
+            " ".join(words), f"unknown command {rest[0]!r} for {where}; choose from: {', '.join(known)}"
+        )
+
+    if "-h" not in rest and "--help" not in rest:
+        try:  # a missing recipe file is reported before the (slow) command import
+            _normalise_config_flag(rest)
+        except CommandLineError as err:
+            raise CommandLineError(command.name, str(err)) from None
+    if command.words[0] == "train":
+        _use_cpu_when_no_accelerator()
+    module, types = _load_command(command)
+    entry = getattr(module, command.entry)
+    if not types:  # a command without a config dataclass (e.g. a demo with fixed settings)
+        if rest and rest[0] in ("-h", "--help"):
+            print(f"usage: {PROG} {command.name}\n\n{command.help}\n\n{(entry.__doc__ or '').strip()}")
+            return None
+        if rest:
+            raise CommandLineError(command.name, f"takes no arguments, got {' '.join(rest)}")
+        return entry()
+
+    parsed = parse_command_args(command, rest, types)
+    training_args = _training_args(parsed)
+    if training_args is not None:
+        _log_process(command, training_args)
+    result = entry(*parsed)
+    if training_args is not None:
+        _log_replica_digest(command, training_args, result)
+    elif command.words[0] == "eval":
+        _print_result(command, parsed, result)
+    return result
+
+
+def _print_result(command: Command, parsed: Sequence[Any], result: Any) -> None:
+    """Show an evaluation's markdown report (or its scalar results) on stdout."""
+    import json
+    from pathlib import Path
+
+    candidates = []
+    report = result.get("report") if isinstance(result, dict) else None
+    if isinstance(report, dict) and report.get("markdown"):
+        candidates.append(Path(report["markdown"]))
+    for args in parsed:
+        output_dir = getattr(args, "output_dir", None)
+        if output_dir:
+            candidates += [Path(output_dir) / name for name in command.report_files]
+    for path in candidates:
+        if path.is_file():
+            print(path.read_text())
+            print(f"({command.name}: report written to {path.parent})")
+            return
+    if isinstance(result, dict):
+        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        print(json.dumps(scalars, indent=2, default=str))
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point (``steer = steer.cli:main``); returns the exit status."""
+    _setup_logging()
+    try:
+        run(argv)
+    except CommandLineError as err:
+        name = f"{PROG} {err.command}".strip()
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # argparse --help / usage errors
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "CommandLineError",
+    "find_command",
+    "main",
+    "make_parser",
+    "parameter_digest",
+    "parse_command_args",
+    "run",
+]

@@ -1,0 +1,137 @@
+"""The NADO guidance objective: token-level BCE against sequence labels, plus optional regularisers.
+
+At every sampled continuation token ``x_t`` the guidance logit ``z_{t-1}[x_t]`` (the model's belief that
+the sequence will satisfy the constraint given ``x<=t``) is fitted to the sequence label with
+binary cross-entropy *with logits* (on ``z`` itself, never on ``logsigmoid(z)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["guidance_loss", "importance_weights"]
+
+
+def importance_weights(
+    target_log_probs: Tensor, sampling_log_probs: Tensor, *, max_weight: float | None = None
+) -> Tensor:
+    """Self-normalised importance weights ``w_i ∝ p_target(x_i) / p_sampling(x_i)``, mean 1.
+
+    Use them when samples came from a tempered/truncated distribution but the guidance model should
+    estimate R under the untempered one. ``max_weight`` clips the normalised weights (then renormalises).
+    """
+    log_w = target_log_probs.float() - sampling_log_probs.float()
+    weights = torch.softmax(log_w, dim=0) * log_w.numel()
+    if max_weight is not None:
+        weights = weights.clamp(max=max_weight)
+        weights = weights * (weights.numel() / weights.sum())
+    return weights
+
+
+def _bernoulli_kl(log_a: Tensor, log_1ma: Tensor, log_b: Tensor, log_1mb: Tensor) -> Tensor:
+    """KL(Bernoulli(a) || Bernoulli(b)) from log-probabilities (stable near 0 and 1)."""
+    a = log_a.exp()
+    return a * (log_a - log_b) + (1 - a) * (log_1ma - log_1mb)
+
+
+def guidance_loss(
+    z: Tensor,
+    input_ids: Tensor,
+    continuation_mask: Tensor,
+    labels: Tensor,
+    *,
+    weights: Tensor | None = None,
+    consistency_coef: float = 0.0,
+    ref_logits: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """BCE between ``sigmoid(z[b, t-1, x_t])`` and ``labels[b]`` at every continuation token.
+
+    Args:
+        z: ``[B, T, V]`` guidance logits (position t scores the candidates for token t+1).
+        input_ids: ``[B, T]`` sampled sequences (prompt + continuation).
+        continuation_mask: ``[B, T]`` bool, True at sampled continuation tokens (prompt, padding and
+            anything after the first EOS are False).
+        labels: ``[B]`` sequence labels in [0, 1] (hard 0/1 or soft scores).
+        weights: optional ``[B]`` non-negative sample weights (e.g. :func:`importance_weights`). The loss is a
+            weighted mean over tokens, so it is invariant to the weights' overall scale (self-normalised).
+        consistency_coef: weight of the consistency regulariser
+            ``KL(Bern(R(x<=t)) || Bern(sum_v p(v | x<=t) R(x<=t, v)))`` at consecutive continuation tokens.
+        ref_logits: ``[B, T, V]`` logits of the sampling distribution p; required when ``consistency_coef > 0``.
+
+    Returns:
+        ``(loss, metrics)``; metrics hold floats: ``bce``, ``consistency``, ``r_mean`` (mean R at the
+        sampled tokens), ``accuracy`` (R > 0.5 agrees with label >= 0.5), ``label_mean``, ``tokens``.
+    """
+    if z.dim() != 3:
+        raise ValueError(f"z must be [B, T, V], got shape {tuple(z.shape)}")
+    batch, length, _ = z.shape
+    if input_ids.shape != (batch, length):
+        raise ValueError(f"input_ids must be [B, T] = {(batch, length)}, got {tuple(input_ids.shape)}")
+    if continuation_mask.shape != (batch, length):
+        raise ValueError(
+            f"continuation_mask must be [B, T] = {(batch, length)}, got {tuple(continuation_mask.shape)}"
+        )
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must be [B] = ({batch},), got {tuple(labels.shape)}")
+    if weights is not None and weights.shape != (batch,):
+        raise ValueError(f"weights must be [B] = ({batch},), got {tuple(weights.shape)}")
+    if consistency_coef < 0:
+        raise ValueError(f"consistency_coef must be >= 0, got {consistency_coef}")
+    if consistency_coef > 0 and ref_logits is None:
+        raise ValueError("consistency_coef > 0 needs ref_logits (the sampling distribution's logits)")
+    labels = labels.to(device=z.device, dtype=torch.float32)
+    if torch.isnan(labels).any() or (labels < 0).any() or (labels > 1).any():
+        raise ValueError("labels must lie in [0, 1] (drop samples whose oracle score failed before training)")
+
+    # Token t is scored by the distribution at position t-1.
+    mask = continuation_mask[:, 1:].to(device=z.device, dtype=torch.bool)
+    token_logits = z[:, :-1].gather(-1, input_ids[:, 1:].to(z.device).unsqueeze(-1)).squeeze(-1).float()
+    targets = labels[:, None].expand_as(token_logits)
+    bce = F.binary_cross_entropy_with_logits(token_logits, targets, reduction="none")
+
+    token_weights = mask.float()
+    if weights is not None:
+        sample_weights = weights.to(device=z.device, dtype=torch.float32)
+        if (sample_weights < 0).any() or not torch.isfinite(sample_weights).all():
+            raise ValueError("weights must be finite and non-negative")
+        token_weights = token_weights * sample_weights[:, None]
+    denom = token_weights.sum()
+    safe_denom = denom.clamp(min=torch.finfo(torch.float32).tiny)
+    bce_loss = (bce * token_weights).sum() / safe_denom
+    loss = bce_loss
+
+    consistency = torch.zeros((), device=z.device)
+    if consistency_coef > 0:
+        if ref_logits.shape != z.shape:
+            raise ValueError(
+                f"ref_logits must have the shape of z {tuple(z.shape)}, got {tuple(ref_logits.shape)}"
+            )
+        # R(x<=t) = sigmoid(z[t-1, x_t]) should equal E_{v ~ p(.|x<=t)} R(x<=t, v) computed from z[t].
+        pair = mask[:, :-1] & mask[:, 1:]  # token t and token t+1 are both continuation tokens
+        rows_b, rows_t = pair.nonzero(as_tuple=True)
+        if rows_b.numel():
+            r_logit = token_logits[rows_b, rows_t]
+            next_z = z[rows_b, rows_t + 1].float()
+            log_p = torch.log_softmax(ref_logits[rows_b, rows_t + 1].detach().float(), dim=-1)
+            log_e = torch.logsumexp(log_p + F.logsigmoid(next_z), dim=-1)
+            log_1me = torch.logsumexp(log_p + F.logsigmoid(-next_z), dim=-1)
+            kl = _bernoulli_kl(F.logsigmoid(r_logit), F.logsigmoid(-r_logit), log_e, log_1me)
+            w = token_weights[rows_b, rows_t]
+            consistency = (kl * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+            loss = loss + consistency_coef * consistency
+
+    with torch.no_grad():
+        count = mask.sum()
+        n = count.clamp(min=1).float()
+        probs = torch.sigmoid(token_logits)
+        metrics = {
+            "bce": float(bce_loss),
+            "consistency": float(consistency),
+            "r_mean": float((probs * mask).sum() / n),
+            "accuracy": float((((probs > 0.5) == (targets >= 0.5)) & mask).sum() / n),
+            "label_mean": float(labels.mean()) if batch else 0.0,
+            "tokens": float(count),
+        }
+    return loss, metrics

@@ -1,0 +1,402 @@
+"""SoftPromptNetwork: a persona vector -> virtual tokens for a frozen causal LM.
+
+Two modes:
+
+* ``prefix`` (the default, the best mode in Li et al. 2024): a key/value prefix of ``num_virtual_tokens``
+  for every attention layer, shaped ``[B, num_kv_heads, n_virtual, head_dim]`` (grouped-query attention
+  is handled by producing the *KV* heads only) and handed to the model as a transformers ``DynamicCache``.
+* ``embedding`` (prompt tuning): ``num_virtual_tokens`` input embeddings prepended to the text.
+
+Position convention (used identically by training, :func:`steered_forward`, option probabilities and
+generation):
+
+* ``prefix``: the prefix is position-free (its keys are learned directly, no rotary/absolute position);
+  the text keeps the positions it has without a prefix, ``0..T-1`` counted over non-padding tokens.
+  With the prefix masked out the steered model is therefore exactly the plain model.
+* ``embedding``: the virtual tokens are ordinary leading tokens at positions ``0..n-1`` and the text
+  continues at ``n..``, which is what a serving engine does with exported ``prompt_embeds``.
+
+Saved format (``save_pretrained``): ``soft_prompt_config.json`` (:class:`SoftPromptConfig`) and
+``soft_prompt.safetensors`` with ``mlp.0.weight`` [hidden, persona_dim], ``mlp.0.bias``, ``mlp.2.weight``
+[output_dim, hidden], ``mlp.2.bias``. In plain torch: ``out = W2 @ tanh(W1 @ p + b1) + b2``; prefix mode
+reshapes ``out`` to ``[num_layers, 2 (key, value), num_kv_heads, n_virtual, head_dim]``, embedding mode to
+``[n_virtual, hidden_size]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache
+
+CONFIG_NAME = "soft_prompt_config.json"
+WEIGHTS_NAME = "soft_prompt.safetensors"
+MODES = ("prefix", "embedding")
+
+
+@dataclass
+class SoftPromptConfig:
+    """Shape of a :class:`SoftPromptNetwork` (saved as ``soft_prompt_config.json``)."""
+
+    persona_dim: int
+    num_virtual_tokens: int = 10
+    mode: str = "prefix"
+    hidden: int = 32
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    hidden_size: int = 0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"SoftPromptConfig.mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("persona_dim", "num_virtual_tokens", "hidden"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(
+                    f"SoftPromptConfig.{name} must be a positive integer, got {getattr(self, name)!r}"
+                )
+        needed = ("num_layers", "num_kv_heads", "head_dim") if self.mode == "prefix" else ("hidden_size",)
+        for name in needed:
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(
+                    f"SoftPromptConfig.{name} must be positive for mode={self.mode!r}; pass model_config= "
+                    "to SoftPromptNetwork so it is read from the model"
+                )
+
+    @property
+    def output_dim(self) -> int:
+        if self.mode == "prefix":
+            return self.num_layers * 2 * self.num_kv_heads * self.num_virtual_tokens * self.head_dim
+        return self.num_virtual_tokens * self.hidden_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SoftPromptConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SoftPromptConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def attention_geometry(model_config) -> dict[str, int]:
+    """``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size`` of a transformers config."""
+    config = (
+        model_config.get_text_config(decoder=True)
+        if hasattr(model_config, "get_text_config")
+        else model_config
+    )
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        raise ValueError(
+            f"{type(config).__name__} has non-full attention layers {sorted(set(layer_types))}; a key/value "
+            "prefix would be evicted by sliding-window caches. Use mode='embedding' for this model."
+        )
+    num_layers = int(config.num_hidden_layers)
+    num_heads = int(config.num_attention_heads)
+    num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
+    hidden_size = int(config.hidden_size)
+    head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}"
+        )
+    return {
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": int(head_dim),
+        "hidden_size": hidden_size,
+    }
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; use the normal file mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
+    """``safetensors.save_file`` through a temporary file + ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class SoftPromptNetwork(nn.Module):
+    """A 2-layer MLP (``persona_dim -> hidden -> tanh -> virtual tokens``).
+
+    Args:
+        persona_dim: size of the persona vectors (the embedder's ``dim``).
+        num_virtual_tokens: length of the prefix / number of prepended embeddings.
+        mode: ``"prefix"`` (per-layer key/values) or ``"embedding"`` (input embeddings).
+        hidden: width of the MLP's hidden layer.
+        model_config: the LM's transformers config; the layer count, KV heads, head size and hidden size are
+            read from it (explicit ``num_layers``/``num_kv_heads``/``head_dim``/``hidden_size`` override it).
+        init_std: std of the output layer's initial weights (bias starts at 0, so the prefix starts small).
+    """
+
+    def __init__(
+        self,
+        persona_dim: int,
+        num_virtual_tokens: int = 10,
+        mode: str = "prefix",
+        hidden: int = 32,
+        *,
+        model_config=None,
+        num_layers: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        hidden_size: int | None = None,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        geometry = attention_geometry(model_config) if model_config is not None else {}
+        if model_config is not None and mode == "embedding":
+            geometry.pop("num_layers"), geometry.pop("num_kv_heads"), geometry.pop("head_dim")
+        explicit = {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
+        explicit["hidden_size"] = hidden_size
+        for key, value in explicit.items():
+            if value is not None:
+                geometry[key] = value
+        geometry.pop("num_heads", None)
+        self.config = SoftPromptConfig(
+            persona_dim=int(persona_dim),
+            num_virtual_tokens=int(num_virtual_tokens),
+            mode=mode,
+            hidden=int(hidden),
+            init_std=float(init_std),
+            **{k: int(v) for k, v in geometry.items()},
+        )
+        self.mlp = nn.Sequential(
+            nn.Linear(self.config.persona_dim, self.config.hidden),
+            nn.Tanh(),
+            nn.Linear(self.config.hidden, self.config.output_dim),
+        )
+        nn.init.normal_(self.mlp[2].weight, std=self.config.init_std)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    @classmethod
+    def from_config(cls, config: SoftPromptConfig) -> SoftPromptNetwork:
+        c = config
+        return cls(
+            c.persona_dim,
+            c.num_virtual_tokens,
+            c.mode,
+            c.hidden,
+            num_layers=c.num_layers or None,
+            num_kv_heads=c.num_kv_heads or None,
+            head_dim=c.head_dim or None,
+            hidden_size=c.hidden_size or None,
+            init_std=c.init_std,
+        )
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    # ------------------------------------------------------------------------------------------
+    def check_persona(self, persona: torch.Tensor | list | tuple) -> torch.Tensor:
+        """Validate and batch a persona: ``[d]`` or ``[B, d]`` -> float ``[B, d]`` on the network's device."""
+        param = self.mlp[0].weight
+        persona = torch.as_tensor(persona, dtype=param.dtype, device=param.device)
+        if persona.dim() == 1:
+            persona = persona.unsqueeze(0)
+        if persona.dim() != 2 or persona.shape[-1] != self.config.persona_dim:
+            raise ValueError(
+                f"persona vector has shape {tuple(persona.shape)}, but this SoftPromptNetwork expects "
+                f"[persona_dim] or [batch, persona_dim] with persona_dim={self.config.persona_dim}"
+            )
+        if not torch.isfinite(persona).all():
+            raise ValueError("persona vector contains NaN or inf values")
+        return persona
+
+    def check_model(self, model) -> None:
+        """Raise a clear error when this network was built for a differently shaped model."""
+        geometry = attention_geometry(model.config)
+        c = self.config
+        if c.mode == "prefix":
+            keys = ("num_layers", "num_kv_heads", "head_dim")
+        else:
+            keys = ("hidden_size",)
+        wrong = {k: (getattr(c, k), geometry[k]) for k in keys if getattr(c, k) != geometry[k]}
+        if wrong:
+            detail = ", ".join(f"{k}: network {a} vs model {b}" for k, (a, b) in wrong.items())
+            raise ValueError(f"SoftPromptNetwork does not match the model ({detail})")
+
+    def forward(self, persona: torch.Tensor) -> torch.Tensor:
+        """Raw MLP output ``[B, output_dim]``."""
+        return self.mlp(self.check_persona(persona))
+
+    def key_values(self, persona: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prefix mode: one ``(key, value)`` pair per layer, each ``[B, num_kv_heads, n_virtual, head_dim]``."""
+        if self.mode != "prefix":
+            raise ValueError("key_values() needs mode='prefix'; this network is in embedding mode")
+        c = self.config
+        out = self(persona)
+        out = out.view(out.shape[0], c.num_layers, 2, c.num_kv_heads, c.num_virtual_tokens, c.head_dim)
+        return [(out[:, layer, 0], out[:, layer, 1]) for layer in range(c.num_layers)]
+
+    def prefix_cache(
+        self, persona: torch.Tensor, model_config=None, *, dtype: torch.dtype | None = None
+    ) -> DynamicCache:
+        """Prefix mode: a ``DynamicCache`` pre-filled with the persona's key/value prefix for every layer."""
+        pairs = self.key_values(persona)
+        if dtype is not None:
+            pairs = [(k.to(dtype), v.to(dtype)) for k, v in pairs]
+        return DynamicCache(ddp_cache_data=pairs, config=model_config)
+
+    def prompt_embeds(self, persona: torch.Tensor) -> torch.Tensor:
+        """Embedding mode: virtual input embeddings ``[B, n_virtual, hidden_size]``."""
+        if self.mode != "embedding":
+            raise ValueError("prompt_embeds() needs mode='embedding'; this network is in prefix mode")
+        out = self(persona)
+        return out.view(out.shape[0], self.config.num_virtual_tokens, self.config.hidden_size)
+
+    # ------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``soft_prompt_config.json`` + ``soft_prompt.safetensors`` (atomically)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_save_file(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        _atomic_write_text(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device=None) -> SoftPromptNetwork:
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"soft-prompt network file not found: {path}")
+        try:
+            config = SoftPromptConfig.from_dict(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise ValueError(f"invalid soft-prompt config {config_path}: {err}") from err
+        network = cls.from_config(config)
+        state = load_file(str(weights_path))
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+        return network.to(device) if device is not None else network
+
+
+# --------------------------------------------------------------------------------------------------
+# The steered forward pass
+# --------------------------------------------------------------------------------------------------
+
+
+def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions ``0..`` counted over non-padding tokens (left or right padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _expand_persona(network: SoftPromptNetwork, persona, batch_size: int) -> torch.Tensor:
+    persona = network.check_persona(persona)
+    if persona.shape[0] == 1 and batch_size > 1:
+        persona = persona.expand(batch_size, -1)
+    elif persona.shape[0] != batch_size:
+        raise ValueError(f"got {persona.shape[0]} persona vectors for a batch of {batch_size} sequences")
+    return persona
+
+
+def steered_inputs(
+    model,
+    network: SoftPromptNetwork,
+    persona,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    prefix_attention_mask: torch.Tensor | None = None,
+) -> dict:
+    """The keyword arguments for ``model(...)`` that run ``input_ids`` with the persona's virtual tokens.
+
+    Returns ``input_ids``/``inputs_embeds``, ``attention_mask`` (prefix ones + the text mask), ``position_ids``
+    (see the module docstring) and, in prefix mode, ``past_key_values`` (a fresh ``DynamicCache``).
+    ``prefix_attention_mask`` ([B, n_virtual], default ones) can hide virtual tokens.
+    """
+    batch, _ = input_ids.shape
+    device = input_ids.device
+    n = network.num_virtual_tokens
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    persona = _expand_persona(network, persona, batch)
+    if prefix_attention_mask is None:
+        prefix_attention_mask = torch.ones(batch, n, dtype=attention_mask.dtype, device=device)
+    full_mask = torch.cat([prefix_attention_mask.to(device, attention_mask.dtype), attention_mask], dim=1)
+    positions = text_position_ids(attention_mask)
+    dtype = model.get_input_embeddings().weight.dtype
+    if network.mode == "prefix":
+        cache = network.prefix_cache(persona, model.config, dtype=dtype)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": full_mask,
+            "position_ids": positions,
+            "past_key_values": cache,
+        }
+    text_embeds = model.get_input_embeddings()(input_ids)
+    virtual = network.prompt_embeds(persona).to(text_embeds.dtype)
+    virtual_positions = torch.arange(n, device=device).unsqueeze(0).expand(batch, -1)
+    return {
+        "inputs_embeds": torch.cat([virtual, text_embeds], dim=1),
+        "attention_mask": full_mask,
+        "position_ids": torch.cat([virtual_positions, positions + n], dim=1),
+    }
+
+
+def steered_forward(
+    model,
+    network: SoftPromptNetwork,
+    persona,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    use_cache: bool = False,
+    prefix_attention_mask: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
+):
+    """Run the (frozen) LM on ``input_ids`` steered by ``persona``.
+
+    ``logits`` cover the text positions only (``[B, T, V]``, aligned exactly like the plain model's), so
+    callers shift labels as usual. With ``use_cache=True`` the returned ``past_key_values`` holds the
+    virtual tokens followed by the text, ready for decoding (see :func:`steer.persona.steering.decode`).
+    """
+    kwargs = steered_inputs(
+        model, network, persona, input_ids, attention_mask, prefix_attention_mask=prefix_attention_mask
+    )
+    output = model(**kwargs, use_cache=use_cache, logits_to_keep=logits_to_keep)
+    if network.mode == "embedding" and (logits_to_keep == 0 or logits_to_keep > input_ids.shape[1]):
+        output.logits = output.logits[:, -input_ids.shape[1] :]
+    return output

@@ -1,0 +1,893 @@
+"""Constrained fine-tuning: SFT on a corpus + λ·KL(q* || p_θ) towards the NADO-guided distribution.
+
+``ConstrainedTrainer`` is TRL's ``SFTTrainer`` with one extra loss term and guidance rounds:
+
+    loss = SFT(corpus) + kl_coef * KL(q* || p_θ)   on the same supervised positions SFT uses,
+
+where ``log q* = log_softmax(ref + logsigmoid(z))``, ``ref`` is the detached policy (``kl_reference="policy"``)
+or the frozen base (``"base"``), and ``z`` comes from a guidance model trained, every ``guidance_interval``
+optimizer steps, on policy samples labelled by a :class:`~steer.constraints.Constraint`
+(see :mod:`steer.trainers.schedule`). The KL is summed over positions and divided by the same token
+count as the SFT loss (``num_items_in_batch``), so it is correct under gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from steer.constraints import Constraint
+from steer.guidance import GuidanceConfig, GuidanceModel, constraint_kl
+
+from .schedule import GuidanceLearner, ParallelSchedule, RoundSettings, SequentialSchedule, round_seed
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ConstrainedConfig",
+    "ConstrainedScriptArguments",
+    "ConstrainedTrainer",
+    "build_constraint",
+    "load_constrained_datasets",
+    "train_constrained",
+]
+
+STATE_NAME = "constrained_state.pt"
+GUIDANCE_DIR = "guidance"
+ROUND_METRICS = (
+    "guidance/loss",
+    "guidance/auc",
+    "constraint/satisfaction",
+    "samples_per_second",
+    "guidance/samples_dropped",
+    "guidance/buffer_size",
+)
+
+
+def _choice(name: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ValueError(f"ConstrainedConfig.{name} must be one of {list(options)}, got {value!r}")
+
+
+def _at_least(name: str, value: Any, low: float, *, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low)
+    if not ok:
+        raise ValueError(f"ConstrainedConfig.{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
+@dataclass
+class ConstrainedConfig(SFTConfig):
+    """``SFTConfig`` + the constraint term, the guidance model and its training rounds.
+
+    Every field has ``help`` metadata (``steer train constrained --help`` lists them) and is validated in
+    ``__post_init__`` with an error that names it.
+    """
+
+    kl_coef: float = field(
+        default=1.0,
+        metadata={"help": "λ: weight of KL(q* || p_theta) added to the SFT loss (>= 0; 0 = plain SFT)."},
+    )
+    kl_reference: str = field(
+        default="policy",
+        metadata={
+            "help": "Reference distribution inside q*: 'policy' (the current policy, detached; no extra forward) "
+            "or 'base' (the frozen base model with adapters disabled; needs a PEFT policy)."
+        },
+    )
+    kl_chunk_size: int = field(
+        default=256,
+        metadata={"help": "Positions per chunk in the vocabulary-wide KL (bounds its extra memory)."},
+    )
+    guidance_backbone: str = field(
+        default="lora",
+        metadata={
+            "help": "Guidance model backbone: 'lora' (a second LoRA adapter on the policy's frozen base weights; "
+            "needs a PEFT policy) or 'separate' (a copy of the base's first guidance_num_layers layers)."
+        },
+    )
+    guidance_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the guidance adapter."})
+    guidance_lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the guidance adapter."})
+    guidance_num_layers: int | None = field(
+        default=None, metadata={"help": "'separate' backbone: number of base layers to copy (None: all)."}
+    )
+    guidance_lr: float = field(
+        default=5e-4, metadata={"help": "Learning rate of the guidance model's AdamW."}
+    )
+    guidance_steps_per_round: int = field(
+        default=8, metadata={"help": "Guidance optimizer steps per round, on sample-buffer minibatches."}
+    )
+    guidance_batch_size: int = field(default=16, metadata={"help": "Sequences per guidance minibatch."})
+    guidance_interval: int = field(
+        default=20,
+        metadata={
+            "help": "Policy optimizer steps between guidance rounds (> 0). A warm-up round runs before step 1."
+        },
+    )
+    guidance_holdout_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "Fraction of each round's fresh samples held back from that round's guidance training "
+            "to measure guidance/auc (then added to the buffer)."
+        },
+    )
+    samples_per_round: int = field(
+        default=32, metadata={"help": "Continuations sampled from the policy per round (per process)."}
+    )
+    sample_max_new_tokens: int = field(
+        default=20, metadata={"help": "Maximum length of a sampled continuation."}
+    )
+    sample_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature for guidance rounds."}
+    )
+    sample_top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus (top-p) truncation for guidance rounds."}
+    )
+    sample_batch_size: int = field(
+        default=16, metadata={"help": "Prompts per generation batch in guidance rounds."}
+    )
+    label_mode: str = field(
+        default="hard",
+        metadata={
+            "help": "Labels from the constraint: 'hard' (score >= label_threshold) or 'soft' (the score)."
+        },
+    )
+    label_threshold: float = field(
+        default=0.5, metadata={"help": "Threshold in [0, 1] for hard labels (and for guidance/auc)."}
+    )
+    consistency_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the guidance consistency regulariser (>= 0; 0 = off)."}
+    )
+    schedule: str = field(
+        default="sequential",
+        metadata={
+            "help": "'sequential': each round runs before the policy steps that use it. 'parallel': round k+1 "
+            "runs in a background worker (own model copy: one extra set of base weights) while the policy "
+            "trains with round k's guidance (staleness 1, logged as guidance/staleness)."
+        },
+    )
+    parallel_synchronised: bool = field(
+        default=False,
+        metadata={
+            "help": "'parallel' schedule only: wait for every round at once (reproduces 'sequential'; for tests)."
+        },
+    )
+    parallel_worker_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "'parallel' schedule on CPU: intra-op threads of the worker (None: half the cores)."
+        },
+    )
+    sample_buffer_size: int = field(
+        default=512,
+        metadata={"help": "Capacity of the FIFO sample buffer (sequences; oldest dropped first)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least("kl_coef", self.kl_coef, 0.0)
+        _choice("kl_reference", self.kl_reference, ("policy", "base"))
+        _at_least("kl_chunk_size", self.kl_chunk_size, 1)
+        _choice("guidance_backbone", self.guidance_backbone, ("lora", "separate"))
+        _at_least("guidance_lora_r", self.guidance_lora_r, 1)
+        _at_least("guidance_lora_alpha", self.guidance_lora_alpha, 0, strict=True)
+        if self.guidance_num_layers is not None:
+            _at_least("guidance_num_layers", self.guidance_num_layers, 1)
+        _at_least("guidance_lr", self.guidance_lr, 0.0, strict=True)
+        _at_least("guidance_steps_per_round", self.guidance_steps_per_round, 1)
+        _at_least("guidance_batch_size", self.guidance_batch_size, 1)
+        _at_least("guidance_interval", self.guidance_interval, 1)
+        _at_least("guidance_holdout_fraction", self.guidance_holdout_fraction, 0.0)
+        if self.guidance_holdout_fraction >= 1.0:
+            raise ValueError(
+                f"ConstrainedConfig.guidance_holdout_fraction must be < 1, got {self.guidance_holdout_fraction}"
+            )
+        _at_least("samples_per_round", self.samples_per_round, 1)
+        _at_least("sample_max_new_tokens", self.sample_max_new_tokens, 1)
+        _at_least("sample_temperature", self.sample_temperature, 0.0, strict=True)
+        _at_least("sample_top_p", self.sample_top_p, 0.0, strict=True)
+        if self.sample_top_p > 1.0:
+            raise ValueError(f"ConstrainedConfig.sample_top_p must be in (0, 1], got {self.sample_top_p}")
+        _at_least("sample_batch_size", self.sample_batch_size, 1)
+        _choice("label_mode", self.label_mode, ("hard", "soft"))
+        _at_least("label_threshold", self.label_threshold, 0.0)
+        if self.label_threshold > 1.0:
+            raise ValueError(
+                f"ConstrainedConfig.label_threshold must be in [0, 1], got {self.label_threshold}"
+            )
+        _at_least("consistency_coef", self.consistency_coef, 0.0)
+        _choice("schedule", self.schedule, ("sequential", "parallel"))
+        if self.parallel_worker_threads is not None:
+            _at_least("parallel_worker_threads", self.parallel_worker_threads, 1)
+        _at_least("sample_buffer_size", self.sample_buffer_size, 1)
+        if self.packing:
+            raise ValueError(
+                "ConstrainedConfig.packing is not supported: the guidance model scores each sequence on its own"
+            )
+        if self.padding_free:
+            raise ValueError(
+                "ConstrainedConfig.padding_free is not supported (the guidance forward needs padding)"
+            )
+
+    def round_settings(self) -> RoundSettings:
+        return RoundSettings(
+            samples_per_round=self.samples_per_round,
+            sample_max_new_tokens=self.sample_max_new_tokens,
+            sample_temperature=self.sample_temperature,
+            sample_top_p=self.sample_top_p,
+            sample_batch_size=self.sample_batch_size,
+            label_mode=self.label_mode,
+            label_threshold=self.label_threshold,
+            guidance_steps_per_round=self.guidance_steps_per_round,
+            guidance_batch_size=self.guidance_batch_size,
+            consistency_coef=self.consistency_coef,
+            holdout_fraction=self.guidance_holdout_fraction,
+            max_grad_norm=self.max_grad_norm,
+        )
+
+    def guidance_config(self) -> GuidanceConfig:
+        return GuidanceConfig(
+            backbone=self.guidance_backbone,
+            lora_r=self.guidance_lora_r,
+            lora_alpha=self.guidance_lora_alpha,
+            separate_num_layers=self.guidance_num_layers,
+        )
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _isolated_rng(seed: int):
+    """Run a block with its own seeded RNG, leaving the global RNG streams exactly as they were."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _prompts_from(prompt_dataset, tokenizer) -> list[str]:
+    """Prompt strings from a dataset with a ``prompt`` column (text, or chat messages) or a list of strings."""
+    if prompt_dataset is None:
+        raise ValueError("ConstrainedTrainer needs prompt_dataset= (a dataset with a 'prompt' column)")
+    if isinstance(prompt_dataset, (list, tuple)):
+        values = list(prompt_dataset)
+    else:
+        columns = list(getattr(prompt_dataset, "column_names", None) or [])
+        if "prompt" not in columns:
+            raise ValueError(f"prompt_dataset has no 'prompt' column (found columns: {columns})")
+        values = list(prompt_dataset["prompt"])
+    prompts = []
+    for i, value in enumerate(values):
+        if isinstance(value, str):
+            prompts.append(value)
+        elif isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+            prompts.append(tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True))
+        else:
+            raise ValueError(
+                f"prompt_dataset['prompt'][{i}] must be a string or a list of chat messages, got {type(value).__name__}"
+            )
+    if not prompts:
+        raise ValueError("prompt_dataset is empty")
+    return prompts
+
+
+def _logit_transform(config):
+    """(scale, softcap) that the model applies to ``lm_head`` outputs (as TRL's fused head does)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text, name, None) is not None:
+            scale = float(getattr(text, name))
+            break
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1.0 / text.logits_scaling
+    return (1.0 if scale is None else scale), getattr(text, "final_logit_softcapping", None)
+
+
+def _atomic_dir(target: Path, write) -> None:
+    """Write a directory via a temporary sibling and rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------- trainer
+class ConstrainedTrainer(SFTTrainer):
+    """``SFTTrainer`` + λ·KL(q* || p_θ) towards the NADO-guided distribution, with guidance rounds.
+
+    Args:
+        model, args, ...: as for ``trl.SFTTrainer`` (text, prompt/completion or messages datasets;
+            ``peft_config`` for a LoRA policy). ``args`` is a :class:`ConstrainedConfig`.
+        constraint: a :class:`~steer.constraints.Constraint` labelling policy samples.
+        prompt_dataset: prompts to sample from in guidance rounds: a dataset with a ``prompt`` column
+            (strings or chat messages) or a list of strings.
+
+    ``self.guidance`` is the :class:`~steer.guidance.GuidanceModel` the loss uses. ``save_model(dir)``
+    writes the policy (PEFT adapter, or the full model) and ``dir/guidance/``; ``save_steps`` checkpoints
+    also hold the guidance optimizer, the sample buffer and the round counter for exact resumption.
+    """
+
+    _tag_names = ["trl", "sft", "steer", "constrained"]
+    _name = "Constrained"
+
+    def __init__(
+        self,
+        model,
+        args: ConstrainedConfig | None = None,
+        *sft_args,
+        constraint: Constraint | None = None,
+        prompt_dataset: Dataset | list[str] | None = None,
+        **sft_kwargs,
+    ) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = ConstrainedConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-Constrained")
+        if not isinstance(args, ConstrainedConfig):
+            raise TypeError(
+                f"ConstrainedTrainer needs args=ConstrainedConfig(...), got {type(args).__name__}"
+            )
+        if not isinstance(constraint, Constraint):
+            raise TypeError(
+                f"ConstrainedTrainer needs constraint= a steer.constraints.Constraint, got {type(constraint).__name__}"
+            )
+        super().__init__(model, args, *sft_args, **sft_kwargs)
+        self.constraint = constraint
+        self.prompts = _prompts_from(prompt_dataset, self._tokenizer)
+
+        policy = self.model
+        self._is_peft = is_peft_model(policy)
+        self._policy_adapter = policy.active_adapter if self._is_peft else None
+        if args.guidance_backbone == "lora" and not self._is_peft:
+            raise ValueError(
+                "ConstrainedConfig.guidance_backbone='lora' puts the guidance adapter on the policy's frozen base "
+                "weights, so the policy must be a PEFT model (pass peft_config=LoraConfig(...)); for a fully "
+                "fine-tuned policy use guidance_backbone='separate'"
+            )
+        if args.kl_reference == "base" and not self._is_peft:
+            raise ValueError(
+                "ConstrainedConfig.kl_reference='base' needs a PEFT policy (the base is the model with its "
+                "adapters disabled); use kl_reference='policy' or pass peft_config"
+            )
+        inner = policy.get_base_model() if self._is_peft else policy
+        self._logit_scale, self._softcap = _logit_transform(inner.config)
+        self._captured: list[torch.Tensor] | None = None
+        backbone = getattr(inner, "base_model", inner)
+        if backbone is inner:
+            raise ValueError(
+                f"cannot find the decoder body of {type(inner).__name__} to read its hidden states"
+            )
+        self._hook = backbone.register_forward_hook(self._capture_hidden)
+
+        trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+        with _isolated_rng(args.seed + 17):
+            worker_policy = None
+            if args.schedule == "parallel":
+                # The worker's own model: a copy made before any guidance adapter exists on the policy.
+                worker_policy = copy.deepcopy(policy)
+                _unpatch_forward(worker_policy)
+            self.guidance = GuidanceModel(policy, args.guidance_config())
+            self.guidance.set_trainable(False)
+            process_index, num_processes = self.accelerator.process_index, self.accelerator.num_processes
+            common = dict(
+                tokenizer=self._tokenizer,
+                constraint=constraint,
+                prompts=self.prompts,
+                settings=args.round_settings(),
+                lr=args.guidance_lr,
+                seed=args.seed,
+                buffer_size=args.sample_buffer_size,
+                process_index=process_index,
+            )
+            if worker_policy is None:
+                learner = GuidanceLearner(
+                    policy, self.guidance, grad_sync=_grad_sync if num_processes > 1 else None, **common
+                )
+                self.schedule = SequentialSchedule(learner)
+            else:
+                worker_guidance = GuidanceModel(worker_policy, args.guidance_config())
+                worker_guidance.set_trainable(False)
+                _copy_params(worker_guidance.trainable_parameters(), self.guidance.trainable_parameters())
+                worker_tokenizer = copy.deepcopy(self._tokenizer)  # fast tokenizers are not thread-safe
+                learner = GuidanceLearner(
+                    worker_policy, worker_guidance, **{**common, "tokenizer": worker_tokenizer}
+                )
+                names = sorted(trainable)
+                main_named, worker_named = (
+                    dict(policy.named_parameters()),
+                    dict(worker_policy.named_parameters()),
+                )
+                self.schedule = ParallelSchedule(
+                    learner,
+                    policy_params=lambda: [main_named[n] for n in names],
+                    worker_policy_params=lambda: [worker_named[n] for n in names],
+                    guidance_params=self.guidance.trainable_parameters,
+                    synchronised=args.parallel_synchronised,
+                    worker_threads=args.parallel_worker_threads,
+                    sync_weights=_average_weights if num_processes > 1 else None,
+                )
+        self.rounds_started = 0
+
+    # ------------------------------------------------------------------ the loss
+    def _capture_hidden(self, module, args, output) -> None:
+        if self._captured is not None and not self._captured:
+            hidden = getattr(output, "last_hidden_state", None)
+            self._captured.append(hidden if hidden is not None else output[0])
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        model = self.accelerator.unwrap_model(self.model)
+        logits = model.get_output_embeddings()(hidden)
+        if self._logit_scale != 1.0:
+            logits = logits * self._logit_scale
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def _guidance_logits(self, inputs, mask, shifted) -> torch.Tensor:
+        """``z`` [N, V] at the counted positions: ``GuidanceModel.forward`` with its head on those rows only."""
+        hidden = self.guidance.hidden_states(inputs["input_ids"], inputs.get("attention_mask"))
+        hidden = (hidden if shifted else hidden[:, :-1])[mask]
+        head = self.guidance.head
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), head.weight, head.bias)
+
+    def _supervised(self, inputs) -> tuple[torch.Tensor, bool]:
+        """Mask of counted next-token distributions ``[B, T-1]`` (or ``[B, T]`` for pre-shifted labels)."""
+        if "shift_labels" in inputs:
+            return inputs["shift_labels"] != -100, True
+        return inputs["labels"][:, 1:] != -100, False
+
+    def _reference_logits(self, inputs, mask, shifted, policy_logits) -> torch.Tensor:
+        if self.args.kl_reference == "policy":
+            return policy_logits.detach()
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad(), model.disable_adapter():
+            logits = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+            ).logits
+        return (logits if shifted else logits[:, :-1])[mask]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """SFT loss (TRL's own computation) + ``kl_coef`` · KL on the same supervised positions."""
+        mode = "train" if self.model.training else "eval"
+        use_kl = self.args.kl_coef > 0
+        self._captured = [] if use_kl else None
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            hidden = self._captured[0] if use_kl and self._captured else None
+        finally:
+            self._captured = None
+        sft_loss = result[0] if return_outputs else result
+        mask, shifted = self._supervised(inputs)
+        count = mask.sum()
+        denom = torch.as_tensor(
+            count if num_items_in_batch is None else num_items_in_batch, device=sft_loss.device
+        )
+        denom = denom.clamp(min=1)
+        factor = 1
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            factor = self.accelerator.num_processes // self.get_tp_size()  # as SFTTrainer scales its loss
+
+        loss = sft_loss
+        kl_sum = torch.zeros((), device=sft_loss.device)
+        if use_kl:
+            if hidden is None:
+                raise RuntimeError(
+                    "ConstrainedTrainer could not read the policy's hidden states for the KL term"
+                )
+            policy_logits = self._head_logits((hidden if shifted else hidden[:, :-1])[mask])  # [N, V]
+            with torch.no_grad():  # z only where the KL counts (the guidance head is vocabulary-wide)
+                z = self._guidance_logits(inputs, mask, shifted)
+            ref_logits = self._reference_logits(inputs, mask, shifted, policy_logits)
+            kl_sum = constraint_kl(
+                policy_logits[None],
+                ref_logits[None],
+                z[None],
+                None,
+                chunk_size=self.args.kl_chunk_size,
+                reduction="sum",
+            )
+            loss = sft_loss + (self.args.kl_coef * factor) * (kl_sum / denom).to(sft_loss.dtype)
+
+        with torch.no_grad():  # per-token lm_loss and kl of this micro-batch, summed over processes
+            sft_sum = sft_loss.detach().float() * denom / factor
+            stats = torch.stack([sft_sum, kl_sum.detach().float(), count.float()]).view(1, 3)
+            stats = self.accelerator.gather_for_metrics(stats).view(-1, 3).sum(0)
+        tokens = float(stats[2].clamp(min=1))
+        self._metrics[mode]["lm_loss"].append(float(stats[0]) / tokens)
+        if use_kl:
+            self._metrics[mode]["kl"].append(float(stats[1]) / tokens)
+        return (loss, result[1]) if return_outputs else loss
+
+    # ------------------------------------------------------------------ guidance rounds
+    @property
+    def staleness(self) -> int:
+        """Rounds between the current interval's round and the guidance version the policy uses."""
+        return max(self.rounds_started - 1 - self.schedule.version, 0) if self.rounds_started else 0
+
+    def _log_round_metrics(self, finished: list[dict[str, float]]) -> None:
+        for metrics in finished:
+            values = torch.tensor(
+                [float(metrics.get(key, math.nan)) for key in ROUND_METRICS], device=self.args.device
+            )
+            if self.accelerator.num_processes > 1:
+                values = self.accelerator.gather(values.view(1, -1)).view(-1, len(ROUND_METRICS)).nanmean(0)
+            for key, value in zip(ROUND_METRICS, values.tolist()):
+                if not math.isnan(value):
+                    self._metrics["train"][key].append(value)
+
+    def _maybe_run_round(self) -> None:
+        interval = self.args.guidance_interval
+        while self.rounds_started * interval <= self.state.global_step:
+            round_index = self.rounds_started
+            self.rounds_started += 1
+            if isinstance(self.schedule, SequentialSchedule):
+                with _isolated_rng(round_seed(self.args.seed, round_index, self.accelerator.process_index)):
+                    finished = self.schedule.on_round(round_index)
+            else:
+                finished = self.schedule.on_round(round_index)
+            self.guidance.set_trainable(False)
+            self._log_round_metrics(finished)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._maybe_run_round()
+        self._metrics["train"]["guidance/staleness"].append(float(self.staleness))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._log_round_metrics(self.schedule.finish())
+
+    # ------------------------------------------------------------------ saving and resuming
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if self._is_peft and self.args.guidance_backbone == "lora":
+            # Only the policy adapter: PEFT would otherwise also write the guidance adapter into a subfolder.
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(
+                output_dir,
+                state_dict=state_dict,
+                selected_adapters=[self._policy_adapter],
+                is_main_process=self.args.should_save,
+            )
+            if self.args.should_save:
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        else:
+            super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            _atomic_dir(Path(output_dir) / GUIDANCE_DIR, self.guidance.save_pretrained)
+
+    def _state_path(self, directory: str | os.PathLike) -> Path:
+        name = STATE_NAME
+        if self.accelerator.num_processes > 1:
+            name = f"constrained_state_rank{self.accelerator.process_index}.pt"
+        return Path(directory) / name
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        output_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        state = {"format": 1, "rounds_started": self.rounds_started, "schedule": self.schedule.state_dict()}
+        _atomic_torch_save(state, self._state_path(output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = self._state_path(resume_from_checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: {resume_from_checkpoint} was not written by ConstrainedTrainer (or is incomplete)"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.schedule.load_state_dict(state["schedule"])
+        self.rounds_started = int(state["rounds_started"])
+        if self._is_peft:
+            self.model.set_adapter(self._policy_adapter)
+        self.guidance.set_trainable(False)
+
+
+def _unpatch_forward(model) -> None:
+    """Drop TRL's instance-level fused-head ``forward`` from a deep copy (its closure calls the original)."""
+    inner = model.get_base_model() if is_peft_model(model) else model
+    inner.__dict__.pop("forward", None)
+
+
+def _copy_params(targets, sources) -> None:
+    with torch.no_grad():
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+
+
+def _grad_sync(params) -> None:
+    """Average guidance gradients over processes (guidance rounds run outside DDP)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+        param.grad.div_(world)
+
+
+def _average_weights(params) -> None:
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    with torch.no_grad():
+        for param in params:
+            dist.all_reduce(param.data)
+            param.data.div_(world)
+
+
+# --------------------------------------------------------------------------------------------- recipes
+CONSTRAINTS = {
+    "non_toxic": "steer.constraints:NonToxic",
+    "keyword": "steer.constraints:KeywordConstraint",
+    "classifier": "steer.constraints:ClassifierConstraint",
+}
+
+
+@dataclass
+class ConstrainedScriptArguments:
+    """What a constrained run trains on (the trainer's own knobs live in :class:`ConstrainedConfig`)."""
+
+    model_name_or_path: str = field(
+        default="smollm2-135m",
+        metadata={
+            "help": "Policy model: the embedded 'smollm2-135m', a local directory, a .gguf file or a hub id."
+        },
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    dataset_name: str = field(
+        default="rtp",
+        metadata={
+            "help": "Fine-tuning corpus: 'rtp' (RealToxicityPrompts prompt+continuation; read from STEER_DATA_DIR "
+            "when present, else allenai/real-toxicity-prompts), a local .json/.jsonl/.csv/.parquet file, or a "
+            "hub dataset id. Text ('text'), prompt/completion or messages columns, as SFTTrainer takes them."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub/local dataset."})
+    dataset_format: str = field(
+        default="text",
+        metadata={
+            "help": "For dataset_name='rtp': 'text' (loss on prompt + continuation) or 'prompt_completion' "
+            "(loss and KL on the continuation only)."
+        },
+    )
+    dataset_limit: int | None = field(
+        default=None, metadata={"help": "Use only the first N training records (after holding out)."}
+    )
+    heldout_size: int = field(
+        default=200,
+        metadata={
+            "help": "RTP only: the last N records are held out from training and prompt sampling (evaluation "
+            "uses them, as steer.eval.toxicity.clean_heldout_texts does)."
+        },
+    )
+    prompt_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts for guidance rounds: a dataset/file with a 'prompt' column. Default: the RTP prompts "
+            "of the training records, or the training dataset's own 'prompt' column."
+        },
+    )
+    prompt_limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    constraint: str = field(
+        default="non_toxic",
+        metadata={
+            "help": f"The constraint: one of {sorted(CONSTRAINTS)} or 'package.module:Class' (a "
+            "steer.constraints.Constraint subclass)."
+        },
+    )
+    constraint_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Keyword arguments of the constraint, e.g. {"backend": "profanity"} (JSON on the command line).'
+        },
+    )
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or the full model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the policy adapter."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the policy adapter."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout of the policy adapter."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules the policy LoRA adapts (default: all linear layers)."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.constraint_kwargs, str):
+            try:
+                self.constraint_kwargs = json.loads(self.constraint_kwargs) if self.constraint_kwargs else {}
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"ConstrainedScriptArguments.constraint_kwargs is not valid JSON: {err}"
+                ) from err
+        if self.constraint_kwargs is None:
+            self.constraint_kwargs = {}
+        if not isinstance(self.constraint_kwargs, dict):
+            raise ValueError(
+                "ConstrainedScriptArguments.constraint_kwargs must be a mapping, got "
+                f"{type(self.constraint_kwargs).__name__}"
+            )
+        if self.dataset_format not in ("text", "prompt_completion"):
+            raise ValueError(
+                "ConstrainedScriptArguments.dataset_format must be 'text' or 'prompt_completion', "
+                f"got {self.dataset_format!r}"
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(
+                f"ConstrainedScriptArguments.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}"
+            )
+        for name in ("dataset_limit", "prompt_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"ConstrainedScriptArguments.{name} must be >= 1, got {value}")
+        if self.heldout_size < 0:
+            raise ValueError(f"ConstrainedScriptArguments.heldout_size must be >= 0, got {self.heldout_size}")
+        if self.lora_r < 1:
+            raise ValueError(f"ConstrainedScriptArguments.lora_r must be >= 1, got {self.lora_r}")
+
+    def peft_config(self):
+        if not self.use_peft:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.lora_target_modules) if self.lora_target_modules else "all-linear",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def build_constraint(name: str, kwargs: dict[str, Any] | None = None) -> Constraint:
+    """A constraint from its short name (``non_toxic``, ``keyword``, ``classifier``) or ``module:Class``."""
+    import importlib
+
+    target = CONSTRAINTS.get(name, name)
+    if ":" not in target:
+        raise ValueError(
+            f"unknown constraint {name!r}; choose one of {sorted(CONSTRAINTS)} or 'package.module:Class'"
+        )
+    module_name, _, class_name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import constraint {target!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, Constraint)):
+        raise ValueError(f"constraint {target!r} is not a steer.constraints.Constraint subclass")
+    try:
+        return cls(**(kwargs or {}))
+    except TypeError as err:
+        raise ValueError(f"bad constraint_kwargs for {target!r}: {err}") from err
+
+
+def _load_table(name: str, split: str) -> Dataset:
+    from datasets import load_dataset
+
+    path = Path(name).expanduser()
+    if path.is_file():
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"{path}: unsupported dataset file type (use .json, .jsonl, .csv or .parquet)")
+        return load_dataset(kind, data_files=str(path), split="train")
+    return load_dataset(name, split=split)
+
+
+def load_constrained_datasets(
+    script_args: ConstrainedScriptArguments,
+) -> tuple[Dataset, Dataset, Dataset | None]:
+    """``(train_dataset, prompt_dataset, heldout)`` for a constrained run (``heldout``: RTP records, or None)."""
+    from steer.data import load_rtp
+
+    heldout = None
+    if script_args.dataset_name == "rtp":
+        records = load_rtp()
+        n_train = len(records) - script_args.heldout_size
+        if n_train < 1:
+            raise ValueError(
+                f"ConstrainedScriptArguments.heldout_size={script_args.heldout_size} leaves no RTP training records "
+                f"(only {len(records)} available)"
+            )
+        heldout = records.select(range(n_train, len(records))) if script_args.heldout_size else None
+        records = records.select(range(min(n_train, script_args.dataset_limit or n_train)))
+        prompts = [p["text"] for p in records["prompt"]]
+        completions = [c["text"] for c in records["continuation"]]
+        if script_args.dataset_format == "text":
+            train = Dataset.from_dict({"text": [p + c for p, c in zip(prompts, completions)]})
+        else:
+            train = Dataset.from_dict({"prompt": prompts, "completion": completions})
+        prompt_dataset = Dataset.from_dict({"prompt": prompts})
+    else:
+        train = _load_table(script_args.dataset_name, script_args.dataset_split)
+        if script_args.dataset_limit:
+            train = train.select(range(min(script_args.dataset_limit, len(train))))
+        prompt_dataset = None
+        if script_args.prompt_dataset_name is None:
+            if "prompt" not in train.column_names:
+                raise ValueError(
+                    f"dataset {script_args.dataset_name!r} has no 'prompt' column to sample from (columns: "
+                    f"{train.column_names}); set prompt_dataset_name"
+                )
+            prompt_dataset = train.select_columns(["prompt"])
+    if script_args.prompt_dataset_name is not None:
+        prompt_dataset = _load_table(script_args.prompt_dataset_name, script_args.dataset_split)
+        if "prompt" not in prompt_dataset.column_names:
+            raise ValueError(
+                f"prompt dataset {script_args.prompt_dataset_name!r} has no 'prompt' column "
+                f"(columns: {prompt_dataset.column_names})"
+            )
+    if script_args.prompt_limit:
+        prompt_dataset = prompt_dataset.select(range(min(script_args.prompt_limit, len(prompt_dataset))))
+    return train, prompt_dataset, heldout
+
+
+def train_constrained(
+    script_args: ConstrainedScriptArguments, training_args: ConstrainedConfig, *, callbacks=None
+):
+    """Load model, data and constraint, train, and save the policy adapter + ``guidance/`` to ``output_dir``.
+
+    Returns the trainer. ``training_args.resume_from_checkpoint`` resumes a run.
+    """
+    from steer.models import load_causal_lm
+
+    dtype = None if script_args.dtype == "auto" else script_args.dtype
+    model, tokenizer = load_causal_lm(
+        script_args.model_name_or_path, dtype=dtype, trust_remote_code=training_args.trust_remote_code
+    )
+    train, prompt_dataset, _ = load_constrained_datasets(script_args)
+    constraint = build_constraint(script_args.constraint, script_args.constraint_kwargs)
+    trainer = ConstrainedTrainer(
+        model,
+        training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=script_args.peft_config(),
+        constraint=constraint,
+        prompt_dataset=prompt_dataset,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return trainer

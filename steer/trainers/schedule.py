@@ -1,0 +1,533 @@
+"""Guidance rounds and when they run: ``sequential`` (in place) or ``parallel`` (a background worker).
+
+A *round* samples continuations from the policy on training prompts, labels them with the constraint,
+pushes them into a bounded :class:`~steer.trainers.buffer.SampleBuffer` and trains the guidance model
+for a few steps on buffer minibatches (:class:`GuidanceLearner`).
+
+Rounds start at policy optimizer steps ``0, I, 2I, ...`` (``I = guidance_interval``); round ``k`` samples
+from the policy as it is at step ``kI``. Guidance versions are numbered by the round that produced them.
+
+- :class:`SequentialSchedule` runs round ``k`` in place, on the trainer's own model, before step ``kI``:
+  steps ``[kI, (k+1)I)`` use guidance version ``k`` (staleness 0).
+- :class:`ParallelSchedule` runs rounds in a background thread on a *separate model instance* (a copy
+  of the base and of the policy adapters, refreshed from the policy's trainable weights at each round
+  start, plus its own guidance model). Round 0 (the warm-up) is waited for; round ``k >= 1`` overlaps
+  steps ``[kI, (k+1)I)``, which use version ``k-1`` (staleness 1), and its weights are swapped into
+  the trainer's guidance model at step ``(k+1)I``. With ``synchronised=True`` every round is waited for
+  at once, which reproduces the sequential schedule exactly (a test checks this).
+
+Why a copy: PEFT's active adapter is model-global state, and sampling/guidance training flip it, so
+the worker must never touch the model the main thread trains. The copy costs one more set of base
+weights (fp32 SmolLM2-135M: ~0.54 GB; a 7B model in bf16: ~14 GB): on GPUs, prefer the sequential
+schedule or give the worker its own device/rank.
+
+CPU threads: ``torch.set_num_threads`` sets the calling thread's OpenMP team size (used by ATen's own
+parallel kernels) *and* MKL's process-wide thread count (used by matmuls). The worker therefore sets its
+share with :func:`set_thread_share`, which also pins MKL's thread-local count, and the main thread does the
+same with the rest of the cores, so the two threads split the cores instead of oversubscribing them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .buffer import SampleBuffer
+
+__all__ = [
+    "GuidanceLearner",
+    "ParallelSchedule",
+    "RoundSettings",
+    "SequentialSchedule",
+    "round_seed",
+    "set_thread_share",
+]
+
+
+@dataclass
+class RoundSettings:
+    """The knobs of one guidance round (a subset of ``ConstrainedConfig``)."""
+
+    samples_per_round: int = 32
+    sample_max_new_tokens: int = 20
+    sample_temperature: float = 1.0
+    sample_top_p: float = 1.0
+    sample_batch_size: int = 16
+    label_mode: str = "hard"
+    label_threshold: float = 0.5
+    guidance_steps_per_round: int = 8
+    guidance_batch_size: int = 16
+    consistency_coef: float = 0.0
+    holdout_fraction: float = 0.25
+    max_grad_norm: float = 1.0
+
+
+def round_seed(seed: int, round_index: int, process_index: int = 0) -> int:
+    """A deterministic per-round, per-process seed (sampling and minibatch order depend only on it)."""
+    return (seed * 1_000_003 + round_index * 9_973 + process_index * 101) % (2**31 - 1)
+
+
+_MKL_LOCAL = None
+
+
+def _mkl_set_local(threads: int) -> bool:
+    """``mkl_set_num_threads_local`` from the MKL linked into torch, if there is one."""
+    global _MKL_LOCAL
+    if _MKL_LOCAL is None:
+        _MKL_LOCAL = False
+        lib_path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+        with contextlib.suppress(OSError, AttributeError):
+            fn = ctypes.CDLL(lib_path).MKL_Set_Num_Threads_Local  # the C interface (by value)
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+            _MKL_LOCAL = fn
+    if _MKL_LOCAL:
+        _MKL_LOCAL(int(threads))
+        return True
+    return False
+
+
+def set_thread_share(threads: int) -> None:
+    """Use ``threads`` intra-op CPU threads in the *calling* thread (OpenMP and, where linked, MKL)."""
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    _mkl_set_local(threads)
+
+
+def _roc_auc(labels, scores) -> float:
+    """ROC AUC, or NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = [int(x) for x in labels]
+    if len(set(labels)) < 2:
+        return math.nan
+    return float(roc_auc_score(labels, scores))
+
+
+class GuidanceLearner:
+    """Everything a round touches: the sampling policy, the guidance model, its optimizer and the buffer.
+
+    ``policy`` is the model to sample from (the trainer's model for the sequential schedule, the worker's
+    copy for the parallel one); ``guidance`` is a :class:`~steer.guidance.GuidanceModel` on it.
+    ``grad_sync(params)`` averages guidance gradients across processes (``None`` on one process).
+    """
+
+    def __init__(
+        self,
+        policy,
+        guidance,
+        tokenizer,
+        constraint,
+        prompts: list[str],
+        settings: RoundSettings,
+        *,
+        lr: float,
+        seed: int,
+        buffer_size: int = 512,
+        process_index: int = 0,
+        grad_sync=None,
+    ) -> None:
+        if not prompts:
+            raise ValueError("the prompt dataset is empty: guidance rounds need prompts to sample from")
+        self.policy = policy
+        self.guidance = guidance
+        self.tokenizer = tokenizer
+        self.constraint = constraint
+        self.prompts = list(prompts)
+        self.settings = settings
+        self.seed = int(seed)
+        self.process_index = int(process_index)
+        self.grad_sync = grad_sync
+        self.buffer = SampleBuffer(buffer_size)
+        self.optimizer = torch.optim.AdamW(guidance.trainable_parameters(), lr=lr, weight_decay=0.0)
+        self.rounds_done = 0
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    # ------------------------------------------------------------------ a round
+    def _round_prompts(self, generator: torch.Generator) -> list[str]:
+        n = self.settings.samples_per_round
+        reps = -(-n // len(self.prompts))
+        order = torch.cat([torch.randperm(len(self.prompts), generator=generator) for _ in range(reps)])
+        return [self.prompts[i] for i in order[:n].tolist()]
+
+    def _device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def _to(self, batch: dict) -> dict:
+        device = self._device()
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _policy_logits(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.policy(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            )
+        return out.logits
+
+    def _set_prior(self) -> None:
+        """Start every token's R at the base satisfaction rate instead of 0.5 (q* is unchanged).
+
+        q* ∝ p · R only reweights tokens relative to each other, so a constant head bias leaves q* = p. But
+        training moves R only at *sampled* tokens: with R = 0.5 elsewhere, tokens the policy never sampled
+        would look worse than sampled ones whenever most samples satisfy the constraint, and the KL would
+        sharpen the policy towards what it already samples. A bias of logit(mean label) removes that.
+        """
+        head = getattr(self.guidance, "head", None)
+        if head is None or head.bias is None or bool(head.weight.any()) or bool(head.bias.any()):
+            return  # not a fresh zero-initialised head
+        labels = torch.tensor([label for _, _, label in self.buffer._items])
+        rate = float(labels.mean().clamp(0.02, 0.98))
+        with torch.no_grad():
+            head.bias.fill_(math.log(rate / (1.0 - rate)))
+
+    @staticmethod
+    def _sequence_scores(z: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean guidance logit at the sampled continuation tokens: the guidance's sequence-level prediction."""
+        mask = batch["continuation_mask"][:, 1:].float()
+        token = z[:, :-1].gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1).float()
+        return (token * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def run_round(self, round_index: int) -> dict[str, float]:
+        """Sample, label, train the guidance; returns the round's metrics."""
+        from steer.guidance import guidance_loss, label_samples
+
+        s = self.settings
+        seed = round_seed(self.seed, round_index, self.process_index)
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        was_training = self.policy.training
+        try:
+            batch = sample_with_generator(
+                self.policy,
+                self.tokenizer,
+                self._round_prompts(generator),
+                max_new_tokens=s.sample_max_new_tokens,
+                temperature=s.sample_temperature,
+                top_p=s.sample_top_p,
+                batch_size=s.sample_batch_size,
+                seed=seed,
+            )
+        finally:
+            self.policy.train(was_training)
+        labelled = label_samples(batch, self.constraint, label_mode=s.label_mode, threshold=s.label_threshold)
+        sample_seconds = time.perf_counter() - start
+        items = SampleBuffer.rows(labelled)
+        order = torch.randperm(len(items), generator=generator).tolist()
+        n_hold = int(len(items) * s.holdout_fraction) if len(items) >= 4 else 0
+        holdout = [items[i] for i in order[:n_hold]]
+        self.buffer.extend([items[i] for i in order[n_hold:]])
+        if round_index == 0 and len(self.buffer):
+            self._set_prior()
+
+        losses = []
+        self.guidance.set_trainable(True)
+        params = self.guidance.trainable_parameters()
+        guidance_was_training = self.guidance.training
+        self.guidance.train()
+        try:
+            # Under several processes every rank takes the same number of steps (gradients are averaged).
+            steps = s.guidance_steps_per_round if len(self.buffer) or self.grad_sync is not None else 0
+            for _ in range(steps):
+                if not len(self.buffer):  # nothing to learn from on this rank: contribute zero gradients
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.grad_sync(params)
+                    self.optimizer.step()
+                    continue
+                mb = self._to(self.buffer.sample(s.guidance_batch_size, generator, self.pad_token_id))
+                ref = self._policy_logits(mb) if s.consistency_coef > 0 else None
+                z = self.guidance(mb["input_ids"], attention_mask=mb["attention_mask"])
+                loss, _ = guidance_loss(
+                    z,
+                    mb["input_ids"],
+                    mb["continuation_mask"],
+                    mb["labels"],
+                    consistency_coef=s.consistency_coef,
+                    ref_logits=ref,
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.grad_sync is not None:
+                    self.grad_sync(params)
+                if s.max_grad_norm and s.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                self.optimizer.step()
+                losses.append(float(loss.detach()))
+            self.optimizer.zero_grad(set_to_none=True)
+            auc = math.nan
+            if holdout:
+                hb = self._to(SampleBuffer.collate(holdout, self.pad_token_id))
+                self.guidance.eval()
+                with torch.no_grad():
+                    z = self.guidance(hb["input_ids"], attention_mask=hb["attention_mask"])
+                scores = self._sequence_scores(z, hb).cpu()
+                auc = _roc_auc((hb["labels"].cpu() >= s.label_threshold).tolist(), scores.tolist())
+        finally:
+            self.guidance.train(guidance_was_training)
+            self.guidance.set_trainable(False)
+        self.buffer.extend(holdout)
+        self.rounds_done = round_index + 1
+
+        metrics = {
+            "constraint/satisfaction": float(labelled.scores.float().mean()) if len(items) else math.nan,
+            "samples_per_second": len(batch) / max(sample_seconds, 1e-9),
+            "guidance/samples_dropped": float(labelled.num_dropped),
+            "guidance/buffer_size": float(len(self.buffer)),
+        }
+        if losses:
+            metrics["guidance/loss"] = sum(losses) / len(losses)
+        if not math.isnan(auc):
+            metrics["guidance/auc"] = auc
+        return metrics
+
+    # ------------------------------------------------------------------ state
+    def guidance_tensors(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.guidance.trainable_parameters()]
+
+    def state_dict(self) -> dict:
+        return {
+            "guidance": self.guidance_tensors(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "rounds_done": self.rounds_done,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        copy_tensors(self.guidance.trainable_parameters(), state["guidance"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.rounds_done = int(state["rounds_done"])
+
+
+def copy_tensors(targets, sources) -> None:
+    """Copy ``sources`` into the parameters ``targets`` (same order and shapes)."""
+    targets, sources = list(targets), list(sources)
+    if len(targets) != len(sources):
+        raise ValueError(f"expected {len(targets)} guidance tensors, got {len(sources)}")
+    with torch.no_grad():
+        for target, source in zip(targets, sources):
+            if target.shape != source.shape:
+                raise ValueError(
+                    f"guidance tensor shape mismatch: {tuple(target.shape)} vs {tuple(source.shape)}"
+                )
+            target.copy_(source.to(device=target.device, dtype=target.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+class _GeneratorSampler:
+    """A logits processor that draws the next token with its own ``torch.Generator``.
+
+    Used with greedy ``generate``: it returns ``-inf`` everywhere but the drawn token, so ``generate``
+    picks it without touching the process-global RNG (which the trainer's thread is using).
+    """
+
+    def __init__(self, generator: torch.Generator, temperature: float, top_p: float) -> None:
+        self.generator, self.temperature, self.top_p = generator, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = (
+                cumulative - sorted_logits.softmax(-1) >= self.top_p
+            )  # keep the smallest set reaching top_p
+            sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+            logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
+        probs = logits.softmax(-1)
+        token = torch.multinomial(probs, 1, generator=self.generator)
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter(-1, token, 0.0)
+
+
+def sample_with_generator(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, batch_size, seed):
+    """``steer.guidance.sample_continuations`` without the global RNG (thread-safe and reproducible)."""
+    from steer.guidance import sampling
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    sampler = _GeneratorSampler(generator, float(temperature), float(top_p))
+    return sampling._generate(
+        model,
+        tokenizer,
+        prompts,
+        n_per_prompt=1,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,  # greedy over the processor's one-hot scores
+        top_p=1.0,
+        top_k=0,
+        batch_size=batch_size,
+        seed=None,
+        processor_factory=lambda _mask: sampler,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+class SequentialSchedule:
+    """Round ``k`` runs in place before policy step ``kI``; the policy always uses the newest guidance."""
+
+    name = "sequential"
+
+    def __init__(self, learner: GuidanceLearner) -> None:
+        self.learner = learner
+        self.version = -1  # guidance version the policy steps use (-1: none yet, R = 0.5 everywhere)
+
+    def on_round(self, round_index: int) -> list[dict[str, float]]:
+        """Called at the start of step ``round_index * I``; returns the metrics of rounds that finished."""
+        metrics = self.learner.run_round(round_index)
+        self.version = round_index
+        return [metrics]
+
+    def finish(self) -> list[dict[str, float]]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.name, "version": self.version, "learner": self.learner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_schedule(state, self.name)
+        self.learner.load_state_dict(state["learner"])
+        self.version = int(state["version"])
+
+
+class ParallelSchedule:
+    """Round ``k`` runs in a worker thread on its own model copy while the policy trains on version ``k-1``.
+
+    ``policy_params``/``worker_policy_params``: callables returning the trainable policy tensors of the
+    trainer's model and the matching tensors of the worker's copy (same order); the worker's are refreshed
+    from the trainer's at every round start. ``guidance_params``: a callable returning the trainer's
+    guidance tensors, into which finished versions are swapped.
+    ``sync_weights(params)``: averages the swapped-in guidance across processes (``None`` on one process;
+    the worker never runs collectives, so that it cannot interleave with the trainer's).
+    """
+
+    name = "parallel"
+
+    def __init__(
+        self,
+        learner: GuidanceLearner,
+        *,
+        policy_params,
+        worker_policy_params,
+        guidance_params,
+        synchronised: bool = False,
+        worker_threads: int | None = None,
+        sync_weights=None,
+    ) -> None:
+        if len(policy_params()) != len(worker_policy_params()):
+            raise ValueError("the worker's policy copy does not match the trained policy's parameters")
+        self.learner = learner
+        self.policy_params = policy_params
+        self.worker_policy_params = worker_policy_params
+        self.guidance_params = guidance_params
+        self.synchronised = synchronised
+        self.sync_weights = sync_weights
+        self.version = -1
+        total = torch.get_num_threads()
+        self.worker_threads = worker_threads
+        self.main_threads = None
+        if worker_threads is None and not synchronised and total > 1:
+            self.worker_threads = max(1, total // 2)
+        if self.worker_threads is not None and not synchronised:
+            self.main_threads = max(1, total - self.worker_threads)
+        self._original_threads = total
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._future: concurrent.futures.Future | None = None
+        self._future_round = -1
+        self._done: tuple[int, dict] | None = None  # a finished round not swapped in yet (after a checkpoint)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            init = (lambda: set_thread_share(self.worker_threads)) if self.worker_threads else None
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="steer-guidance", initializer=init
+            )
+            if self.main_threads is not None:
+                set_thread_share(self.main_threads)
+        return self._executor
+
+    def _collect(self) -> None:
+        """Wait for the running round (if any) and keep its result for the next swap."""
+        if self._future is not None:
+            metrics = self._future.result()  # re-raises the worker's exception here
+            self._done = (self._future_round, metrics)
+            self._future = None
+
+    def _swap(self) -> list[dict[str, float]]:
+        if self._done is None:
+            return []
+        round_index, metrics = self._done
+        self._done = None
+        copy_tensors(self.guidance_params(), self.learner.guidance.trainable_parameters())
+        if self.sync_weights is not None:
+            self.sync_weights(self.guidance_params())
+            copy_tensors(self.learner.guidance.trainable_parameters(), self.guidance_params())
+        self.version = round_index
+        return [metrics]
+
+    def on_round(self, round_index: int) -> list[dict[str, float]]:
+        self._collect()
+        finished = self._swap()
+        copy_tensors(self.worker_policy_params(), self.policy_params())  # the worker is idle here
+        self._future = self._pool().submit(self.learner.run_round, round_index)
+        self._future_round = round_index
+        if self.synchronised or round_index == 0:  # the warm-up round is always waited for
+            self._collect()
+            finished += self._swap()
+        return finished
+
+    def finish(self) -> list[dict[str, float]]:
+        """End of training: wait for the running round, swap it in, stop the worker."""
+        try:
+            self._collect()
+            return self._swap()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._future is not None:
+            with contextlib.suppress(Exception):
+                self._future.result()
+            self._future = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            if self.main_threads is not None:
+                set_thread_share(self._original_threads)
+
+    def state_dict(self) -> dict:
+        self._collect()  # a checkpoint holds the finished round, to be swapped in at the next round start
+        pending = None
+        if self._done is not None:
+            pending = {"round": self._done[0], "metrics": dict(self._done[1])}
+        return {
+            "schedule": self.name,
+            "version": self.version,
+            "guidance": [p.detach().clone() for p in self.guidance_params()],
+            "learner": self.learner.state_dict(),
+            "pending": pending,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_schedule(state, self.name)
+        self.close()
+        copy_tensors(self.guidance_params(), state["guidance"])
+        self.learner.load_state_dict(state["learner"])
+        self.version = int(state["version"])
+        pending = state.get("pending")
+        self._done = None if pending is None else (int(pending["round"]), dict(pending["metrics"]))
+
+
+def _check_schedule(state: dict, name: str) -> None:
+    saved = state.get("schedule")
+    if saved != name:
+        raise ValueError(
+            f"the checkpoint was written with schedule={saved!r} but this run uses schedule={name!r}; "
+            "resume with the same ConstrainedConfig.schedule"
+        )

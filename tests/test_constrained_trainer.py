@@ -1,0 +1,321 @@
+"""ConstrainedTrainer: config validation, the loss decomposition, rounds, schedules, resume and export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from trl import SFTConfig, SFTTrainer
+
+from steer.constraints import KeywordConstraint
+from steer.guidance import GuidanceModel, constraint_kl_naive
+from steer.models import tiny_causal_lm
+from steer.trainers.constrained import (
+    ConstrainedConfig,
+    ConstrainedScriptArguments,
+    ConstrainedTrainer,
+    build_constraint,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) with one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+WORDS = "the a cat dog bird is was good bad nice rude calm warm cold runs sees likes and but".split()
+
+
+def _corpus(n: int = 48, seed: int = 0) -> Dataset:
+    gen = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(n):
+        idx = torch.randint(0, len(WORDS), (int(torch.randint(4, 10, (1,), generator=gen)),), generator=gen)
+        texts.append(" ".join(WORDS[i] for i in idx.tolist()).capitalize() + ".")
+    return Dataset.from_dict({"text": texts})
+
+
+PROMPTS = Dataset.from_dict({"prompt": ["The cat", "A dog", "The bird is", "Good and", "It was", "The calm"]})
+
+
+def _values(tmp_path, **overrides) -> dict:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        max_length=24,
+        seed=0,
+        dataloader_num_workers=0,
+        kl_coef=1.0,
+        guidance_interval=2,
+        guidance_steps_per_round=2,
+        guidance_batch_size=8,
+        guidance_lr=1e-2,
+        guidance_lora_r=4,
+        samples_per_round=8,
+        sample_max_new_tokens=6,
+        sample_batch_size=8,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return values
+
+
+def _config(tmp_path, **overrides) -> ConstrainedConfig:
+    return ConstrainedConfig(**_values(tmp_path, **overrides))
+
+
+def _lora() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def _trainer(tmp_path, *, model=None, peft=True, constraint=None, prompts=PROMPTS, train=None, **overrides):
+    if model is None:
+        model, tokenizer = tiny_causal_lm("llama", seed=0)
+    else:
+        model, tokenizer = model
+    return ConstrainedTrainer(
+        model,
+        _config(tmp_path, **overrides),
+        train_dataset=train if train is not None else _corpus(),
+        processing_class=tokenizer,
+        peft_config=_lora() if peft else None,
+        constraint=constraint or KeywordConstraint(banned=["bad", "rude"]),
+        prompt_dataset=prompts,
+    )
+
+
+def _losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+
+
+# --------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("kl_coef", -0.1),
+        ("kl_coef", float("nan")),
+        ("kl_reference", "teacher"),
+        ("kl_chunk_size", 0),
+        ("guidance_backbone", "mlp"),
+        ("guidance_lr", 0.0),
+        ("guidance_steps_per_round", 0),
+        ("guidance_interval", 0),
+        ("samples_per_round", 0),
+        ("sample_max_new_tokens", 0),
+        ("sample_temperature", 0.0),
+        ("sample_top_p", 1.5),
+        ("label_mode", "fuzzy"),
+        ("label_threshold", 1.2),
+        ("consistency_coef", -1.0),
+        ("schedule", "async"),
+        ("sample_buffer_size", 0),
+        ("guidance_holdout_fraction", 1.0),
+    ],
+)
+def test_bad_config_values_name_the_field(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"ConstrainedConfig.{field}"):
+        _config(tmp_path, **{field: value})
+
+
+def test_packing_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="ConstrainedConfig.packing"):
+        _config(tmp_path, packing=True)
+
+
+def test_prompt_dataset_without_prompt_column(tmp_path):
+    with pytest.raises(ValueError, match=r"no 'prompt' column \(found columns: \['text'\]\)"):
+        _trainer(tmp_path, prompts=Dataset.from_dict({"text": ["a", "b"]}))
+
+
+def test_lora_guidance_needs_a_peft_policy(tmp_path):
+    with pytest.raises(ValueError, match="guidance_backbone"):
+        _trainer(tmp_path, peft=False)
+
+
+def test_script_arguments_and_constraint_factory():
+    args = ConstrainedScriptArguments(constraint="keyword", constraint_kwargs='{"banned": ["bad"]}')
+    constraint = build_constraint(args.constraint, args.constraint_kwargs)
+    assert constraint(["a bad cat", "a good cat"]).tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="unknown constraint"):
+        build_constraint("nope")
+    with pytest.raises(ValueError, match="constraint_kwargs"):
+        ConstrainedScriptArguments(constraint_kwargs="{not json")
+
+
+# --------------------------------------------------------------------------------------------- the loss
+def test_lambda_zero_reproduces_plain_sft(tmp_path):
+    constrained = _trainer(tmp_path, kl_coef=0.0)
+    constrained.train()
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    values = _values(tmp_path / "sft")
+    plain_args = SFTConfig(**{k: v for k, v in values.items() if k in SFTConfig.__dataclass_fields__})
+    plain = SFTTrainer(
+        model, plain_args, train_dataset=_corpus(), processing_class=tokenizer, peft_config=_lora()
+    )
+    plain.train()
+    a, b = _losses(constrained), _losses(plain)
+    assert len(a) == len(b) == 4
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+    # ... while guidance rounds still ran (at steps 0 and 2).
+    assert constrained.rounds_started == 2
+
+
+def test_loss_is_sft_plus_lambda_kl(tmp_path):
+    trainer = _trainer(tmp_path, kl_coef=0.7)
+    with torch.no_grad():  # a guidance model that is far from R = 0.5
+        trainer.guidance.head.weight.normal_(0, 0.3)
+        trainer.guidance.head.bias.normal_(0, 1.0)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+            :, :-1
+        ]
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        log_p = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        sft = -log_p[mask].sum() / mask.sum()
+        z = trainer.guidance(batch["input_ids"], attention_mask=batch["attention_mask"])[:, :-1]
+        kl = constraint_kl_naive(logits, logits, z, mask)
+    assert float(kl) > 1e-3
+    assert abs(float(loss) - float(sft + 0.7 * kl)) < 1e-5
+    assert abs(trainer._metrics["train"]["kl"][-1] - float(kl)) < 1e-5
+    assert abs(trainer._metrics["train"]["lm_loss"][-1] - float(sft)) < 1e-5
+
+
+def test_gradient_accumulation_matches_a_full_batch(tmp_path):
+    def run(path, batch, accumulation):
+        trainer = _trainer(
+            path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=2
+        )
+        trainer.train()
+        return _losses(trainer), [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
+
+    full_losses, full_params = run(tmp_path / "a", 4, 1)
+    acc_losses, acc_params = run(tmp_path / "b", 2, 2)
+    assert max(abs(x - y) for x, y in zip(full_losses, acc_losses)) < 1e-5
+    assert max(float((x - y).abs().max()) for x, y in zip(full_params, acc_params)) < 1e-5
+
+
+def test_kl_reference_base(tmp_path):
+    trainer = _trainer(tmp_path, kl_reference="base", max_steps=2)
+    trainer.train()
+    losses = _losses(trainer)
+    assert all(math.isfinite(x) for x in losses)
+    kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert kls[-1] > 0  # the policy moved away from the base, so KL(q*[base] || p) > 0
+
+
+# --------------------------------------------------------------------------------------------- rounds
+def test_rounds_happen_at_the_configured_steps(tmp_path):
+    trainer = _trainer(tmp_path, guidance_interval=3, max_steps=7)
+    seen = []
+    on_round = trainer.schedule.on_round
+
+    def spy(round_index):
+        seen.append((round_index, trainer.state.global_step))
+        return on_round(round_index)
+
+    trainer.schedule.on_round = spy
+    trainer.train()
+    assert seen == [(0, 0), (1, 3), (2, 6)]
+    logs = trainer.state.log_history
+    for key in (
+        "lm_loss",
+        "kl",
+        "guidance/loss",
+        "constraint/satisfaction",
+        "samples_per_second",
+        "guidance/staleness",
+    ):
+        assert any(key in h for h in logs), key
+    assert all(h["guidance/staleness"] == 0 for h in logs if "guidance/staleness" in h)
+
+
+def test_parallel_synchronised_equals_sequential(tmp_path):
+    sequential = _trainer(tmp_path / "s", max_steps=5)
+    sequential.train()
+    parallel = _trainer(tmp_path / "p", max_steps=5, schedule="parallel", parallel_synchronised=True)
+    parallel.train()
+    a, b = _losses(sequential), _losses(parallel)
+    assert len(a) == 5 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+    for x, y in zip(sequential.guidance.trainable_parameters(), parallel.guidance.trainable_parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_parallel_schedule_runs_one_round_stale(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=6, schedule="parallel", parallel_worker_threads=1)
+    versions = []
+    on_round = trainer.schedule.on_round
+
+    def spy(round_index):
+        out = on_round(round_index)
+        versions.append((round_index, trainer.schedule.version))
+        return out
+
+    trainer.schedule.on_round = spy
+    trainer.train()
+    # warm-up round 0 is waited for; round k >= 1 is swapped in at the start of round k+1.
+    assert versions == [(0, 0), (1, 0), (2, 1)]
+    staleness = [h["guidance/staleness"] for h in trainer.state.log_history if "guidance/staleness" in h]
+    assert staleness[:2] == [0, 0] and staleness[2:] == [1, 1, 1, 1]
+    assert trainer.schedule.version == 2  # the last round was swapped in when training ended
+    # the worker never touched the trained model's adapters
+    assert trainer.model.active_adapter == "default"
+
+
+# --------------------------------------------------------------------------------------------- resume / export
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, schedule):
+    extra = {"parallel_worker_threads": 1} if schedule == "parallel" else {}
+    full = _trainer(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, schedule=schedule, **extra)
+    full.train()
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    assert (checkpoint / "guidance" / "model.safetensors").is_file()
+    assert (checkpoint / "constrained_state.pt").is_file()
+    resumed = _trainer(tmp_path, max_steps=6, save_strategy="no", schedule=schedule, **extra)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a, b = _losses(full), _losses(resumed)  # the resumed history starts with the checkpoint's 3 steps
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+    for x, y in zip(full.guidance.trainable_parameters(), resumed.guidance.trainable_parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_save_model_reloads_with_identical_logits(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.train()
+    out = tmp_path / "export"
+    trainer.save_model(str(out))
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not (
+        out / "guidance" / "adapter_model.safetensors"
+    ).exists()  # only the policy adapter at the root
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+        expected_z = trainer.guidance(ids)
+    base, _ = tiny_causal_lm("llama", seed=0)
+    loaded = PeftModel.from_pretrained(base, str(out))
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
+        guidance = GuidanceModel.from_pretrained(out / "guidance", loaded)
+        torch.testing.assert_close(guidance(ids), expected_z, rtol=0, atol=1e-6)

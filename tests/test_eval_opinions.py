@@ -1,0 +1,159 @@
+"""Opinion evaluation: ordinal Wasserstein / representativeness, macro accuracy, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import wasserstein_distance
+
+from steer.eval.opinions import (
+    GROUP_METHODS,
+    INDIVIDUAL_METHODS,
+    METHODS,
+    OpinionEvalArguments,
+    demographic_preamble,
+    few_shot_preamble,
+    macro_accuracy,
+    ordinal_wasserstein,
+    representativeness,
+    run_opinion_eval,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _has_opinionqa() -> bool:
+    try:
+        from steer.data import opinionqa_dir
+
+        return (opinionqa_dir() / "American_Trends_Panel_W26" / "info.csv").is_file()
+    except FileNotFoundError:
+        return False
+
+
+def test_ordinal_wasserstein_matches_scipy():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5):
+        support = np.sort(rng.random(n))
+        p, q = rng.dirichlet(np.ones(n)), rng.dirichlet(np.ones(n))
+        expected = wasserstein_distance(support, support, p, q)
+        assert ordinal_wasserstein(p, q, support) == pytest.approx(expected, abs=1e-12)
+
+
+def test_representativeness_edge_cases():
+    support = [0.0, 0.5, 1.0]
+    assert representativeness([1, 0, 0], [0, 0, 1], support) == pytest.approx(0.0)
+    assert representativeness([0.2, 0.3, 0.5], [0.2, 0.3, 0.5], support) == pytest.approx(1.0)
+    assert representativeness([1, 0, 0], [0, 1, 0], support) == pytest.approx(0.5)
+    # normalised by the span of the ordinal scale: same answer on a 1..5 scale
+    assert representativeness([1, 0, 0], [0, 1, 0], [1.0, 3.0, 5.0]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="nominal"):
+        representativeness([0.5, 0.5], [0.5, 0.5], [1.0, 1.0])
+    with pytest.raises(ValueError, match="probability distribution"):
+        ordinal_wasserstein([0.5, 0.6], [0.5, 0.5], [0.0, 1.0])
+    with pytest.raises(ValueError, match="sorted"):
+        ordinal_wasserstein([0.5, 0.5], [0.5, 0.5], [1.0, 0.0])
+
+
+def test_macro_accuracy_weights_people_equally():
+    correct = {"a": [True, False], "b": [True], "c": []}
+    assert macro_accuracy(correct) == pytest.approx(0.75)  # micro would be 2/3
+
+
+def test_baseline_prompts():
+    text = demographic_preamble({"POLPARTY": "Democrat", "RACE": "White"})
+    assert "political party: Democrat" in text and "race: White" in text
+    shots = few_shot_preamble([("Is it safe?", "Very safe"), ("Do you vote?", "Yes")])
+    assert shots.count("Q: ") == 2 and "A: Very safe" in shots
+
+
+def test_bad_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown \\['magic'\\]"):
+        OpinionEvalArguments(persona_dir="x", methods=["magic"])
+    with pytest.raises(FileNotFoundError, match="persona_dir"):
+        run_opinion_eval(OpinionEvalArguments(persona_dir="/nonexistent/persona"))
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config_full.yaml"])
+def test_recipe_configs_parse(name):
+    from steer.cli import COMMANDS, parse_command_args
+
+    command = next(c for c in COMMANDS if c.words == ("train", "persona"))
+    script_args, training_args = parse_command_args(
+        command, ["--config", str(ROOT / "recipes" / "persona_opinionqa" / name), "--output_dir", "/tmp/x"]
+    )
+    assert script_args.model_name_or_path == "smollm2-135m"
+    assert training_args.soft_prompt_mode == "prefix"
+
+
+@pytest.mark.skipif(not _has_opinionqa(), reason="OpinionQA data not available")
+def test_tiny_recipe_end_to_end(tmp_path):
+    """Simulate -> embed -> cohorts -> train (tiny model) -> save -> evaluate every method -> report."""
+    from steer.models import tiny_causal_lm
+    from steer.persona.steering import PersonaSteeredModel
+    from steer.trainers.persona import PersonaConfig, PersonaScriptArguments, train_persona
+
+    model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    script = PersonaScriptArguments(
+        model_name_or_path=str(tmp_path / "tiny"),
+        waves=[26],
+        n_respondents=40,
+        observed_frac=0.5,
+        max_questions=10,
+        embedding_dim=4,
+        num_cohorts=3,
+        eval_users=8,
+        max_eval_examples=16,
+        max_train_examples=48,
+    )
+    config = PersonaConfig(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        bf16=False,
+        max_steps=3,
+        per_device_train_batch_size=8,
+        num_virtual_tokens=2,
+        soft_prompt_hidden=8,
+        save_strategy="no",
+        eval_strategy="steps",
+        eval_steps=3,
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    trainer = train_persona(script, config)
+    assert trainer.state.global_step == 3
+    persona_dir = tmp_path / "run" / "persona"
+    index = json.loads((persona_dir / "personas.json").read_text())
+    assert index["cohorts"]["k"] == 3 and len(index["cohort_of_user"]) == 40
+    assert any(name.startswith("POLPARTY=") for name in index["names"])
+    steered = PersonaSteeredModel.from_pretrained(str(tmp_path / "tiny"), persona_dir)
+    assert steered.option_probs("Is it safe?", ["Yes", "No"], persona="cohort:1").shape == (2,)
+
+    args = OpinionEvalArguments(
+        persona_dir=str(persona_dir),
+        output_dir=str(tmp_path / "eval"),
+        methods=list(METHODS),
+        max_users=4,
+        max_answers_per_user=2,
+        max_questions=4,
+        batch_size=8,
+        group_members=2,
+    )
+    result = run_opinion_eval(args)
+    for method in INDIVIDUAL_METHODS:
+        assert 0.0 <= result["metrics"][f"accuracy_macro/{method}"] <= 1.0
+    for method in GROUP_METHODS:
+        assert 0.0 <= result["metrics"][f"representativeness/{method}"] <= 1.0
+    groups = result["groups"]
+    assert set(groups["methods"]["steered"]["per_group"]) <= set(groups["groups"])
+    assert result["individuals"]["num_people"] == 4
+    for name in ("opinions.json", "opinions.md", "opinions.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "eval" / "opinions.json").read_text())
+    assert saved["metrics"] == pytest.approx(result["metrics"])
