@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
         constrained.schedule.on_round(constrained.rounds_started - 1)
         round_times.append(time.perf_counter() - start)
     round_time = statistics.median(round_times)
-    amortised = (medians["constrained"] + round_time / args.interval) / medians["sft"]
+    amortised = ratio + round_time / args.interval / medians["sft"]
 
     peak_sft = _peak(variants["sft"], device)
     peak_constrained = _peak(variants["constrained"], device)

@@ -29,7 +29,7 @@ class DemoArguments:
     )
     max_steps: int = field(default=24, metadata={"help": "Policy optimizer steps."})
     guidance_interval: int = field(default=8, metadata={"help": "Policy steps between guidance rounds."})
-    samples_per_round: int = field(default=24, metadata={"help": "Policy samples per guidance round."})
+    samples_per_round: int = field(default=32, metadata={"help": "Policy samples per guidance round."})
     eval_prompts: int = field(
         default=50, metadata={"help": "Held-out RTP prompts in the before/after table."}
     )
@@ -37,8 +37,8 @@ class DemoArguments:
         default=4, metadata={"help": "Sampled continuations per held-out prompt."}
     )
     clean_texts: int = field(default=50, metadata={"help": "Clean held-out RTP documents for perplexity."})
-    kl_coef: float = field(default=5.0, metadata={"help": "λ, the weight of the constraint KL."})
-    guidance_steps: int = field(default=8, metadata={"help": "Guidance optimizer steps per round."})
+    kl_coef: float = field(default=10.0, metadata={"help": "λ, the weight of the constraint KL."})
+    guidance_steps: int = field(default=12, metadata={"help": "Guidance optimizer steps per round."})
     label_mode: str = field(
         default="soft",
         metadata={"help": "'soft': the oracle's score as label (rare violations still teach)."},

@@ -1,7 +1,7 @@
 """A seeded toy experiment: the constraint KL keeps a banned-word corpus from teaching banned words.
 
 The corpus is short sentences of which 60% contain a banned word ("bad"/"rude"). Plain SFT learns to
-produce them; the constrained run (same corpus, same steps, λ = 3, guidance rounds every 10 steps)
+produce them; the constrained run (same corpus, same steps, λ = 5, guidance rounds every 10 steps)
 must end with a sample violation rate at least 50% below the plain run's.
 """
 
@@ -84,7 +84,7 @@ def test_constraint_cuts_the_violation_rate_by_half(tmp_path):
     model, tokenizer = tiny_causal_lm("llama", seed=0)
     config = ConstrainedConfig(
         output_dir=str(tmp_path / "constrained"),
-        kl_coef=3.0,
+        kl_coef=5.0,
         guidance_backbone="separate",  # a fully fine-tuned tiny policy; the guidance gets its own copy
         guidance_interval=10,
         guidance_steps_per_round=16,

@@ -9,6 +9,17 @@ or the frozen base (``"base"``), and ``z`` comes from a guidance model trained, 
 optimizer steps, on policy samples labelled by a :class:`~steer.constraints.Constraint`
 (see :mod:`steer.trainers.schedule`). The KL is summed over positions and divided by the same token
 count as the SFT loss (``num_items_in_batch``), so it is correct under gradient accumulation.
+
+How the pieces share one forward: TRL's fused LM head computes the SFT loss without materialising
+logits; a forward hook on the decoder body keeps its last hidden states, from which the policy logits
+are computed at the supervised positions only (``[N, V]``, with gradient). ``z`` comes from a no-grad
+guidance pass, again projected at those positions only.
+
+Under several processes (DDP): the guidance parameters have ``requires_grad=False`` whenever the policy
+steps (so DDP never sees them); guidance rounds run outside DDP on every rank with rank-specific samples,
+and the guidance gradients are all-reduced (sequential schedule) or the swapped-in guidance weights are
+averaged on the main thread (parallel schedule: the worker never runs collectives). Checkpoints hold one
+``constrained_state_rank{i}.pt`` per rank (each rank's sample buffer).
 """
 
 from __future__ import annotations

@@ -21,10 +21,18 @@ the worker must never touch the model the main thread trains. The copy costs one
 weights (fp32 SmolLM2-135M: ~0.54 GB; a 7B model in bf16: ~14 GB): on GPUs, prefer the sequential
 schedule or give the worker its own device/rank.
 
-CPU threads: ``torch.set_num_threads`` sets the calling thread's OpenMP team size (used by ATen's own
-parallel kernels) *and* MKL's process-wide thread count (used by matmuls). The worker therefore sets its
-share with :func:`set_thread_share`, which also pins MKL's thread-local count, and the main thread does the
-same with the rest of the cores, so the two threads split the cores instead of oversubscribing them.
+Randomness: rounds never touch the process-global RNG (the trainer's thread uses it): sampling draws
+with a per-round ``torch.Generator`` (:func:`sample_with_generator`) and minibatch order comes from the
+same seed, so a round depends only on ``(seed, round, rank)`` and the weights. (The parallel schedule is
+deterministic as long as the guidance model has no dropout; steer's guidance LoRA has none.)
+
+CPU threads: ``torch.set_num_threads`` called in a thread sets that thread's OpenMP team size (the
+other thread's ``torch.get_num_threads()`` is unchanged; a test checks this), but MKL's thread count
+is process-wide. :func:`set_thread_share` therefore also pins MKL's thread-local count, and the two
+threads split the cores (``parallel_worker_threads``, default half) instead of oversubscribing them.
+Oversubscription is costly: on a 2-core machine already busy with other work, a SmolLM2-135M forward
+took 19 s with 2 OpenMP threads and 2.1 s with 1 (spinning OpenMP workers); on shared machines use one
+thread per Python thread (or ``OMP_WAIT_POLICY=PASSIVE``).
 """
 
 from __future__ import annotations
