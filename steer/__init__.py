@@ -1,2 +1,3 @@
 """steer: constrained and persona-steered fine-tuning."""
+
 __version__ = "0.1.0"

@@ -38,3 +38,15 @@ def steer_cache(tmp_path, monkeypatch):
     """An isolated STEER_CACHE for tests that convert models."""
     monkeypatch.setenv("STEER_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (torch and BLAS/OpenMP pools): tiny ops run fastest and steadiest that way."""
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)

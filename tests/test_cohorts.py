@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
-from threadpoolctl import threadpool_limits
 
 from steer.persona.cohorts import CohortResult, elbow, find_cohorts, group_centroids
 from steer.persona.embedder import PersonaEmbedder
@@ -26,14 +25,7 @@ def _root():
 ROOT = _root()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.skipif(ROOT is None, reason="OpinionQA data (../shared/data/opinionqa) not available")

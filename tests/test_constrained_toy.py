@@ -22,12 +22,7 @@ BANNED = ["bad", "rude"]
 PROMPTS = ["The cat", "A dog", "The bird", "It was", "Good and", "The warm", "A calm", "The cold"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _corpus(n: int = 256, seed: int = 0) -> Dataset:

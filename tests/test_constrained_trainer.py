@@ -20,15 +20,7 @@ from steer.trainers.constrained import (
     build_constraint,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared machine) with one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = "the a cat dog bird is was good bad nice rude calm warm cold runs sees likes and but".split()
 

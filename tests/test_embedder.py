@@ -13,15 +13,7 @@ from threadpoolctl import threadpool_limits
 from steer.persona.embedder import PersonaEmbedder, option_accuracy, per_question_mean_rmse
 from steer.persona.simulate import synthetic_responses
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ from steer.trainers.schedule import (
 PROMPTS = ["The cat", "A dog", "The bird is", "Good and", "It was", "The calm"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _labelled() -> LabelledSamples:

@@ -6,8 +6,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
-from threadpoolctl import threadpool_limits
 
 from steer.persona.opinionqa import group_distributions, group_shares, load_responses, load_wave, wave_dirs
 from steer.persona.simulate import simulate_respondents, synthetic_responses
@@ -28,14 +26,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @needs_data
