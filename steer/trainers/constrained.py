@@ -402,7 +402,6 @@ class ConstrainedTrainer(SFTTrainer):
             raise ValueError(
                 f"cannot find the decoder body of {type(inner).__name__} to read its hidden states"
             )
-        self._hook = backbone.register_forward_hook(self._capture_hidden)
 
         trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
         with _isolated_rng(args.seed + 17):
@@ -438,20 +437,18 @@ class ConstrainedTrainer(SFTTrainer):
                     worker_policy, worker_guidance, **{**common, "tokenizer": worker_tokenizer}
                 )
                 names = sorted(trainable)
-                main_named, worker_named = (
-                    dict(policy.named_parameters()),
-                    dict(worker_policy.named_parameters()),
-                )
                 self.schedule = ParallelSchedule(
                     learner,
-                    policy_params=lambda: [main_named[n] for n in names],
-                    worker_policy_params=lambda: [worker_named[n] for n in names],
+                    policy_params=lambda: _params(policy, names),
+                    worker_policy_params=lambda: _params(worker_policy, names),
                     guidance_params=self.guidance.trainable_parameters,
                     synchronised=args.parallel_synchronised,
                     worker_threads=args.parallel_worker_threads,
                     sync_weights=_average_weights if num_processes > 1 else None,
                 )
         self.rounds_started = 0
+        # After the worker copy: a deep copy would otherwise carry this hook (and the trainer) along.
+        self._hook = backbone.register_forward_hook(self._capture_hidden)
 
     # ------------------------------------------------------------------ the loss
     def _capture_hidden(self, module, args, output) -> None:
@@ -640,6 +637,12 @@ def _unpatch_forward(model) -> None:
     """Drop TRL's instance-level fused-head ``forward`` from a deep copy (its closure calls the original)."""
     inner = model.get_base_model() if is_peft_model(model) else model
     inner.__dict__.pop("forward", None)
+
+
+def _params(model, names: list[str]) -> list[torch.Tensor]:
+    """The named parameters of ``model``, looked up afresh (loading a checkpoint may replace tensors)."""
+    named = dict(model.named_parameters())
+    return [named[n] for n in names]
 
 
 def _copy_params(targets, sources) -> None:
