@@ -148,3 +148,16 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in rows:
         print("  ".join(fmt(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def random_text_corpus(n: int, words: int):
+    """A seeded ``Dataset`` of ``n`` texts of ``words`` random common words (column ``text``)."""
+    from datasets import Dataset
+
+    vocab = "the a cat dog bird is was good bad nice rude calm warm cold runs sees likes and but very".split()
+    gen = torch.Generator().manual_seed(0)
+    texts = [
+        " ".join(vocab[i] for i in torch.randint(0, len(vocab), (words,), generator=gen).tolist())
+        for _ in range(n)
+    ]
+    return Dataset.from_dict({"text": texts})

@@ -22,17 +22,16 @@ import time
 import torch
 from datasets import Dataset
 
-from .common import PeakMemory, base_parser, interleaved, median_ratio, print_table, summarize, write_result
-
-
-def _corpus(n: int, words: int) -> Dataset:
-    vocab = "the a cat dog bird is was good bad nice rude calm warm cold runs sees likes and but very".split()
-    gen = torch.Generator().manual_seed(0)
-    texts = [
-        " ".join(vocab[i] for i in torch.randint(0, len(vocab), (words,), generator=gen).tolist())
-        for _ in range(n)
-    ]
-    return Dataset.from_dict({"text": texts})
+from .common import (
+    PeakMemory,
+    base_parser,
+    interleaved,
+    median_ratio,
+    print_table,
+    random_text_corpus,
+    summarize,
+    write_result,
+)
 
 
 def _load(name: str, device: str):
@@ -68,7 +67,7 @@ def _trainers(args):
     lora = LoraConfig(
         r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
     )
-    corpus = _corpus(64, args.length)
+    corpus = random_text_corpus(64, args.length)
     model, tokenizer = _load(args.model, device)
     sft = SFTTrainer(
         model,

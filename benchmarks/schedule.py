@@ -19,19 +19,17 @@ import time
 import torch
 from datasets import Dataset
 
-from .common import base_parser, interleaved, median_ratio, print_table, summarize, write_result
+from .common import (
+    base_parser,
+    interleaved,
+    median_ratio,
+    print_table,
+    random_text_corpus,
+    summarize,
+    write_result,
+)
 
 PROMPTS = ["The cat", "A dog is", "It was", "The bird", "Good and", "The warm", "A calm", "The cold"]
-
-
-def _corpus(n: int, words: int) -> Dataset:
-    vocab = "the a cat dog bird is was good bad nice rude calm warm cold runs sees likes and but very".split()
-    gen = torch.Generator().manual_seed(0)
-    texts = [
-        " ".join(vocab[i] for i in torch.randint(0, len(vocab), (words,), generator=gen).tolist())
-        for _ in range(n)
-    ]
-    return Dataset.from_dict({"text": texts})
 
 
 def _build(args, schedule: str):
@@ -72,7 +70,7 @@ def _build(args, schedule: str):
     return ConstrainedTrainer(
         model,
         config,
-        train_dataset=_corpus(args.rounds * args.interval * args.batch, args.length),
+        train_dataset=random_text_corpus(args.rounds * args.interval * args.batch, args.length),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
         constraint=KeywordConstraint(banned=["bad", "rude"]),
