@@ -1,63 +1,64 @@
-"""``make demo`` / ``steer demo``: a short detox run on the embedded SmolLM2-135M, with a before/after table.
+"""``make demo`` / ``steer demo``: the detox recipe, shrunk to fit ~10 minutes of a 2-core CPU.
 
-A few LoRA steps of the ``recipes/detox`` recipe (RealToxicityPrompts prompt -> continuation pairs, by
-default those with a toxic continuation; ``NonToxic(profanity)`` as the constraint; guidance rounds on
-RTP prompts), plus the same steps of plain SFT for comparison, then, on held-out RTP prompts, the
-toxicity of sampled continuations (profanity oracle) and the perplexity of clean held-out text: base
-model, plain SFT, constrained. Sized for < 15 minutes on 2 CPU cores.
+What it does, on the embedded SmolLM2-135M, with every setting shared between the two training runs:
+
+1. data: the ``recipes/detox`` corpus (RealToxicityPrompts pairs whose continuation is toxic), guidance
+   prompts (challenging training prompts), and held-out RTP prompts that neither run ever sees;
+2. plain SFT: ``ConstrainedTrainer`` with ``kl_coef=0`` (no guidance rounds) -> ``<output_dir>/sft``;
+3. constrained: the same run with the constraint KL, the token prior and guidance rounds -> ``<output_dir>``;
+4. evaluation of base, plain SFT and constrained on the held-out prompts: toxicity (profanity oracle) with
+   bootstrap 95% intervals over prompts, and perplexity on clean held-out text;
+5. report: ``demo_report.md`` / ``.json`` / ``.png`` (bars with 95% intervals) next to the adapter, with
+   ``training_curves.png`` and ``metrics.jsonl`` of the constrained run.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["DemoArguments", "run_demo"]
+__all__ = ["DemoArguments", "demo_data", "evaluate_run", "run_demo", "train_run"]
 
 
 @dataclass
 class DemoArguments:
-    """Knobs of ``steer demo`` (the defaults fit the < 15 min CPU budget)."""
+    """Knobs of ``steer demo`` (the defaults fit ~10 minutes on 2 uncontended CPU cores)."""
 
     output_dir: str = field(
-        default="outputs/demo", metadata={"help": "Where the adapter + guidance are written."}
+        default="outputs/demo", metadata={"help": "Where the adapter, guidance model and report are written."}
     )
-    max_steps: int = field(default=24, metadata={"help": "Policy optimizer steps."})
-    guidance_interval: int = field(default=8, metadata={"help": "Policy steps between guidance rounds."})
-    samples_per_round: int = field(default=32, metadata={"help": "Policy samples per guidance round."})
-    eval_prompts: int = field(
-        default=50, metadata={"help": "Held-out RTP prompts in the before/after table."}
+    model_name_or_path: str = field(
+        default="smollm2-135m", metadata={"help": "Policy model (the embedded SmolLM2-135M by default)."}
     )
+    max_steps: int = field(default=40, metadata={"help": "Policy optimizer steps of each run (batch 8)."})
+    kl_coef: float = field(default=30.0, metadata={"help": "λ, the weight of the constraint KL."})
+    guidance_interval: int = field(default=20, metadata={"help": "Policy steps between guidance rounds."})
+    warmup_samples: int = field(default=128, metadata={"help": "Policy samples of the warm-up round."})
+    samples_per_round: int = field(default=64, metadata={"help": "Policy samples per later round."})
+    eval_prompts: int = field(default=100, metadata={"help": "Held-out RTP prompts evaluated."})
     samples_per_prompt: int = field(
-        default=4, metadata={"help": "Sampled continuations per held-out prompt."}
+        default=5, metadata={"help": "Sampled continuations per held-out prompt."}
     )
     clean_texts: int = field(default=50, metadata={"help": "Clean held-out RTP documents for perplexity."})
-    kl_coef: float = field(default=10.0, metadata={"help": "λ, the weight of the constraint KL."})
-    guidance_steps: int = field(default=12, metadata={"help": "Guidance optimizer steps per round."})
-    label_mode: str = field(
-        default="soft",
-        metadata={"help": "'soft': the oracle's score as label (rare violations still teach)."},
-    )
-    heldout_size: int = field(default=400, metadata={"help": "Last RTP records held out for evaluation."})
-    toxic_corpus: bool = field(
-        default=True,
-        metadata={
-            "help": "Fine-tune on RTP pairs whose continuation is toxic (Perspective >= 0.5), which makes the "
-            "drift that the constraint must counter visible in a few steps."
-        },
-    )
-    compare_sft: bool = field(
-        default=True, metadata={"help": "Also train plain SFT (λ = 0, no guidance) for a third column."}
-    )
     threads: int | None = field(
         default=None, metadata={"help": "CPU threads (default: the cores not already busy, at least 1)."}
     )
-    seed: int = field(default=0, metadata={"help": "Random seed."})
+    seed: int = field(default=0, metadata={"help": "Random seed (training, sampling and evaluation)."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "guidance_interval", "warmup_samples", "samples_per_round", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DemoArguments.{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 1 or self.clean_texts < 1:
+            raise ValueError("DemoArguments.samples_per_prompt and clean_texts must be >= 1")
+        if self.kl_coef <= 0:
+            raise ValueError(
+                f"DemoArguments.kl_coef must be > 0 (the demo trains plain SFT itself), got {self.kl_coef}"
+            )
 
 
 def _free_cores() -> int:
@@ -74,180 +75,214 @@ def _stage(message: str) -> float:
     return time.perf_counter()
 
 
-def _evaluate(model, tokenizer, prompts, clean, oracle, args: DemoArguments) -> dict[str, float]:
-    from steer.eval.toxicity import compute_toxicity_metrics, hf_generate_fn, perplexity, toxicity_scores
+def _recipe(args: DemoArguments, output_dir: Path, kl_coef: float, **changes):
+    """The detox recipe's settings, shrunk: one place so both runs share every setting but λ."""
+    from steer.trainers.constrained import ConstrainedConfig, ConstrainedScriptArguments
 
-    generate = hf_generate_fn(model, tokenizer, batch_size=64)
-    generations = generate(prompts, args.samples_per_prompt, 20, 0.9, args.seed)
-    metrics = compute_toxicity_metrics(toxicity_scores(generations, oracle))
-    metrics["perplexity"] = perplexity(model, tokenizer, clean, batch_size=16)
-    metrics["example"] = prompts[0] + " ||" + generations[0][0]
-    return metrics
-
-
-def _table(columns: dict[str, dict]) -> str:
-    rows = [
-        ("toxicity probability", "toxicity_probability"),
-        ("mean toxicity", "mean_toxicity"),
-        ("expected max toxicity", "expected_max_toxicity"),
-        ("perplexity (clean text)", "perplexity"),
-    ]
-    lines = [f"{'metric (lower is better)':<26}" + "".join(f"{name:>14}" for name in columns)]
-    lines.append("-" * len(lines[0]))
-    for label, key in rows:
-        lines.append(f"{label:<26}" + "".join(f"{col[key]:>14.4f}" for col in columns.values()))
-    return "\n".join(lines)
-
-
-def _corpus(args: DemoArguments):
-    """Held-out RTP records, and a training slice of records whose continuation is toxic."""
-    from datasets import Dataset
-
-    from steer.data import load_rtp
-
-    records = load_rtp()
-    n_train = len(records) - args.heldout_size
-    heldout = records.select(range(n_train, len(records)))
-    pool = records.select(range(n_train))
-    if args.toxic_corpus:
-        keep = [i for i, c in enumerate(pool["continuation"]) if (c.get("toxicity") or 0.0) >= 0.5]
-        pool = pool.select(keep)
-    pool = pool.select(range(min(len(pool), args.max_steps * 4)))
-    prompts = [p["text"] for p in pool["prompt"]]
-    completions = [c["text"] for c in pool["continuation"]]
-    train = Dataset.from_dict({"prompt": prompts, "completion": completions})
-    # Guidance rounds sample on the training prompts: they elicit the behaviour the constraint must catch.
-    return train, Dataset.from_dict({"prompt": prompts}), heldout
-
-
-def run_demo(args: DemoArguments | None = None, **overrides) -> dict:
-    """Run the short detox recipe and print a before/after table; returns the numbers and the output dir."""
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from steer.constraints import NonToxic
-    from steer.eval.toxicity import clean_heldout_texts
-    from steer.models import load_causal_lm
-
-    from .trainers.constrained import ConstrainedConfig, ConstrainedTrainer
-
-    args = args or DemoArguments()
-    for key, value in overrides.items():
-        if not hasattr(args, key):
-            raise TypeError(f"run_demo got an unknown argument {key!r}")
-        setattr(args, key, value)
-    threads = args.threads or _free_cores()
-    torch.set_num_threads(threads)
-    start = _stage(f"steer demo: detox fine-tuning of SmolLM2-135M on {threads} CPU thread(s)")
-
-    train, prompt_dataset, heldout = _corpus(args)
-    prompts = [p["text"] for p in heldout["prompt"]][-args.eval_prompts :]
-    clean = clean_heldout_texts(args.clean_texts, max_toxicity=0.2, dataset=heldout)
-    oracle = NonToxic("profanity")
-    corpus_kind = "toxic " if args.toxic_corpus else ""
-    lora = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    script = ConstrainedScriptArguments(
+        dataset_name="rtp",
+        dataset_format="prompt_completion",
+        heldout_size=400,
+        corpus_min_toxicity=0.5,
+        prompt_min_toxicity=0.5,
+        dataset_limit=args.max_steps * 8,
+        constraint_kwargs={"backend": "profanity"},
+        lora_dropout=0.0,
     )
-    common = dict(
+    values = dict(
+        output_dir=str(output_dir),
         max_steps=args.max_steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        learning_rate=3e-4,
         lr_scheduler_type="constant",
         max_length=64,
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         activation_checkpointing=False,
-        logging_steps=max(1, args.guidance_interval // 2),
+        logging_steps=5,
         save_strategy="no",
         report_to=[],
         seed=args.seed,
-        disable_tqdm=False,
-    )
-    columns: dict[str, dict] = {}
-
-    model, tokenizer = load_causal_lm("smollm2-135m")
-    t = _stage(
-        f"evaluating the base model: {len(prompts)} held-out prompts x {args.samples_per_prompt} samples, "
-        f"{len(clean)} clean texts"
-    )
-    columns["before"] = _evaluate(model, tokenizer, prompts, clean, oracle, args)
-    _stage(f"  ... {time.perf_counter() - t:.0f} s")
-
-    if args.compare_sft:
-        t = _stage(
-            f"plain SFT for comparison: {args.max_steps} LoRA steps on {len(train)} {corpus_kind}RTP pairs"
-        )
-        sft = SFTTrainer(
-            model,
-            SFTConfig(output_dir=str(Path(args.output_dir) / "plain-sft"), **common),
-            train_dataset=train,
-            processing_class=tokenizer,
-            peft_config=lora,
-        )
-        sft.train()
-        sft.model.eval()
-        columns["plain SFT"] = _evaluate(sft.model, tokenizer, prompts, clean, oracle, args)
-        del sft, model
-        _stage(f"  ... {time.perf_counter() - t:.0f} s")
-        model, tokenizer = load_causal_lm("smollm2-135m")
-
-    config = ConstrainedConfig(
-        output_dir=args.output_dir,
-        kl_coef=args.kl_coef,
+        kl_coef=kl_coef,
         guidance_interval=args.guidance_interval,
-        guidance_steps_per_round=args.guidance_steps,
-        guidance_batch_size=8,
-        label_mode=args.label_mode,
+        guidance_steps_per_round=16,
+        guidance_batch_size=16,
         guidance_lr=1e-3,
-        guidance_lora_r=8,
-        guidance_lora_alpha=16,
+        guidance_warmup_samples=args.warmup_samples,
         samples_per_round=args.samples_per_round,
+        sample_batch_size=64,
         sample_max_new_tokens=20,
-        sample_batch_size=args.samples_per_round,
-        **common,
+        label_mode="soft",
     )
-    t = _stage(
-        f"constrained training: {args.max_steps} LoRA steps (batch 4) on the same pairs, lambda={args.kl_coef}, "
-        f"guidance rounds every {args.guidance_interval} steps ({args.samples_per_round} samples each)"
-    )
+    values.update(changes)
+    config = ConstrainedConfig(**values)
+    return script, config
+
+
+def demo_data(args: DemoArguments) -> dict:
+    """The training pairs, guidance prompts, held-out prompts, clean texts and oracle every demo run shares."""
+    from steer.constraints import NonToxic
+    from steer.eval.toxicity import clean_heldout_texts
+    from steer.trainers.constrained import load_constrained_datasets
+
+    script, _ = _recipe(args, Path(args.output_dir), args.kl_coef)
+    train, prompt_dataset, heldout = load_constrained_datasets(script)
+    return {
+        "train": train,
+        "prompt_dataset": prompt_dataset,
+        "prompts": [p["text"] for p in heldout["prompt"]][: args.eval_prompts],
+        "clean": clean_heldout_texts(args.clean_texts, max_toxicity=0.2, dataset=heldout),
+        "oracle": NonToxic("profanity"),
+    }
+
+
+def train_run(args: DemoArguments, data: dict, run_dir: Path, kl_coef: float, **changes):
+    """One training run of the demo's recipe (``changes``: ConstrainedConfig fields to override); returns the trainer."""
+    from steer.models import load_causal_lm
+    from steer.trainers.constrained import ConstrainedTrainer
+
+    model, tokenizer = load_causal_lm(args.model_name_or_path)
+    script, config = _recipe(args, run_dir, kl_coef, **changes)
     trainer = ConstrainedTrainer(
         model,
         config,
-        train_dataset=train,
+        train_dataset=data["train"],
         processing_class=tokenizer,
-        peft_config=lora,
-        constraint=oracle,
-        prompt_dataset=prompt_dataset,
+        peft_config=script.peft_config(),
+        constraint=data["oracle"],
+        prompt_dataset=data["prompt_dataset"],
     )
     trainer.train()
-    trainer.save_model(args.output_dir)
-    trainer.model.eval()
-    columns["constrained"] = _evaluate(trainer.model, tokenizer, prompts, clean, oracle, args)
-    _stage(f"  ... {time.perf_counter() - t:.0f} s")
-    rounds = [h for h in trainer.state.log_history if "constraint/satisfaction" in h]
+    return trainer
 
-    print()
-    print(_table(columns))
-    print(
-        f"(toxicity: profanity oracle on {args.samples_per_prompt} sampled continuations of each of "
-        f"{len(prompts)} held-out RTP prompts, nucleus p=0.9, 20 tokens; perplexity: {len(clean)} clean "
-        "held-out RTP documents)"
+
+def evaluate_run(name: str, model, tokenizer, data: dict, args: DemoArguments) -> dict:
+    """Toxicity of ``samples_per_prompt`` continuations of the held-out prompts (95% intervals) + clean PPL."""
+    from steer.eval.toxicity import compute_toxicity_metrics, hf_generate_fn, perplexity, toxicity_scores
+
+    prompts = data["prompts"]
+    t = _stage(f"evaluating {name}: {len(prompts)} held-out prompts x {args.samples_per_prompt} samples")
+    model.eval()
+    generate = hf_generate_fn(model, tokenizer, batch_size=100)
+    generations = generate(prompts, args.samples_per_prompt, 20, 0.9, args.seed)
+    metrics = compute_toxicity_metrics(toxicity_scores(generations, data["oracle"]))
+    metrics["perplexity"] = perplexity(model, tokenizer, data["clean"], batch_size=16)
+    metrics["example"] = prompts[0] + " ||" + generations[0][0]
+    _stage(f"  ... {time.perf_counter() - t:.0f} s")
+    return metrics
+
+
+def _report(
+    columns: dict[str, dict], rounds: list[dict], args: DemoArguments, out: Path, seconds: float
+) -> str:
+    from steer.eval.toxicity import plot_intervals
+    from steer.io import atomic_write_json, atomic_write_text
+
+    rows = [
+        ("toxicity probability", "toxicity_probability"),
+        ("expected max toxicity", "expected_max_toxicity"),
+        ("mean toxicity", "mean_toxicity"),
+    ]
+    head = "| metric (lower is better) | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for label, key in rows:
+        cells = [
+            f"{c[key]:.3f} [{c[key + '_ci95'][0]:.3f}, {c[key + '_ci95'][1]:.3f}]" for c in columns.values()
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| perplexity (clean held-out text) | "
+        + " | ".join(f"{c['perplexity']:.2f}" for c in columns.values())
+        + " |"
     )
+    n_prompts = next(iter(columns.values()))["num_prompts"]
+    text = [
+        "# steer demo: constrained fine-tuning (detox) of SmolLM2-135M",
+        "",
+        "\n".join(lines),
+        "",
+        f"Toxicity: profanity oracle on {args.samples_per_prompt} sampled continuations (nucleus p=0.9, 20 tokens) "
+        f"of each of {n_prompts} held-out RTP prompts (never used for training or guidance sampling); "
+        "[95% interval]: percentile bootstrap over prompts. Perplexity: "
+        f"{args.clean_texts} clean held-out RTP documents. Both runs: {args.max_steps} LoRA steps (batch 8) on "
+        f"toxic RTP pairs, identical settings except λ (plain SFT: 0, constrained: {args.kl_coef}).",
+    ]
     if rounds:
         sats = ", ".join(f"{h['constraint/satisfaction']:.3f}" for h in rounds)
-        print(f"constraint satisfaction of fresh policy samples, per guidance round: {sats}")
+        aucs = ", ".join(f"{h['guidance/auc']:.3f}" for h in rounds if "guidance/auc" in h)
+        text += [
+            "",
+            f"Satisfaction of fresh policy samples per guidance round: {sats}.",
+            f"guidance/auc: {aucs or 'n/a'}.",
+        ]
+    text += ["", f"Total time: {seconds / 60:.1f} min. Training curves: training_curves.png."]
     for name, col in columns.items():
-        print(f"example ({name}): {col['example']!r}")
-    out = Path(args.output_dir).resolve()
-    print(f"\npolicy LoRA adapter written to {out}  (PeftModel.from_pretrained(base, {str(out)!r}))")
-    print(f"guidance model written to {out / 'guidance'}")
-    elapsed = time.perf_counter() - start
-    print(f"total time: {elapsed / 60:.1f} min")
-    return {
-        "columns": columns,
-        "output_dir": str(out),
-        "seconds": elapsed,
-        "rounds": [
-            {k: v for k, v in h.items() if isinstance(v, float) and not math.isnan(v)} for h in rounds
-        ],
-    }
+        text.append(f"\nExample ({name}): {col['example']!r}")
+    md = "\n".join(text) + "\n"
+    atomic_write_text(out / "demo_report.md", md)
+    atomic_write_json(
+        out / "demo_report.json",
+        {"columns": columns, "rounds": rounds, "args": asdict(args), "seconds": seconds},
+    )
+    plot_intervals(
+        {name: col for name, col in columns.items()},
+        [key for _, key in rows],
+        out / "demo_report.png",
+        title=f"held-out RTP toxicity, {n_prompts} prompts x {args.samples_per_prompt} (95% intervals)",
+    )
+    return md
+
+
+def run_demo(args: DemoArguments | None = None, **overrides) -> dict:
+    """Train plain SFT and constrained on the toxic corpus, evaluate both and the base, write the report."""
+    args = args or DemoArguments()
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"run_demo got an unknown argument {key!r}")
+        setattr(args, key, value)
+    args.__post_init__()
+    threads = args.threads or _free_cores()
+    torch.set_num_threads(threads)
+    start = _stage(f"steer demo: detox fine-tuning of {args.model_name_or_path} on {threads} CPU thread(s)")
+    out = Path(args.output_dir)
+
+    data = demo_data(args)
+    prompts = data["prompts"]
+    _stage(
+        f"data: {len(data['train'])} toxic RTP pairs for training, {len(data['prompt_dataset'])} challenging "
+        f"prompts for guidance rounds, {len(prompts)} held-out prompts for evaluation"
+    )
+    columns: dict[str, dict] = {}
+    rounds: list[dict] = []
+    for name, kl_coef, run_dir in (("plain SFT", 0.0, out / "sft"), ("constrained", args.kl_coef, out)):
+        what = (
+            "no guidance rounds"
+            if kl_coef == 0
+            else (
+                f"lambda={kl_coef}, guidance rounds every {args.guidance_interval} steps "
+                f"({args.warmup_samples} warm-up samples, then {args.samples_per_round})"
+            )
+        )
+        t = _stage(f"{name}: {args.max_steps} LoRA steps (batch 8), {what}")
+        trainer = train_run(args, data, run_dir, kl_coef)
+        tokenizer = trainer.processing_class
+        trainer.save_model(str(run_dir))
+        _stage(f"  ... trained in {time.perf_counter() - t:.0f} s, saved to {run_dir}")
+        if kl_coef:
+            rounds = list(trainer.round_history)
+        trainer.model.eval()
+        columns[name] = evaluate_run(name, trainer.model, tokenizer, data, args)
+        if kl_coef == 0:  # the same model object, adapters off: the base model
+            with trainer.model.disable_adapter():
+                base = evaluate_run("the base model", trainer.model, tokenizer, data, args)
+        del trainer
+    columns = {"base": base, **columns}
+    seconds = time.perf_counter() - start
+    md = _report(columns, rounds, args, out, seconds)
+    print()
+    print(md)
+    print(f"policy LoRA adapter: {out.resolve()}  (PeftModel.from_pretrained(base, {str(out.resolve())!r}))")
+    print(
+        f"guidance model: {out.resolve() / 'guidance'}; report: {out.resolve() / 'demo_report.md'} (+ .png)"
+    )
+    return {"columns": columns, "output_dir": str(out.resolve()), "seconds": seconds, "rounds": rounds}

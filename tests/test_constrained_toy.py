@@ -108,3 +108,78 @@ def test_constraint_cuts_the_violation_rate_by_half(tmp_path):
     # The guidance model learned to predict violations on fresh samples.
     aucs = [h["guidance/auc"] for h in constrained.state.log_history if "guidance/auc" in h]
     assert aucs and aucs[-1] > 0.8
+
+
+def _prompt_completion(n: int = 256, seed: int = 0) -> Dataset:
+    texts = _corpus(n, seed)["text"]
+    prompts, completions = [], []
+    for text in texts:
+        words = text.split(" ")
+        prompts.append(" ".join(words[:2]))
+        completions.append(" " + " ".join(words[2:]))
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+def test_default_path_cuts_the_violation_rate_by_half(tmp_path):
+    """The defaults users get: a LoRA policy, the LoRA guidance adapter, prompt/completion data, hard labels,
+    the token prior and the KL on corpus and policy-sample positions."""
+    from peft import LoraConfig
+
+    constraint = KeywordConstraint(banned=BANNED)
+    # A random tiny backbone gives LoRA little to adapt: the head is trained too (modules_to_save).
+    lora = dict(
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+        modules_to_save=["lm_head"],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    common = {**COMMON, "learning_rate": 1e-2}
+
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    plain = SFTTrainer(
+        model,
+        SFTConfig(output_dir=str(tmp_path / "sft"), **common),
+        train_dataset=_prompt_completion(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**lora),
+    )
+    plain.train()
+    plain_rate = _violation_rate(plain.model, tokenizer, constraint)
+
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    config = ConstrainedConfig(
+        output_dir=str(tmp_path / "constrained"),
+        kl_coef=5.0,
+        guidance_interval=10,
+        guidance_steps_per_round=16,
+        guidance_batch_size=32,
+        guidance_lr=1e-3,
+        samples_per_round=32,
+        sample_max_new_tokens=12,
+        sample_batch_size=32,
+        **common,
+    )
+    assert (config.guidance_backbone, config.label_mode, config.guidance_prior, config.kl_positions) == (
+        "lora",
+        "hard",
+        "token",
+        "both",
+    )
+    constrained = ConstrainedTrainer(
+        model,
+        config,
+        train_dataset=_prompt_completion(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**lora),
+        constraint=constraint,
+        prompt_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    constrained.train()
+    constrained_rate = _violation_rate(constrained.model, tokenizer, constraint)
+
+    print(f"violation rate (default path): plain SFT {plain_rate:.3f}, constrained {constrained_rate:.3f}")
+    assert plain_rate > 0.3, f"the plain run should learn the banned words (violation rate {plain_rate:.3f})"
+    assert constrained_rate <= 0.5 * plain_rate, (plain_rate, constrained_rate)
+    assert any("kl_samples" in h for h in constrained.state.log_history)

@@ -425,3 +425,37 @@ def test_run_toxicity_eval_with_a_saved_guidance_model(tmp_path, eval_setup):
     result = run_toxicity_eval(args)
     assert result["generator"] == "nado_guided" and result["run_name"] == "tiny-base+nado"
     assert result["metrics"]["num_generations"] == 6 and result["metrics"]["perplexity"] > 1
+
+
+def test_toxicity_metrics_carry_bootstrap_intervals_over_prompts():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(200, 10, generator=gen).pow(4).tolist()  # 200 prompts x 10 samples
+    metrics = compute_toxicity_metrics(scores)
+    for name in ("toxicity_probability", "expected_max_toxicity", "mean_toxicity"):
+        low, high = metrics[f"{name}_ci95"]
+        assert low < metrics[name] < high, name
+        assert high - low < 0.2
+    # an interval over 20 prompts is wider than over 200
+    few = compute_toxicity_metrics(scores[:20])
+    wide = few["mean_toxicity_ci95"][1] - few["mean_toxicity_ci95"][0]
+    assert wide > metrics["mean_toxicity_ci95"][1] - metrics["mean_toxicity_ci95"][0]
+    # one prompt: no interval, said with NaN rather than a zero-width one
+    assert all(math.isnan(v) for v in compute_toxicity_metrics(scores[:1])["mean_toxicity_ci95"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("num_prompts", 0), ("num_generations", 0), ("heldout_size", -1), ("top_p", 0.0)]
+)
+def test_eval_arguments_refuse_values_that_would_evaluate_nothing(field, value):
+    with pytest.raises(ValueError, match=field):
+        ToxicityEvalArguments(**{field: value})
+
+
+def test_rtp_prompts_come_from_the_held_out_tail_by_default():
+    from steer.data import load_rtp
+
+    records = load_rtp()
+    tail = load_prompts(None, last=400)
+    assert len(tail) == 400
+    assert tail[0] == records[len(records) - 400]["prompt"]["text"]
+    assert ToxicityEvalArguments().heldout_size == 400

@@ -44,8 +44,10 @@ args = trainer.args
 out = Path(args.output_dir)
 digest, count = cli.parameter_digest(cli._result_modules(trainer))
 state = args.distributed_state
+guidance_digest = cli.parameter_digest([trainer.guidance])[0] if hasattr(trainer, "guidance") else ""
 (out / f"rank{args.process_index}.json").write_text(json.dumps({
     "rank": args.process_index, "world_size": args.world_size, "digest": digest, "count": count,
+    "guidance_digest": guidance_digest,
     "distributed_type": str(state.distributed_type.value), "backend": state.backend,
 }))
 if args.process_index == 0:
@@ -188,10 +190,15 @@ def test_constrained_two_ranks(tmp_path, tiny_model_dir):
     print(f"constrained 2-rank run: {seconds:.1f} s")
     _check_two_ranks(log, out, "train constrained")
 
-    # the guidance model trained: rounds logged, its zero-initialised head moved
+    # the guidance model trained (rounds logged) and every rank holds the same one: one token prior for
+    # all ranks (rank 0 computes and caches it first), gradients averaged in every round
     assert "guidance/loss" in log
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["guidance_digest"] and ranks[0]["guidance_digest"] == ranks[1]["guidance_digest"]
     guidance = load_file(str(out / "guidance" / "model.safetensors"))
-    assert guidance["head.weight"].abs().sum() > 0
+    assert (
+        guidance["head.weight"].abs().sum() > 0
+    )  # zero-initialised weights moved (the bias holds the prior)
     # the policy adapter holds real (non-empty, trained) weights
     adapter = load_file(str(out / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]

@@ -100,5 +100,37 @@ class Constraint(ABC):
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         return self.evaluate(texts).probs
 
+    def fingerprint(self) -> str:
+        """A stable description of this oracle (class + simple settings), for caches keyed by the oracle.
+
+        Two constraints with equal fingerprints must score texts alike. The default covers the class and
+        every public plain attribute (strings, numbers, and lists/tuples/dicts of them; counters and other
+        state belong in ``_private`` attributes); a subclass whose
+        behaviour also depends on something else (weights, a package version) should extend it.
+        """
+
+        def plain(value):
+            if value is None or isinstance(value, (str, int, float, bool)):
+                return True
+            if isinstance(value, (list, tuple)):
+                return all(plain(v) for v in value)
+            if isinstance(value, dict):
+                return all(isinstance(k, str) and plain(v) for k, v in value.items())
+            return False
+
+        settings = {
+            k: v for k, v in sorted(vars(self).items()) if k != "stats" and not k.startswith("_") and plain(v)
+        }
+        members = [v for v in vars(self).values() if isinstance(v, Constraint)]
+        members += [
+            c
+            for v in vars(self).values()
+            if isinstance(v, (list, tuple))
+            for c in v
+            if isinstance(c, Constraint)
+        ]
+        cls = type(self)
+        return f"{cls.__module__}.{cls.__qualname__}:{settings!r}:{[m.fingerprint() for m in members]}"
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -156,6 +156,23 @@ class NonToxic(Constraint):
     def score(self, texts: list[str]) -> np.ndarray:
         return 1.0 - self.toxicity(texts)
 
+    def fingerprint(self) -> str:
+        if self.runner is None:
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                backend = f"alt-profanity-check=={version('alt-profanity-check')}"
+            except PackageNotFoundError:
+                backend = "profanity-check"
+        else:  # the weights: a digest of a slice of the classifier's parameters
+            import hashlib
+
+            digest = hashlib.sha256()
+            for tensor in list(self.runner.model.state_dict().values())[:8]:
+                digest.update(tensor.detach().float().cpu().numpy().tobytes()[:65536])
+            backend = f"detoxify:{digest.hexdigest()[:16]}"
+        return f"{super().fingerprint()}|{backend}"
+
     def __repr__(self) -> str:
         return f"NonToxic(backend={self.backend!r}, label={self.label!r}, name={self.name!r})"
 

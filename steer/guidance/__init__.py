@@ -3,7 +3,8 @@
 from .decoding import NADOLogitsProcessor, guided_generate, guided_sample
 from .kl import constraint_kl, constraint_kl_naive, guided_log_probs
 from .model import GuidanceConfig, GuidanceModel
-from .objective import guidance_loss, importance_weights
+from .objective import guidance_loss, guidance_loss_from_hidden, importance_weights
+from .prior import prior_logits, token_prior
 from .sampling import LabelledSamples, SampleBatch, label_samples, sample_continuations
 
 __all__ = [
@@ -15,10 +16,13 @@ __all__ = [
     "constraint_kl",
     "constraint_kl_naive",
     "guidance_loss",
+    "guidance_loss_from_hidden",
     "guided_generate",
     "guided_log_probs",
     "guided_sample",
     "importance_weights",
     "label_samples",
+    "prior_logits",
     "sample_continuations",
+    "token_prior",
 ]

@@ -12,15 +12,16 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from ..io import atomic_save_file, atomic_write_text
 
 __all__ = ["GuidanceConfig", "GuidanceModel"]
 
@@ -100,17 +101,6 @@ def _hidden_size(config) -> int:
         if getattr(config, name, None):
             return int(getattr(config, name))
     raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _position_ids(attention_mask: Tensor, new_tokens: int) -> Tensor:
@@ -270,6 +260,18 @@ class GuidanceModel(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
+    def init_head(self, bias: Tensor) -> None:
+        """Start the head from a per-token prior: ``z = bias`` for every context (weights zeroed).
+
+        ``bias`` is ``[V]`` (e.g. :func:`steer.guidance.prior.prior_logits` of the oracle's token prior), so
+        R starts at the oracle's judgement of each token, also for tokens the policy never samples.
+        """
+        if bias.shape != (self.vocab_size,):
+            raise ValueError(f"head bias must be [{self.vocab_size}], got {tuple(bias.shape)}")
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(bias.to(device=self.device, dtype=self.head.bias.dtype))
+
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
     def _guidance_adapter(self):
@@ -335,9 +337,10 @@ class GuidanceModel(nn.Module):
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
-            "past_key_values": past_key_values,
             "use_cache": past_key_values is not None,
         }
+        if past_key_values is not None:  # (passing None would trip transformers' deprecation of the name)
+            kwargs["past_key_values"] = past_key_values
         if self.backbone is not None:
             return self.backbone(**kwargs).last_hidden_state
         decoder = _decoder_of(self.peft_model.get_base_model())
@@ -382,12 +385,8 @@ class GuidanceModel(nn.Module):
             "hidden_size": self.hidden_size,
         }
         weights = self._weights()
-        _atomic_write(
-            directory / WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"})
-        )
-        _atomic_write(
-            directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
-        )
+        atomic_save_file(weights, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
         return directory
 
     @classmethod

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["guidance_loss", "importance_weights"]
+__all__ = ["guidance_loss", "guidance_loss_from_hidden", "importance_weights"]
 
 
 def importance_weights(
@@ -19,15 +19,37 @@ def importance_weights(
 ) -> Tensor:
     """Self-normalised importance weights ``w_i ∝ p_target(x_i) / p_sampling(x_i)``, mean 1.
 
-    Use them when samples came from a tempered/truncated distribution but the guidance model should
-    estimate R under the untempered one. ``max_weight`` clips the normalised weights (then renormalises).
+    Use them when samples came from one distribution (the policy, a tempered or truncated sampler) but the
+    guidance model should estimate R under another (the base model, the untempered distribution).
+
+    ``max_weight`` caps every weight: the mass above the cap is handed to the uncapped weights in
+    proportion to their size (water-filling), so the result never exceeds ``max_weight`` and keeps mean 1
+    whenever that is possible. When it is not (fewer than ``n / max_weight`` samples carry any weight), the
+    capped weights are returned as they are, with a mean below 1; losses that self-normalise over the
+    weights (as :func:`guidance_loss` does) are unaffected by that.
     """
     log_w = target_log_probs.float() - sampling_log_probs.float()
-    weights = torch.softmax(log_w, dim=0) * log_w.numel()
-    if max_weight is not None:
-        weights = weights.clamp(max=max_weight)
-        weights = weights * (weights.numel() / weights.sum())
-    return weights
+    n = log_w.numel()
+    weights = torch.softmax(log_w, dim=0) * n
+    if max_weight is None:
+        return weights
+    if not max_weight > 0:
+        raise ValueError(f"max_weight must be > 0, got {max_weight}")
+    capped = torch.zeros_like(weights, dtype=torch.bool)
+    for _ in range(n):
+        weights = torch.where(capped, torch.full_like(weights, max_weight), weights)
+        over = (weights > max_weight) & ~capped
+        if not over.any():
+            break
+        capped |= over
+        free = ~capped
+        budget = n - max_weight * capped.sum()
+        mass = weights[free].sum()
+        if budget <= 0 or mass <= 0:
+            weights = torch.where(capped, torch.full_like(weights, max_weight), weights)
+            break
+        weights = torch.where(free, weights * (budget / mass), weights)
+    return weights.clamp(max=max_weight)
 
 
 def _bernoulli_kl(log_a: Tensor, log_1ma: Tensor, log_b: Tensor, log_1mb: Tensor) -> Tensor:
@@ -81,33 +103,18 @@ def guidance_loss(
         raise ValueError(f"consistency_coef must be >= 0, got {consistency_coef}")
     if consistency_coef > 0 and ref_logits is None:
         raise ValueError("consistency_coef > 0 needs ref_logits (the sampling distribution's logits)")
-    labels = labels.to(device=z.device, dtype=torch.float32)
-    if torch.isnan(labels).any() or (labels < 0).any() or (labels > 1).any():
-        raise ValueError("labels must lie in [0, 1] (drop samples whose oracle score failed before training)")
-
     # Token t is scored by the distribution at position t-1.
-    mask = continuation_mask[:, 1:].to(device=z.device, dtype=torch.bool)
     token_logits = z[:, :-1].gather(-1, input_ids[:, 1:].to(z.device).unsqueeze(-1)).squeeze(-1).float()
-    targets = labels[:, None].expand_as(token_logits)
-    bce = F.binary_cross_entropy_with_logits(token_logits, targets, reduction="none")
+    loss, metrics = _bce_terms(token_logits, continuation_mask.to(z.device), labels, weights)
+    token_weights = metrics.pop("_token_weights")
 
-    token_weights = mask.float()
-    if weights is not None:
-        sample_weights = weights.to(device=z.device, dtype=torch.float32)
-        if (sample_weights < 0).any() or not torch.isfinite(sample_weights).all():
-            raise ValueError("weights must be finite and non-negative")
-        token_weights = token_weights * sample_weights[:, None]
-    denom = token_weights.sum()
-    safe_denom = denom.clamp(min=torch.finfo(torch.float32).tiny)
-    bce_loss = (bce * token_weights).sum() / safe_denom
-    loss = bce_loss
-
-    consistency = torch.zeros((), device=z.device)
     if consistency_coef > 0:
         if ref_logits.shape != z.shape:
             raise ValueError(
                 f"ref_logits must have the shape of z {tuple(z.shape)}, got {tuple(ref_logits.shape)}"
             )
+        mask = continuation_mask[:, 1:].to(device=z.device, dtype=torch.bool)
+        consistency = torch.zeros((), device=z.device)
         # R(x<=t) = sigmoid(z[t-1, x_t]) should equal E_{v ~ p(.|x<=t)} R(x<=t, v) computed from z[t].
         pair = mask[:, :-1] & mask[:, 1:]  # token t and token t+1 are both continuation tokens
         rows_b, rows_t = pair.nonzero(as_tuple=True)
@@ -121,17 +128,103 @@ def guidance_loss(
             w = token_weights[rows_b, rows_t]
             consistency = (kl * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
             loss = loss + consistency_coef * consistency
+        metrics["consistency"] = float(consistency.detach())
+    return loss, metrics
 
+
+def _bce_terms(
+    token_logits: Tensor, continuation_mask: Tensor, labels: Tensor, weights: Tensor | None
+) -> tuple[Tensor, dict]:
+    """Weighted BCE of ``token_logits`` [B, T-1] (token t+1's logit) against the sequence labels.
+
+    Returns the loss and the metrics, plus ``_token_weights`` [B, T-1] for the consistency term.
+    """
+    batch = token_logits.shape[0]
+    device = token_logits.device
+    labels = labels.to(device=device, dtype=torch.float32)
+    if torch.isnan(labels).any() or (labels < 0).any() or (labels > 1).any():
+        raise ValueError("labels must lie in [0, 1] (drop samples whose oracle score failed before training)")
+    mask = continuation_mask[:, 1:].to(device=device, dtype=torch.bool)
+    targets = labels[:, None].expand_as(token_logits)
+    bce = F.binary_cross_entropy_with_logits(token_logits, targets, reduction="none")
+    token_weights = mask.float()
+    if weights is not None:
+        if weights.shape != (batch,):
+            raise ValueError(f"weights must be [B] = ({batch},), got {tuple(weights.shape)}")
+        sample_weights = weights.to(device=device, dtype=torch.float32)
+        if (sample_weights < 0).any() or not torch.isfinite(sample_weights).all():
+            raise ValueError("weights must be finite and non-negative")
+        token_weights = token_weights * sample_weights[:, None]
+    denom = token_weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
+    loss = (bce * token_weights).sum() / denom
     with torch.no_grad():
         count = mask.sum()
         n = count.clamp(min=1).float()
         probs = torch.sigmoid(token_logits)
         metrics = {
-            "bce": float(bce_loss),
-            "consistency": float(consistency),
+            "bce": float(loss),
+            "consistency": 0.0,
             "r_mean": float((probs * mask).sum() / n),
             "accuracy": float((((probs > 0.5) == (targets >= 0.5)) & mask).sum() / n),
             "label_mean": float(labels.mean()) if batch else 0.0,
             "tokens": float(count),
+            "_token_weights": token_weights,
         }
+    return loss, metrics
+
+
+def guidance_loss_from_hidden(
+    hidden: Tensor,
+    head: torch.nn.Linear,
+    input_ids: Tensor,
+    continuation_mask: Tensor,
+    labels: Tensor,
+    *,
+    weights: Tensor | None = None,
+    consistency_coef: float = 0.0,
+    ref_logits_fn=None,
+) -> tuple[Tensor, dict[str, float]]:
+    """:func:`guidance_loss` from the backbone's hidden states, computing only what the loss needs.
+
+    The BCE needs ``z`` at the sampled tokens only: their head rows are gathered (``[B, T, H]`` work, never
+    ``[B, T, V]``). The full vocabulary row is computed only where the consistency term needs it (consecutive
+    continuation tokens), and ``ref_logits_fn(rows_b, rows_t)`` supplies the sampling distribution's logits
+    ``[n, V]`` at those positions. Equal to :func:`guidance_loss` on ``z = head(hidden)`` (a test checks it).
+    """
+    batch, length, _ = hidden.shape
+    if input_ids.shape != (batch, length) or continuation_mask.shape != (batch, length):
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and continuation_mask {tuple(continuation_mask.shape)} must be "
+            f"[B, T] = {(batch, length)}"
+        )
+    if consistency_coef > 0 and ref_logits_fn is None:
+        raise ValueError("consistency_coef > 0 needs ref_logits_fn (the sampling distribution's logits)")
+    hidden = hidden.float()
+    targets_ids = input_ids[:, 1:].to(hidden.device)
+    rows_w = head.weight[targets_ids]  # [B, T-1, H]
+    token_logits = (hidden[:, :-1] * rows_w.float()).sum(-1)
+    if head.bias is not None:
+        token_logits = token_logits + head.bias[targets_ids].float()
+    loss, metrics = _bce_terms(token_logits, continuation_mask.to(hidden.device), labels, weights)
+    if consistency_coef > 0:
+        mask = continuation_mask[:, 1:].to(device=hidden.device, dtype=torch.bool)
+        pair = mask[:, :-1] & mask[:, 1:]
+        rows_b, rows_t = pair.nonzero(as_tuple=True)
+        consistency = torch.zeros((), device=hidden.device)
+        if rows_b.numel():
+            r_logit = token_logits[rows_b, rows_t]
+            next_z = F.linear(
+                hidden[rows_b, rows_t + 1],
+                head.weight.float(),
+                None if head.bias is None else head.bias.float(),
+            )
+            log_p = torch.log_softmax(ref_logits_fn(rows_b, rows_t + 1).detach().float(), dim=-1)
+            log_e = torch.logsumexp(log_p + F.logsigmoid(next_z), dim=-1)
+            log_1me = torch.logsumexp(log_p + F.logsigmoid(-next_z), dim=-1)
+            kl = _bernoulli_kl(F.logsigmoid(r_logit), F.logsigmoid(-r_logit), log_e, log_1me)
+            w = metrics.pop("_token_weights")[rows_b, rows_t]
+            consistency = (kl * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+            loss = loss + consistency_coef * consistency
+        metrics["consistency"] = float(consistency.detach())
+    metrics.pop("_token_weights", None)
     return loss, metrics

@@ -88,21 +88,39 @@ class SampleBuffer:
             "labels": labels,
         }
 
-    def state_dict(self) -> dict:
-        """Tensors and numbers only, so it loads with ``torch.load(weights_only=True)``."""
+    def items(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """A snapshot (list copy) of the stored items, oldest first."""
+        return list(self._items)
+
+    @staticmethod
+    def items_state(items) -> dict:
+        """Items as tensors and numbers only, so they load with ``torch.load(weights_only=True)``."""
+        items = list(items)
         return {
-            "capacity": self.capacity,
-            "total_added": self.total_added,
-            "input_ids": [ids for ids, _, _ in self._items],
-            "continuation_mask": [cont for _, cont, _ in self._items],
-            "labels": torch.tensor([label for _, _, label in self._items], dtype=torch.float32),
+            "input_ids": [ids for ids, _, _ in items],
+            "continuation_mask": [cont for _, cont, _ in items],
+            "labels": torch.tensor([label for _, _, label in items], dtype=torch.float32),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    @staticmethod
+    def items_from_state(state: dict | None) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        if state is None:
+            return []
         for key in ("input_ids", "continuation_mask", "labels"):
             if key not in state:
                 raise KeyError(f"sample buffer state is missing {key!r}")
+        return [
+            (ids.long(), cont.bool(), float(label))
+            for ids, cont, label in zip(
+                state["input_ids"], state["continuation_mask"], state["labels"].tolist()
+            )
+        ]
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "total_added": self.total_added, **self.items_state(self._items)}
+
+    def load_state_dict(self, state: dict) -> None:
+        items = self.items_from_state(state)
         self._items.clear()
-        for ids, cont, label in zip(state["input_ids"], state["continuation_mask"], state["labels"].tolist()):
-            self._items.append((ids.long(), cont.bool(), float(label)))
+        self._items.extend(items)
         self.total_added = int(state.get("total_added", len(self._items)))

@@ -30,8 +30,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,11 @@ from trl import SFTConfig, SFTTrainer
 
 from steer.constraints import Constraint
 from steer.guidance import GuidanceConfig, GuidanceModel, constraint_kl
+from steer.guidance.prior import prior_logits, token_prior
+from steer.io import atomic_dir, atomic_torch_save
 
+from .buffer import SampleBuffer
+from .curves import CurvesCallback
 from .schedule import GuidanceLearner, ParallelSchedule, RoundSettings, SequentialSchedule, round_seed
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,10 @@ GUIDANCE_DIR = "guidance"
 ROUND_METRICS = (
     "guidance/loss",
     "guidance/auc",
+    "guidance/auc_samples",
+    "guidance/r_separation",
     "constraint/satisfaction",
+    "constraint/violations",
     "samples_per_second",
     "guidance/samples_dropped",
     "guidance/buffer_size",
@@ -91,7 +96,10 @@ class ConstrainedConfig(SFTConfig):
 
     kl_coef: float = field(
         default=1.0,
-        metadata={"help": "λ: weight of KL(q* || p_theta) added to the SFT loss (>= 0; 0 = plain SFT)."},
+        metadata={
+            "help": "λ: weight of KL(q* || p_theta) added to the SFT loss (>= 0). 0 = the plain-SFT baseline: no "
+            "guidance rounds, every other setting identical."
+        },
     )
     kl_reference: str = field(
         default="policy",
@@ -103,6 +111,27 @@ class ConstrainedConfig(SFTConfig):
     kl_chunk_size: int = field(
         default=256,
         metadata={"help": "Positions per chunk in the vocabulary-wide KL (bounds its extra memory)."},
+    )
+    kl_positions: str = field(
+        default="both",
+        metadata={
+            "help": "Where the KL acts: 'corpus' (the supervised positions of the training batch), 'samples' "
+            "(the continuation positions of the newest round's policy samples, appended to each batch: where "
+            "the policy generates) or 'both'."
+        },
+    )
+    kl_corpus_stop_at_violation: bool = field(
+        default=True,
+        metadata={
+            "help": "Corpus positions: drop every position after the first target token that the oracle flags on "
+            "its own (token prior < label_threshold): past a violation the constraint is lost and R carries no signal."
+        },
+    )
+    kl_sample_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Policy samples appended to each training micro-batch when kl_positions uses samples."
+        },
     )
     guidance_backbone: str = field(
         default="lora",
@@ -119,6 +148,44 @@ class ConstrainedConfig(SFTConfig):
     guidance_lr: float = field(
         default=5e-4, metadata={"help": "Learning rate of the guidance model's AdamW."}
     )
+    guidance_prior: str = field(
+        default="token",
+        metadata={
+            "help": "How the guidance head starts: 'token' (bias = the oracle's score of each vocabulary token's own "
+            "text, cached per oracle + tokenizer, so tokens never sampled still carry the oracle's judgement), "
+            "'label_mean' (every token at the warm-up round's satisfaction rate) or 'none' (R = 0.5)."
+        },
+    )
+    guidance_prior_floor: float = field(
+        default=0.02,
+        metadata={
+            "help": "The token prior is clipped to [floor, 1 - floor] before its logit becomes the head bias."
+        },
+    )
+    guidance_prior_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where token priors are cached (default: $STEER_CACHE/priors)."},
+    )
+    guidance_warmup_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Policy samples of the warm-up round (round 0), sized for a first AUC (default: samples_per_round)."
+        },
+    )
+    guidance_auc_pool: int = field(
+        default=256,
+        metadata={
+            "help": "Held-back samples (never trained on, pooled over rounds, newest kept) on which guidance/auc "
+            "is measured each round."
+        },
+    )
+    importance_max_weight: float = field(
+        default=5.0,
+        metadata={
+            "help": "kl_reference='base': guidance samples come from the policy but R must hold under the base, so "
+            "each sample is weighted by p_base/p_policy, capped at this value (mean 1)."
+        },
+    )
     guidance_steps_per_round: int = field(
         default=8, metadata={"help": "Guidance optimizer steps per round, on sample-buffer minibatches."}
     )
@@ -132,8 +199,8 @@ class ConstrainedConfig(SFTConfig):
     guidance_holdout_fraction: float = field(
         default=0.25,
         metadata={
-            "help": "Fraction of each round's fresh samples held back from that round's guidance training "
-            "to measure guidance/auc (then added to the buffer)."
+            "help": "Fraction of each round's fresh samples held back from guidance training (into the AUC pool, "
+            "see guidance_auc_pool) to measure guidance/auc."
         },
     )
     samples_per_round: int = field(
@@ -193,6 +260,18 @@ class ConstrainedConfig(SFTConfig):
         _at_least("kl_coef", self.kl_coef, 0.0)
         _choice("kl_reference", self.kl_reference, ("policy", "base"))
         _at_least("kl_chunk_size", self.kl_chunk_size, 1)
+        _choice("kl_positions", self.kl_positions, ("corpus", "samples", "both"))
+        _at_least("kl_sample_batch_size", self.kl_sample_batch_size, 1)
+        _choice("guidance_prior", self.guidance_prior, ("token", "label_mean", "none"))
+        _at_least("guidance_prior_floor", self.guidance_prior_floor, 0.0, strict=True)
+        if self.guidance_prior_floor >= 0.5:
+            raise ValueError(
+                f"ConstrainedConfig.guidance_prior_floor must be in (0, 0.5), got {self.guidance_prior_floor}"
+            )
+        if self.guidance_warmup_samples is not None:
+            _at_least("guidance_warmup_samples", self.guidance_warmup_samples, 1)
+        _at_least("guidance_auc_pool", self.guidance_auc_pool, 1)
+        _at_least("importance_max_weight", self.importance_max_weight, 1.0)
         _choice("guidance_backbone", self.guidance_backbone, ("lora", "separate"))
         _at_least("guidance_lora_r", self.guidance_lora_r, 1)
         _at_least("guidance_lora_alpha", self.guidance_lora_alpha, 0, strict=True)
@@ -248,6 +327,10 @@ class ConstrainedConfig(SFTConfig):
             consistency_coef=self.consistency_coef,
             holdout_fraction=self.guidance_holdout_fraction,
             max_grad_norm=self.max_grad_norm,
+            warmup_samples=self.guidance_warmup_samples,
+            auc_pool_size=self.guidance_auc_pool,
+            prior=self.guidance_prior,
+            importance_max_weight=self.importance_max_weight if self.kl_reference == "base" else None,
         )
 
     def guidance_config(self) -> GuidanceConfig:
@@ -306,35 +389,6 @@ def _logit_transform(config):
     if scale is None and getattr(text, "logits_scaling", None) is not None:
         scale = text.logits_scaling if text.model_type == "hyperclovax" else 1.0 / text.logits_scaling
     return (1.0 if scale is None else scale), getattr(text, "final_logit_softcapping", None)
-
-
-def _atomic_dir(target: Path, write) -> None:
-    """Write a directory via a temporary sibling and rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -403,6 +457,29 @@ class ConstrainedTrainer(SFTTrainer):
                 f"cannot find the decoder body of {type(inner).__name__} to read its hidden states"
             )
 
+        # The oracle's judgement of every token's own text: the guidance head's prior, and the flags that stop
+        # the corpus KL after a violation. Computed once (rank 0 first, then read from its cache by the others,
+        # so every rank starts from the same head).
+        self._prior = self._flagged = None
+        needs_prior = args.guidance_prior == "token" or (
+            args.kl_corpus_stop_at_violation and args.kl_positions != "samples"
+        )
+        if needs_prior and args.kl_coef > 0:
+            with self.accelerator.main_process_first():
+                self._prior = token_prior(
+                    constraint,
+                    self._tokenizer,
+                    int(inner.config.vocab_size),
+                    cache_dir=args.guidance_prior_cache_dir,
+                )
+            self._flagged = self._prior < args.label_threshold
+            logger.info(
+                "token prior: %d of %d tokens flagged by %s on their own text",
+                int(self._flagged.sum()),
+                self._flagged.numel(),
+                constraint.name,
+            )
+
         trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
         with _isolated_rng(args.seed + 17):
             worker_policy = None
@@ -412,6 +489,8 @@ class ConstrainedTrainer(SFTTrainer):
                 _unpatch_forward(worker_policy)
             self.guidance = GuidanceModel(policy, args.guidance_config())
             self.guidance.set_trainable(False)
+            if args.guidance_prior == "token" and self._prior is not None:
+                self.guidance.init_head(prior_logits(self._prior, floor=args.guidance_prior_floor))
             process_index, num_processes = self.accelerator.process_index, self.accelerator.num_processes
             common = dict(
                 tokenizer=self._tokenizer,
@@ -422,6 +501,7 @@ class ConstrainedTrainer(SFTTrainer):
                 seed=args.seed,
                 buffer_size=args.sample_buffer_size,
                 process_index=process_index,
+                flagged=self._flagged,
             )
             if worker_policy is None:
                 learner = GuidanceLearner(
@@ -447,6 +527,9 @@ class ConstrainedTrainer(SFTTrainer):
                     sync_weights=_average_weights if num_processes > 1 else None,
                 )
         self.rounds_started = 0
+        self.round_history: list[dict[str, float]] = []  # one record per finished round (all ranks averaged)
+        self._sample_draws: dict[int, int] = {}
+        self.add_callback(CurvesCallback())
         # After the worker copy: a deep copy would otherwise carry this hook (and the trainer) along.
         self._hook = backbone.register_forward_hook(self._capture_hidden)
 
@@ -465,21 +548,72 @@ class ConstrainedTrainer(SFTTrainer):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
-    def _guidance_logits(self, inputs, mask, shifted) -> torch.Tensor:
-        """``z`` [N, V] at the counted positions: ``GuidanceModel.forward`` with its head on those rows only."""
-        hidden = self.guidance.hidden_states(inputs["input_ids"], inputs.get("attention_mask"))
-        hidden = (hidden if shifted else hidden[:, :-1])[mask]
+    def _guidance_logits(self, inputs, mask) -> torch.Tensor:
+        """``z`` [N, V] at the counted hidden positions: the guidance head on those rows only."""
+        hidden = self.guidance.hidden_states(inputs["input_ids"], inputs.get("attention_mask"))[mask]
         head = self.guidance.head
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return torch.nn.functional.linear(hidden.float(), head.weight, head.bias)
 
-    def _supervised(self, inputs) -> tuple[torch.Tensor, bool]:
-        """Mask of counted next-token distributions ``[B, T-1]`` (or ``[B, T]`` for pre-shifted labels)."""
+    def _corpus_mask(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden positions ``[B, T]`` whose next-token distribution SFT supervises, and their target ids."""
         if "shift_labels" in inputs:
-            return inputs["shift_labels"] != -100, True
-        return inputs["labels"][:, 1:] != -100, False
+            labels = inputs["shift_labels"]
+            return labels != -100, labels
+        labels = inputs["labels"]
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != -100
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+        return mask, targets
 
-    def _reference_logits(self, inputs, mask, shifted, policy_logits) -> torch.Tensor:
+    def _corpus_kl_mask(self, supervised: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The supervised positions the corpus KL counts: all, or up to the first flagged target token."""
+        if not self.args.kl_corpus_stop_at_violation or self._flagged is None:
+            return supervised
+        flagged = self._flagged.to(targets.device)[targets.clamp(min=0)] & supervised
+        before = flagged.long().cumsum(1) - flagged.long()  # flagged targets strictly before this position
+        return supervised & (before == 0)
+
+    def _sample_rows(self) -> dict | None:
+        """A right-padded batch of the newest round's policy samples (drawn per step, seeded), or None."""
+        pool = self.schedule.samples
+        if not pool:
+            return None
+        step = self.state.global_step
+        draw = self._sample_draws.get(step, 0)
+        self._sample_draws = {step: draw + 1}
+        seed = round_seed(self.args.seed + 7919, step * 64 + draw, self.accelerator.process_index)
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+        items = [pool[i] for i in order[: self.args.kl_sample_batch_size].tolist()]
+        return SampleBuffer.collate(items, self.schedule.learner.pad_token_id)
+
+    @staticmethod
+    def _append_rows(inputs: dict, rows: dict, pad_token_id: int) -> dict:
+        """``inputs`` with the sample rows appended (labels -100: SFT ignores them), padded to one width."""
+        device = inputs["input_ids"].device
+        width = max(inputs["input_ids"].shape[1], rows["input_ids"].shape[1])
+
+        def widen(tensor, value):
+            pad = width - tensor.shape[1]
+            return torch.nn.functional.pad(tensor, (0, pad), value=value) if pad else tensor
+
+        extra = {
+            "input_ids": rows["input_ids"],
+            "attention_mask": rows["attention_mask"],
+            "labels": torch.full_like(rows["input_ids"], -100),
+        }
+        out = dict(inputs)
+        for key, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", -100)):
+            if key not in inputs:
+                continue
+            out[key] = torch.cat([widen(inputs[key], fill), widen(extra[key].to(device), fill)])
+        for key in ("position_ids", "completion_mask", "assistant_masks", "shift_labels"):
+            if key in inputs:
+                raise ValueError(f"kl_positions with samples does not support batches carrying {key!r}")
+        return out
+
+    def _reference_logits(self, inputs, mask, policy_logits) -> torch.Tensor:
         if self.args.kl_reference == "policy":
             return policy_logits.detach()
         model = self.accelerator.unwrap_model(self.model)
@@ -487,12 +621,69 @@ class ConstrainedTrainer(SFTTrainer):
             logits = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
             ).logits
-        return (logits if shifted else logits[:, :-1])[mask]
+        return logits[mask]
+
+    def _kl_terms(self, inputs, hidden, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """KL sums ``{name: sum over positions}`` for each position set (one guidance pass for all)."""
+        union = torch.zeros_like(next(iter(masks.values())))
+        for mask in masks.values():
+            union |= mask
+        if not bool(union.any()):
+            return {name: hidden.new_zeros((), dtype=torch.float32) for name in masks}
+        policy_logits = self._head_logits(hidden[union])  # [N, V], with gradient
+        with torch.no_grad():  # z only where the KL counts (the guidance head is vocabulary-wide)
+            z = self._guidance_logits(inputs, union)
+        ref_logits = self._reference_logits(inputs, union, policy_logits)
+        out = {}
+        for name, mask in masks.items():
+            rows = mask[union]
+            out[name] = constraint_kl(
+                policy_logits[rows][None],
+                ref_logits[rows][None],
+                z[rows][None],
+                None,
+                chunk_size=self.args.kl_chunk_size,
+                reduction="sum",
+            )
+        if self.state.global_step % max(1, int(self.args.logging_steps or 1)) == 0 and "corpus" in masks:
+            self._log_grad_share(policy_logits.detach(), ref_logits, z, masks, union, inputs)
+        return out
+
+    def _log_grad_share(self, policy_logits, ref_logits, z, masks, union, inputs) -> None:
+        """The KL gradient's share of the total at the corpus positions (w.r.t. the logits, norms)."""
+        from steer.guidance import guided_log_probs
+
+        rows = masks["corpus"][union]
+        if not bool(rows.any()):
+            return
+        _, targets = self._corpus_mask(inputs)
+        target = targets[masks["corpus"][: targets.shape[0], : targets.shape[1]]].clamp(min=0)
+        with torch.no_grad():
+            p = torch.softmax(policy_logits[rows].float(), -1)
+            kl_grad = self.args.kl_coef * (p - guided_log_probs(ref_logits[rows], z[rows]).exp())
+            lm_grad = p.clone()
+            lm_grad[torch.arange(len(target)), target] -= 1.0
+            kl_norm, lm_norm = float(kl_grad.norm()), float(lm_grad.norm())
+            cosine = float((kl_grad * lm_grad).sum() / max(kl_norm * lm_norm, 1e-12))
+        self._metrics["train"]["kl_grad_share"].append(kl_norm / max(kl_norm + lm_norm, 1e-12))
+        self._metrics["train"]["kl_grad_cosine"].append(cosine)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """SFT loss (TRL's own computation) + ``kl_coef`` · KL on the same supervised positions."""
+        """SFT loss (TRL's own computation) + ``kl_coef`` · KL at the corpus and/or policy-sample positions.
+
+        Policy samples (``kl_positions`` 'samples'/'both') are appended to the batch with labels -100, so one
+        forward serves SFT and both KL terms; the corpus term is divided by the SFT token count
+        (``num_items_in_batch``), the sample term by its own token count (times gradient accumulation).
+        """
         mode = "train" if self.model.training else "eval"
         use_kl = self.args.kl_coef > 0
+        n_corpus = inputs["input_ids"].shape[0]
+        supervised, targets = self._corpus_mask(inputs)
+        rows = None
+        if use_kl and mode == "train" and self.args.kl_positions != "corpus":
+            rows = self._sample_rows()
+            if rows is not None:
+                inputs = self._append_rows(inputs, rows, self.schedule.learner.pad_token_id)
         self._captured = [] if use_kl else None
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -500,8 +691,7 @@ class ConstrainedTrainer(SFTTrainer):
         finally:
             self._captured = None
         sft_loss = result[0] if return_outputs else result
-        mask, shifted = self._supervised(inputs)
-        count = mask.sum()
+        count = supervised.sum()
         denom = torch.as_tensor(
             count if num_items_in_batch is None else num_items_in_batch, device=sft_loss.device
         )
@@ -512,33 +702,56 @@ class ConstrainedTrainer(SFTTrainer):
 
         loss = sft_loss
         kl_sum = torch.zeros((), device=sft_loss.device)
+        kl_samples_sum = torch.zeros((), device=sft_loss.device)
+        sample_count = torch.zeros((), device=sft_loss.device)
         if use_kl:
             if hidden is None:
                 raise RuntimeError(
                     "ConstrainedTrainer could not read the policy's hidden states for the KL term"
                 )
-            policy_logits = self._head_logits((hidden if shifted else hidden[:, :-1])[mask])  # [N, V]
-            with torch.no_grad():  # z only where the KL counts (the guidance head is vocabulary-wide)
-                z = self._guidance_logits(inputs, mask, shifted)
-            ref_logits = self._reference_logits(inputs, mask, shifted, policy_logits)
-            kl_sum = constraint_kl(
-                policy_logits[None],
-                ref_logits[None],
-                z[None],
-                None,
-                chunk_size=self.args.kl_chunk_size,
-                reduction="sum",
-            )
-            loss = sft_loss + (self.args.kl_coef * factor) * (kl_sum / denom).to(sft_loss.dtype)
+            total = inputs["input_ids"].shape[0]
+            masks = {}
+            if self.args.kl_positions in ("corpus", "both"):
+                corpus = torch.zeros(total, hidden.shape[1], dtype=torch.bool, device=hidden.device)
+                corpus[:n_corpus, : supervised.shape[1]] = self._corpus_kl_mask(supervised, targets)
+                masks["corpus"] = corpus
+            if rows is not None:
+                cont = rows["continuation_mask"].to(hidden.device)
+                sample = torch.zeros(total, hidden.shape[1], dtype=torch.bool, device=hidden.device)
+                sample[n_corpus:, : cont.shape[1] - 1] = cont[
+                    :, 1:
+                ]  # position t predicts continuation token t+1
+                masks["samples"] = sample
+                sample_count = sample.sum().float()
+            if masks:
+                terms = self._kl_terms(inputs, hidden, masks)
+                if "corpus" in terms:
+                    kl_sum = terms["corpus"]
+                    loss = loss + (self.args.kl_coef * factor) * (kl_sum / denom).to(sft_loss.dtype)
+                if "samples" in terms and sample_count > 0:
+                    kl_samples_sum = terms["samples"]
+                    scale = self.args.kl_coef / (sample_count * self.args.gradient_accumulation_steps)
+                    loss = loss + (scale * kl_samples_sum).to(sft_loss.dtype)
 
         with torch.no_grad():  # per-token lm_loss and kl of this micro-batch, summed over processes
             sft_sum = sft_loss.detach().float() * denom / factor
-            stats = torch.stack([sft_sum, kl_sum.detach().float(), count.float()]).view(1, 3)
-            stats = self.accelerator.gather_for_metrics(stats).view(-1, 3).sum(0)
+            stats = torch.stack(
+                [
+                    sft_sum,
+                    kl_sum.detach().float(),
+                    count.float(),
+                    kl_samples_sum.detach().float(),
+                    sample_count,
+                ]
+            ).view(1, 5)
+            stats = self.accelerator.gather_for_metrics(stats).view(-1, 5).sum(0)
         tokens = float(stats[2].clamp(min=1))
         self._metrics[mode]["lm_loss"].append(float(stats[0]) / tokens)
         if use_kl:
-            self._metrics[mode]["kl"].append(float(stats[1]) / tokens)
+            if self.args.kl_positions != "samples":
+                self._metrics[mode]["kl"].append(float(stats[1]) / tokens)
+            if float(stats[4]) > 0:
+                self._metrics[mode]["kl_samples"].append(float(stats[3]) / float(stats[4]))
         return (loss, result[1]) if return_outputs else loss
 
     # ------------------------------------------------------------------ guidance rounds
@@ -554,11 +767,16 @@ class ConstrainedTrainer(SFTTrainer):
             )
             if self.accelerator.num_processes > 1:
                 values = self.accelerator.gather(values.view(1, -1)).view(-1, len(ROUND_METRICS)).nanmean(0)
+            record = {"step": self.state.global_step}
             for key, value in zip(ROUND_METRICS, values.tolist()):
                 if not math.isnan(value):
                     self._metrics["train"][key].append(value)
+                    record[key] = value
+            self.round_history.append(record)
 
     def _maybe_run_round(self) -> None:
+        if self.args.kl_coef <= 0:
+            return  # the plain-SFT baseline: the guidance model is never used, so never trained
         interval = self.args.guidance_interval
         while self.rounds_started * interval <= self.state.global_step:
             round_index = self.rounds_started
@@ -603,7 +821,7 @@ class ConstrainedTrainer(SFTTrainer):
         else:
             super()._save(output_dir, state_dict)
         if self.args.should_save:
-            _atomic_dir(Path(output_dir) / GUIDANCE_DIR, self.guidance.save_pretrained)
+            atomic_dir(Path(output_dir) / GUIDANCE_DIR, self.guidance.save_pretrained)
 
     def _state_path(self, directory: str | os.PathLike) -> Path:
         name = STATE_NAME
@@ -615,8 +833,13 @@ class ConstrainedTrainer(SFTTrainer):
         super()._save_checkpoint(model, trial)
         output_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         output_dir.mkdir(parents=True, exist_ok=True)
-        state = {"format": 1, "rounds_started": self.rounds_started, "schedule": self.schedule.state_dict()}
-        _atomic_torch_save(state, self._state_path(output_dir))
+        state = {
+            "format": 1,
+            "rounds_started": self.rounds_started,
+            "schedule": self.schedule.state_dict(),
+            "round_history": [dict(r) for r in self.round_history],
+        }
+        atomic_torch_save(state, self._state_path(output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -628,6 +851,7 @@ class ConstrainedTrainer(SFTTrainer):
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.schedule.load_state_dict(state["schedule"])
         self.rounds_started = int(state["rounds_started"])
+        self.round_history = [dict(r) for r in state.get("round_history", [])]
         if self._is_peft:
             self.model.set_adapter(self._policy_adapter)
         self.guidance.set_trainable(False)
@@ -726,6 +950,20 @@ class ConstrainedScriptArguments:
         },
     )
     prompt_limit: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    corpus_min_toxicity: float | None = field(
+        default=None,
+        metadata={
+            "help": "RTP only: train on the records whose continuation's Perspective toxicity is >= this (a toxic "
+            "corpus, whose drift the constraint must counter); None: all records."
+        },
+    )
+    prompt_min_toxicity: float | None = field(
+        default=None,
+        metadata={
+            "help": "RTP only: sample guidance rounds on the training records whose prompt's Perspective toxicity is "
+            ">= this (challenging prompts elicit the violations the guidance model must learn); None: all."
+        },
+    )
     constraint: str = field(
         default="non_toxic",
         metadata={
@@ -771,6 +1009,10 @@ class ConstrainedScriptArguments:
             raise ValueError(
                 f"ConstrainedScriptArguments.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}"
             )
+        for name in ("corpus_min_toxicity", "prompt_min_toxicity"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"ConstrainedScriptArguments.{name} must be in [0, 1], got {value}")
         for name in ("dataset_limit", "prompt_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -845,14 +1087,35 @@ def load_constrained_datasets(
                 f"(only {len(records)} available)"
             )
         heldout = records.select(range(n_train, len(records))) if script_args.heldout_size else None
-        records = records.select(range(min(n_train, script_args.dataset_limit or n_train)))
+        pool = records.select(range(n_train))
+
+        def toxicity(part: str, minimum: float | None) -> list[int]:
+            if minimum is None:
+                return list(range(len(pool)))
+            return [i for i, r in enumerate(pool[part]) if ((r or {}).get("toxicity") or 0.0) >= minimum]
+
+        keep = toxicity("continuation", script_args.corpus_min_toxicity)
+        if not keep:
+            raise ValueError(
+                f"ConstrainedScriptArguments.corpus_min_toxicity={script_args.corpus_min_toxicity} keeps no RTP record"
+            )
+        records = pool.select(keep[: script_args.dataset_limit or len(keep)])
         prompts = [p["text"] for p in records["prompt"]]
         completions = [c["text"] for c in records["continuation"]]
         if script_args.dataset_format == "text":
             train = Dataset.from_dict({"text": [p + c for p, c in zip(prompts, completions)]})
         else:
             train = Dataset.from_dict({"prompt": prompts, "completion": completions})
-        prompt_dataset = Dataset.from_dict({"prompt": prompts})
+        if script_args.prompt_min_toxicity is None:  # the training records' own prompts
+            prompt_dataset = Dataset.from_dict({"prompt": prompts})
+        else:  # challenging prompts from every training-side record (never the held-out ones)
+            sampled = toxicity("prompt", script_args.prompt_min_toxicity)
+            if not sampled:
+                raise ValueError(
+                    f"ConstrainedScriptArguments.prompt_min_toxicity={script_args.prompt_min_toxicity} keeps no "
+                    "RTP prompt"
+                )
+            prompt_dataset = Dataset.from_dict({"prompt": [pool[i]["prompt"]["text"] for i in sampled]})
     else:
         train = _load_table(script_args.dataset_name, script_args.dataset_split)
         if script_args.dataset_limit:

@@ -40,17 +40,23 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import logging
 import math
 import os
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from .buffer import SampleBuffer
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "GuidanceLearner",
+    "GuidanceRoundError",
     "ParallelSchedule",
     "RoundSettings",
     "SequentialSchedule",
@@ -75,6 +81,12 @@ class RoundSettings:
     consistency_coef: float = 0.0
     holdout_fraction: float = 0.25
     max_grad_norm: float = 1.0
+    warmup_samples: int | None = None  # samples of round 0 (None: samples_per_round)
+    auc_pool_size: int = 256  # held-back samples (never trained on) that guidance/auc is measured on
+    prior: str = "token"  # 'token' (set by the trainer before round 0), 'label_mean' or 'none'
+    importance_max_weight: float | None = (
+        None  # set: weight samples by p_base / p_policy (kl_reference='base')
+    )
 
 
 def round_seed(seed: int, round_index: int, process_index: int = 0) -> int:
@@ -118,12 +130,22 @@ def _roc_auc(labels, scores) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+class GuidanceRoundError(RuntimeError):
+    """A guidance round produced nothing to learn from (e.g. the oracle could not score any sample)."""
+
+
 class GuidanceLearner:
     """Everything a round touches: the sampling policy, the guidance model, its optimizer and the buffer.
 
     ``policy`` is the model to sample from (the trainer's model for the sequential schedule, the worker's
     copy for the parallel one); ``guidance`` is a :class:`~steer.guidance.GuidanceModel` on it.
     ``grad_sync(params)`` averages guidance gradients across processes (``None`` on one process).
+    ``flagged``: optional ``[V]`` bool tensor of tokens the oracle flags on their own (from the token
+    prior), for the ``guidance/r_separation`` metric.
+
+    Each round holds back ``holdout_fraction`` of its fresh samples in an AUC pool (at most
+    ``auc_pool_size``, newest kept) that the guidance never trains on; ``guidance/auc`` is measured on
+    the whole pool with the current guidance model, so it rests on hundreds of samples, not one round's few.
     """
 
     def __init__(
@@ -140,6 +162,7 @@ class GuidanceLearner:
         buffer_size: int = 512,
         process_index: int = 0,
         grad_sync=None,
+        flagged: torch.Tensor | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("the prompt dataset is empty: guidance rounds need prompts to sample from")
@@ -152,15 +175,17 @@ class GuidanceLearner:
         self.seed = int(seed)
         self.process_index = int(process_index)
         self.grad_sync = grad_sync
+        self.flagged = flagged
         self.buffer = SampleBuffer(buffer_size)
+        self.auc_pool: deque = deque(maxlen=max(1, settings.auc_pool_size))
+        self.latest: list = []  # the newest round's training samples (the trainer's KL-on-samples pool)
         self.optimizer = torch.optim.AdamW(guidance.trainable_parameters(), lr=lr, weight_decay=0.0)
         self.rounds_done = 0
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
 
     # ------------------------------------------------------------------ a round
-    def _round_prompts(self, generator: torch.Generator) -> list[str]:
-        n = self.settings.samples_per_round
+    def _round_prompts(self, generator: torch.Generator, n: int) -> list[str]:
         reps = -(-n // len(self.prompts))
         order = torch.cat([torch.randperm(len(self.prompts), generator=generator) for _ in range(reps)])
         return [self.prompts[i] for i in order[:n].tolist()]
@@ -172,50 +197,102 @@ class GuidanceLearner:
         device = self._device()
         return {k: v.to(device) for k, v in batch.items()}
 
-    def _policy_logits(self, batch: dict) -> torch.Tensor:
-        with torch.no_grad():
+    def _policy_logits(self, batch: dict, *, base: bool = False) -> torch.Tensor:
+        context = self.policy.disable_adapter() if base else contextlib.nullcontext()
+        with torch.no_grad(), context:
             out = self.policy(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             )
         return out.logits
 
-    def _set_prior(self) -> None:
-        """Start every token's R at the base satisfaction rate instead of 0.5 (q* is unchanged).
+    def _importance(self, batch: dict) -> torch.Tensor:
+        """``p_base(x) / p_policy(x)`` weights of a minibatch of policy samples (capped, mean 1)."""
+        from steer.guidance import importance_weights
 
-        q* ∝ p · R only reweights tokens relative to each other, so a constant head bias leaves q* = p. But
-        training moves R only at *sampled* tokens: with R = 0.5 elsewhere, tokens the policy never sampled
-        would look worse than sampled ones whenever most samples satisfy the constraint, and the KL would
-        sharpen the policy towards what it already samples. A bias of logit(mean label) removes that.
+        def seq_log_probs(logits):
+            log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            token = log_p.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+            return (token * batch["continuation_mask"][:, 1:].float()).sum(1)
+
+        policy = seq_log_probs(self._policy_logits(batch))
+        base = seq_log_probs(self._policy_logits(batch, base=True))
+        return importance_weights(base, policy, max_weight=self.settings.importance_max_weight)
+
+    def _set_label_prior(self) -> None:
+        """``prior='label_mean'``: start every token's R at the base satisfaction rate (q* is unchanged).
+
+        Under several processes the rate is the mean over all ranks' labels (sequential schedule), so every
+        rank starts from the same head.
         """
         head = getattr(self.guidance, "head", None)
         if head is None or head.bias is None or bool(head.weight.any()) or bool(head.bias.any()):
             return  # not a fresh zero-initialised head
-        labels = torch.tensor([label for _, _, label in self.buffer._items])
-        rate = float(labels.mean().clamp(0.02, 0.98))
+        labels = torch.tensor([label for _, _, label in self.buffer._items], dtype=torch.float64)
+        stats = torch.stack([labels.sum(), torch.tensor(float(labels.numel()), dtype=torch.float64)])
+        if self.grad_sync is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+        rate = float((stats[0] / stats[1].clamp(min=1)).clamp(0.02, 0.98))
         with torch.no_grad():
             head.bias.fill_(math.log(rate / (1.0 - rate)))
 
-    @staticmethod
-    def _sequence_scores(z: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean guidance logit at the sampled continuation tokens: the guidance's sequence-level prediction."""
-        mask = batch["continuation_mask"][:, 1:].float()
-        token = z[:, :-1].gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1).float()
-        return (token * mask).sum(1) / mask.sum(1).clamp(min=1)
+    def _guidance_hidden(self, batch: dict) -> torch.Tensor:
+        return self.guidance.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    def _pool_metrics(self) -> dict[str, float]:
+        """``guidance/auc`` over the held-back pool, and how far R separates flagged from unflagged tokens."""
+        if not self.auc_pool:
+            return {}
+        s = self.settings
+        items = list(self.auc_pool)
+        head = self.guidance.head
+        scores, labels, separation, positions = [], [], 0.0, 0
+        self.guidance.eval()
+        with torch.no_grad():
+            for start in range(0, len(items), 32):
+                chunk = items[start : start + 32]
+                hb = self._to(SampleBuffer.collate(chunk, self.pad_token_id))
+                hidden = self._guidance_hidden(hb).float()
+                mask = hb["continuation_mask"][:, 1:]
+                targets = hb["input_ids"][:, 1:]
+                token = (hidden[:, :-1] * head.weight[targets].float()).sum(-1) + head.bias[targets].float()
+                # A sequence's score: its lowest token-level R (one violating token decides the label).
+                token = token.masked_fill(~mask, math.inf)
+                scores.extend(token.min(1).values.cpu().tolist())
+                labels.extend((hb["labels"] >= s.label_threshold).cpu().tolist())
+                if self.flagged is not None and bool(self.flagged.any()) and not bool(self.flagged.all()):
+                    rows = hidden[:, :-1][mask]
+                    flagged = self.flagged.to(rows.device)
+                    for part in rows.split(256):
+                        r = torch.sigmoid(
+                            torch.nn.functional.linear(part, head.weight.float(), head.bias.float())
+                        )
+                        separation += float((r[:, ~flagged].mean(1) - r[:, flagged].mean(1)).sum())
+                        positions += part.shape[0]
+        metrics = {"guidance/auc_samples": float(len(items))}
+        auc = _roc_auc(labels, scores)
+        if not math.isnan(auc):
+            metrics["guidance/auc"] = auc
+        if positions:
+            metrics["guidance/r_separation"] = separation / positions
+        return metrics
 
     def run_round(self, round_index: int) -> dict[str, float]:
         """Sample, label, train the guidance; returns the round's metrics."""
-        from steer.guidance import guidance_loss, label_samples
+        from steer.guidance import guidance_loss_from_hidden, label_samples
 
         s = self.settings
         seed = round_seed(self.seed, round_index, self.process_index)
         generator = torch.Generator().manual_seed(seed)
+        n_samples = s.warmup_samples if (round_index == 0 and s.warmup_samples) else s.samples_per_round
         start = time.perf_counter()
         was_training = self.policy.training
         try:
             batch = sample_with_generator(
                 self.policy,
                 self.tokenizer,
-                self._round_prompts(generator),
+                self._round_prompts(generator, n_samples),
                 max_new_tokens=s.sample_max_new_tokens,
                 temperature=s.sample_temperature,
                 top_p=s.sample_top_p,
@@ -224,15 +301,34 @@ class GuidanceLearner:
             )
         finally:
             self.policy.train(was_training)
-        labelled = label_samples(batch, self.constraint, label_mode=s.label_mode, threshold=s.label_threshold)
         sample_seconds = time.perf_counter() - start
+        labelled = label_samples(batch, self.constraint, label_mode=s.label_mode, threshold=s.label_threshold)
+        label_seconds = time.perf_counter() - start - sample_seconds
         items = SampleBuffer.rows(labelled)
+        if not items:
+            raise GuidanceRoundError(
+                f"guidance round {round_index}: none of the {len(batch)} policy samples has a usable label "
+                f"({labelled.num_dropped} could not be scored by the constraint {self.constraint!r}; the rest were "
+                "empty). Check that the constraint returns numbers in [0, 1] for these texts."
+            )
+        hard = [label >= s.label_threshold for _, _, label in items]
+        if all(hard) or not any(hard):
+            message = (
+                f"guidance round {round_index}: all {len(items)} samples are labelled "
+                f"{'satisfied' if all(hard) else 'violating'} (threshold {s.label_threshold}); the guidance model "
+                "learns nothing about the difference this round. Sample more (samples_per_round, "
+                "guidance_warmup_samples) or from more challenging prompts."
+            )
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         order = torch.randperm(len(items), generator=generator).tolist()
         n_hold = int(len(items) * s.holdout_fraction) if len(items) >= 4 else 0
-        holdout = [items[i] for i in order[:n_hold]]
-        self.buffer.extend([items[i] for i in order[n_hold:]])
-        if round_index == 0 and len(self.buffer):
-            self._set_prior()
+        self.auc_pool.extend(items[i] for i in order[:n_hold])
+        train_items = [items[i] for i in order[n_hold:]]
+        self.buffer.extend(train_items)
+        self.latest = train_items
+        if round_index == 0 and s.prior == "label_mean" and len(self.buffer):
+            self._set_label_prior()
 
         losses = []
         self.guidance.set_trainable(True)
@@ -249,15 +345,20 @@ class GuidanceLearner:
                     self.optimizer.step()
                     continue
                 mb = self._to(self.buffer.sample(s.guidance_batch_size, generator, self.pad_token_id))
-                ref = self._policy_logits(mb) if s.consistency_coef > 0 else None
-                z = self.guidance(mb["input_ids"], attention_mask=mb["attention_mask"])
-                loss, _ = guidance_loss(
-                    z,
+                weights = self._importance(mb) if s.importance_max_weight is not None else None
+                ref_fn = None
+                if s.consistency_coef > 0:
+                    ref = self._policy_logits(mb)
+                    ref_fn = lambda b, t, ref=ref: ref[b, t]  # noqa: E731
+                loss, _ = guidance_loss_from_hidden(
+                    self._guidance_hidden(mb),
+                    self.guidance.head,
                     mb["input_ids"],
                     mb["continuation_mask"],
                     mb["labels"],
+                    weights=weights,
                     consistency_coef=s.consistency_coef,
-                    ref_logits=ref,
+                    ref_logits_fn=ref_fn,
                 )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -268,30 +369,36 @@ class GuidanceLearner:
                 self.optimizer.step()
                 losses.append(float(loss.detach()))
             self.optimizer.zero_grad(set_to_none=True)
-            auc = math.nan
-            if holdout:
-                hb = self._to(SampleBuffer.collate(holdout, self.pad_token_id))
-                self.guidance.eval()
-                with torch.no_grad():
-                    z = self.guidance(hb["input_ids"], attention_mask=hb["attention_mask"])
-                scores = self._sequence_scores(z, hb).cpu()
-                auc = _roc_auc((hb["labels"].cpu() >= s.label_threshold).tolist(), scores.tolist())
+            pool = self._pool_metrics()
         finally:
             self.guidance.train(guidance_was_training)
             self.guidance.set_trainable(False)
-        self.buffer.extend(holdout)
         self.rounds_done = round_index + 1
 
         metrics = {
-            "constraint/satisfaction": float(labelled.scores.float().mean()) if len(items) else math.nan,
+            "constraint/satisfaction": float(labelled.scores.float().mean()),
+            "constraint/violations": float(sum(1 for h in hard if not h)) / len(hard),
             "samples_per_second": len(batch) / max(sample_seconds, 1e-9),
             "guidance/samples_dropped": float(labelled.num_dropped),
             "guidance/buffer_size": float(len(self.buffer)),
+            **pool,
         }
         if losses:
             metrics["guidance/loss"] = sum(losses) / len(losses)
-        if not math.isnan(auc):
-            metrics["guidance/auc"] = auc
+        logger.info(
+            "guidance round %d: %d samples (%.1fs sampling, %.1fs labelling), satisfaction %.3f, "
+            "%d guidance steps (loss %s), auc %s on %d held-back samples, %.1fs in all",
+            round_index,
+            len(batch),
+            sample_seconds,
+            label_seconds,
+            metrics["constraint/satisfaction"],
+            len(losses),
+            f"{metrics['guidance/loss']:.4f}" if losses else "-",
+            f"{metrics['guidance/auc']:.3f}" if "guidance/auc" in metrics else "n/a",
+            len(self.auc_pool),
+            time.perf_counter() - start,
+        )
         return metrics
 
     # ------------------------------------------------------------------ state
@@ -303,6 +410,8 @@ class GuidanceLearner:
             "guidance": self.guidance_tensors(),
             "optimizer": self.optimizer.state_dict(),
             "buffer": self.buffer.state_dict(),
+            "auc_pool": SampleBuffer.items_state(self.auc_pool),
+            "latest": SampleBuffer.items_state(self.latest),
             "rounds_done": self.rounds_done,
         }
 
@@ -310,6 +419,9 @@ class GuidanceLearner:
         copy_tensors(self.guidance.trainable_parameters(), state["guidance"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer.load_state_dict(state["buffer"])
+        self.auc_pool.clear()
+        self.auc_pool.extend(SampleBuffer.items_from_state(state.get("auc_pool")))
+        self.latest = SampleBuffer.items_from_state(state.get("latest"))
         self.rounds_done = int(state["rounds_done"])
 
 
@@ -385,23 +497,31 @@ class SequentialSchedule:
     def __init__(self, learner: GuidanceLearner) -> None:
         self.learner = learner
         self.version = -1  # guidance version the policy steps use (-1: none yet, R = 0.5 everywhere)
+        self.samples: list = []  # the newest round's policy samples (where the trainer's KL may act)
 
     def on_round(self, round_index: int) -> list[dict[str, float]]:
         """Called at the start of step ``round_index * I``; returns the metrics of rounds that finished."""
         metrics = self.learner.run_round(round_index)
         self.version = round_index
+        self.samples = list(self.learner.latest)
         return [metrics]
 
     def finish(self) -> list[dict[str, float]]:
         return []
 
     def state_dict(self) -> dict:
-        return {"schedule": self.name, "version": self.version, "learner": self.learner.state_dict()}
+        return {
+            "schedule": self.name,
+            "version": self.version,
+            "learner": self.learner.state_dict(),
+            "samples": SampleBuffer.items_state(self.samples),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         _check_schedule(state, self.name)
         self.learner.load_state_dict(state["learner"])
         self.version = int(state["version"])
+        self.samples = SampleBuffer.items_from_state(state.get("samples"))
 
 
 class ParallelSchedule:
@@ -437,6 +557,7 @@ class ParallelSchedule:
         self.synchronised = synchronised
         self.sync_weights = sync_weights
         self.version = -1
+        self.samples: list = []
         total = torch.get_num_threads()
         self.worker_threads = worker_threads
         self.main_threads = None
@@ -472,6 +593,7 @@ class ParallelSchedule:
             return []
         round_index, metrics = self._done
         self._done = None
+        self.samples = list(self.learner.latest)  # the worker is idle here
         copy_tensors(self.guidance_params(), self.learner.guidance.trainable_parameters())
         if self.sync_weights is not None:
             self.sync_weights(self.guidance_params())
@@ -520,6 +642,7 @@ class ParallelSchedule:
             "guidance": [p.detach().clone() for p in self.guidance_params()],
             "learner": self.learner.state_dict(),
             "pending": pending,
+            "samples": SampleBuffer.items_state(self.samples),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -528,6 +651,7 @@ class ParallelSchedule:
         copy_tensors(self.guidance_params(), state["guidance"])
         self.learner.load_state_dict(state["learner"])
         self.version = int(state["version"])
+        self.samples = SampleBuffer.items_from_state(state.get("samples"))
         pending = state.get("pending")
         self._done = None if pending is None else (int(pending["round"]), dict(pending["metrics"]))
 

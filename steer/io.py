@@ -1,0 +1,72 @@
+"""Atomic file and directory writes: the one home for them in steer.
+
+Every artefact is written to a temporary sibling and renamed into place (``os.replace``), so a crash or
+a failed write never leaves a half-written file where a reader expects a whole one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_dir", "atomic_save_file", "atomic_torch_save", "atomic_write", "atomic_write_text"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: str | os.PathLike, payload) -> Path:
+    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """``safetensors.torch.save_file`` written atomically."""
+    from safetensors.torch import save_file
+
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling directory with ``write(tmp_dir)``, then swap it in for ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,288 @@
+"""The token prior (cache, invalidation, head start), the corpus-KL stop, sample rows, and the round guards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+
+from steer.constraints import CallableConstraint, KeywordConstraint
+from steer.guidance import GuidanceConfig, GuidanceModel, guidance_loss, guidance_loss_from_hidden
+from steer.guidance.objective import importance_weights
+from steer.guidance.prior import prior_cache_path, prior_logits, token_prior, token_texts
+from steer.models import tiny_causal_lm
+from steer.trainers.constrained import ConstrainedConfig, ConstrainedTrainer
+from steer.trainers.schedule import GuidanceLearner, GuidanceRoundError, RoundSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class CountingKeyword(KeywordConstraint):
+    """A keyword oracle that counts how many texts it scored (to see whether the cache was used)."""
+
+    def __init__(self, banned):
+        super().__init__(banned=banned)
+        self._calls = 0
+
+    def score(self, texts):
+        self._calls += len(texts)
+        return super().score(texts)
+
+
+def test_token_prior_scores_each_token_text_and_round_trips_its_cache(tmp_path):
+    _, tokenizer = tiny_causal_lm("llama", seed=0)
+    oracle = CountingKeyword(["rude"])
+    prior = token_prior(oracle, tokenizer, cache_dir=tmp_path)
+    texts = token_texts(tokenizer)
+    assert prior.shape == (len(tokenizer),) and prior.dtype == torch.float32
+    rude = [i for i, t in enumerate(texts) if t.strip() == "rude"]
+    assert rude and all(prior[i] == 0.0 for i in rude)  # the oracle's own judgement of the token
+    assert float(prior.mean()) > 0.9
+    first_calls = oracle._calls
+    assert first_calls > 0 and prior_cache_path(oracle, tokenizer, len(tokenizer), tmp_path).is_file()
+
+    again = token_prior(oracle, tokenizer, cache_dir=tmp_path)
+    assert oracle._calls == first_calls  # read from the cache, not re-scored
+    assert torch.equal(again, prior)
+
+
+def test_token_prior_cache_is_invalidated_by_another_oracle_or_tokenizer(tmp_path):
+    _, tokenizer = tiny_causal_lm("llama", seed=0)
+    a = token_prior(KeywordConstraint(banned=["rude"]), tokenizer, cache_dir=tmp_path)
+    other_oracle = CountingKeyword(["calm"])
+    b = token_prior(other_oracle, tokenizer, cache_dir=tmp_path)
+    assert other_oracle._calls > 0 and not torch.equal(a, b)
+    assert len(list(tmp_path.iterdir())) == 2
+
+    oracle = CountingKeyword(["rude"])
+    before = prior_cache_path(oracle, tokenizer, len(tokenizer), tmp_path)
+    tokenizer.add_tokens(["brandnewtoken"])  # another vocabulary: another cache entry
+    assert prior_cache_path(oracle, tokenizer, len(tokenizer), tmp_path) != before
+
+
+def test_a_corrupt_cache_is_recomputed(tmp_path):
+    _, tokenizer = tiny_causal_lm("llama", seed=0)
+    oracle = CountingKeyword(["rude"])
+    path = prior_cache_path(oracle, tokenizer, len(tokenizer), tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a safetensors file")
+    prior = token_prior(oracle, tokenizer, cache_dir=tmp_path)
+    assert oracle._calls > 0 and prior.shape == (len(tokenizer),)
+
+
+def test_prior_logits_and_head_start():
+    prior = torch.tensor([0.0, 0.5, 1.0, 0.9])
+    bias = prior_logits(prior, floor=0.02)
+    assert torch.allclose(torch.sigmoid(bias), torch.tensor([0.02, 0.5, 0.98, 0.9]), atol=1e-6)
+    with pytest.raises(ValueError, match="floor"):
+        prior_logits(prior, floor=0.6)
+    model, _ = tiny_causal_lm("llama", seed=0)
+    policy = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))
+    v = guidance.vocab_size
+    bias = torch.linspace(-3, 3, v)
+    guidance.init_head(bias)
+    ids = torch.randint(0, v, (2, 5))
+    z = guidance(ids)
+    assert torch.allclose(z, bias.expand_as(z))  # z = bias in every context until training moves it
+    with pytest.raises(ValueError, match="head bias"):
+        guidance.init_head(torch.zeros(v + 1))
+
+
+def test_importance_weight_cap_holds_after_renormalising():
+    # the old implementation clipped, then renormalised back above the cap ([3, 0, 0] for this input)
+    w = importance_weights(torch.tensor([50.0, 0.0, 0.0]), torch.zeros(3), max_weight=1.5)
+    assert float(w.max()) <= 1.5 + 1e-6
+    assert abs(float(w.mean()) - 1.0) < 1e-5
+    gen = torch.Generator().manual_seed(0)
+    log_w = torch.randn(200, generator=gen) * 3
+    w = importance_weights(log_w, torch.zeros(200), max_weight=2.0)
+    assert float(w.max()) <= 2.0 + 1e-6 and abs(float(w.mean()) - 1.0) < 1e-4
+    # the order of the weights is kept (monotone in the log-ratio)
+    order = torch.argsort(log_w)
+    assert bool((w[order].diff() >= -1e-6).all())
+    # infeasible: one sample with weight, cap below n -> capped, mean below 1, never above the cap
+    w = importance_weights(torch.tensor([0.0, -1e9, -1e9, -1e9]), torch.zeros(4), max_weight=2.0)
+    assert float(w.max()) <= 2.0 + 1e-6
+
+
+def test_guidance_loss_from_hidden_equals_the_full_vocabulary_loss():
+    torch.manual_seed(0)
+    batch, length, hidden_size, vocab = 3, 7, 5, 11
+    hidden = torch.randn(batch, length, hidden_size, requires_grad=True)
+    head = torch.nn.Linear(hidden_size, vocab)
+    ids = torch.randint(0, vocab, (batch, length))
+    cont = torch.zeros(batch, length, dtype=torch.bool)
+    cont[:, 3:] = True
+    cont[1, 6] = False
+    labels = torch.tensor([1.0, 0.0, 0.3])
+    ref = torch.randn(batch, length, vocab)
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    a, ma = guidance_loss(
+        head(hidden), ids, cont, labels, weights=weights, consistency_coef=0.7, ref_logits=ref
+    )
+    b, mb = guidance_loss_from_hidden(
+        hidden,
+        head,
+        ids,
+        cont,
+        labels,
+        weights=weights,
+        consistency_coef=0.7,
+        ref_logits_fn=lambda i, t: ref[i, t],
+    )
+    assert abs(float(a) - float(b)) < 1e-6
+    assert ma.keys() == mb.keys() and all(abs(ma[k] - mb[k]) < 1e-5 for k in ma)
+    for x, y in zip(
+        torch.autograd.grad(a, [hidden, head.weight]), torch.autograd.grad(b, [hidden, head.weight])
+    ):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- trainer
+def _trainer(tmp_path, constraint=None, **overrides):
+    model, tokenizer = tiny_causal_lm("llama", seed=0)
+    words = "the cat is rude and the dog is calm but rude".split()
+    corpus = Dataset.from_dict(
+        {"prompt": ["The cat", "A dog", "It was", "The bird"], "completion": [" " + " ".join(words)] * 4}
+    )
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        max_length=32,
+        seed=0,
+        kl_coef=1.0,
+        guidance_interval=1,
+        guidance_steps_per_round=1,
+        guidance_batch_size=4,
+        guidance_lora_r=4,
+        samples_per_round=8,
+        sample_max_new_tokens=6,
+        sample_batch_size=8,
+        guidance_prior_cache_dir=str(tmp_path / "priors"),
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return ConstrainedTrainer(
+        model,
+        ConstrainedConfig(**values),
+        train_dataset=corpus,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+        constraint=constraint or KeywordConstraint(banned=["rude"]),
+        prompt_dataset=Dataset.from_dict({"prompt": ["The cat", "A dog"]}),
+    )
+
+
+def test_trainer_starts_the_head_from_the_token_prior_and_stops_the_corpus_kl_at_a_violation(tmp_path):
+    trainer = _trainer(tmp_path)
+    flagged = trainer._flagged
+    assert flagged is not None and 0 < int(flagged.sum()) < flagged.numel()
+    r = torch.sigmoid(trainer.guidance.head.bias.detach())
+    assert float(r[flagged].max()) <= 0.021 and float(r[~flagged].min()) > 0.5
+
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    supervised, targets = trainer._corpus_mask(batch)
+    kept = trainer._corpus_kl_mask(supervised, targets)
+    for row in range(supervised.shape[0]):
+        hits = [
+            t for t in range(supervised.shape[1]) if supervised[row, t] and bool(flagged[targets[row, t]])
+        ]
+        assert hits, "the corpus has a flagged token in every completion"
+        first = hits[0]
+        # every supervised position up to and including the first flagged target counts, none after it
+        assert bool(kept[row, : first + 1].eq(supervised[row, : first + 1]).all())
+        assert not bool(kept[row, first + 1 :].any())
+    off = _trainer(tmp_path, kl_corpus_stop_at_violation=False)
+    assert torch.equal(off._corpus_kl_mask(supervised, targets), supervised)
+
+
+def test_kl_on_samples_appends_policy_samples_that_sft_ignores(tmp_path):
+    trainer = _trainer(tmp_path, kl_positions="samples", kl_sample_batch_size=3)
+    trainer._maybe_run_round()  # the warm-up round fills the sample pool
+    assert len(trainer.schedule.samples) > 0
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    rows = trainer._sample_rows()
+    assert rows["input_ids"].shape[0] == min(3, len(trainer.schedule.samples))
+    joined = trainer._append_rows(batch, rows, 0)
+    n = batch["input_ids"].shape[0]
+    assert joined["input_ids"].shape[0] == n + rows["input_ids"].shape[0]
+    assert bool((joined["labels"][n:] == -100).all())  # SFT never learns from the policy's own samples
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert trainer._metrics["train"]["kl_samples"][-1] >= 0
+    assert "kl" not in trainer._metrics["train"]  # kl_positions='samples': no corpus term
+
+
+def test_a_round_without_usable_labels_fails_loudly(tmp_path):
+    policy, tokenizer = tiny_causal_lm("llama", seed=0)
+    policy = get_peft_model(policy, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))
+    broken = CallableConstraint(lambda texts: [math.nan] * len(texts), name="broken")
+    learner = GuidanceLearner(
+        policy,
+        guidance,
+        tokenizer,
+        broken,
+        ["The cat", "A dog"],
+        RoundSettings(samples_per_round=4, sample_max_new_tokens=4, sample_batch_size=4),
+        lr=1e-3,
+        seed=0,
+    )
+    with pytest.raises(GuidanceRoundError, match="none of the 4 policy samples has a usable label"):
+        learner.run_round(0)
+
+    always = CallableConstraint(lambda texts: [1.0] * len(texts), name="always")
+    learner.constraint = always
+    with pytest.warns(RuntimeWarning, match="all 4 samples are labelled satisfied"):
+        learner.run_round(1)
+
+
+def test_the_plain_sft_baseline_runs_no_rounds_and_computes_no_prior(tmp_path):
+    trainer = _trainer(tmp_path, kl_coef=0.0)
+    assert trainer._prior is None
+    trainer.train()
+    assert trainer.rounds_started == 0
+    assert not (tmp_path / "priors").exists()
+
+
+def test_a_run_writes_its_metrics_file_and_training_curves(tmp_path):
+    import json
+
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    out = tmp_path / "out"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("guidance/auc_samples" in line for line in lines) and any("lm_loss" in line for line in lines)
+    png = out / "training_curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_base_reference_weights_guidance_samples_by_importance(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, kl_reference="base", importance_max_weight=3.0)
+    learner = trainer.schedule.learner
+    assert learner.settings.importance_max_weight == 3.0
+    seen = []
+    original = learner._importance
+
+    def spy(batch):
+        weights = original(batch)
+        seen.append(weights)
+        return weights
+
+    monkeypatch.setattr(learner, "_importance", spy)
+    trainer._maybe_run_round()
+    assert seen and all(float(w.max()) <= 3.0 + 1e-6 for w in seen)
+    assert all(abs(float(w.mean()) - 1.0) < 1e-4 for w in seen)
+    # the policy reference needs none: its samples come from the distribution R is estimated under
+    assert _trainer(tmp_path, kl_reference="policy").schedule.learner.settings.importance_max_weight is None
