@@ -2,7 +2,8 @@
 
 ``steer train persona`` writes ``output_dir/persona/``: ``soft_prompt_config.json`` +
 ``soft_prompt.safetensors`` (a 2-layer MLP: persona vector -> virtual tokens), ``personas.safetensors``
-(named persona vectors: ``cohort:<k>`` centroids, ``<ATTR>=<value>`` demographic centroids),
+(named persona vectors: ``<ATTR>=<value>`` for every demographic group, including folded-in ones, on the
+default group path; ``cohort:<k>`` and demographic centroids on the individual path),
 ``personas.json`` (their names + the base model) and ``embedder/``. This script rebuilds the soft prompt
 from those files with plain torch and decodes with a transformers KV cache; it does not import steer
 (except to locate steer's embedded base model when ``base_model`` is an embedded name)::

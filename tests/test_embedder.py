@@ -141,3 +141,22 @@ def test_bad_checkpoints_and_inputs(fitted, tmp_path):
     empty = train.mask(np.zeros_like(train.observed))
     with pytest.raises(ValueError, match="no observed"):
         PersonaEmbedder(4).fit(empty)
+
+
+def test_refit_questions_moves_the_question_side_to_new_vectors(fitted):
+    """After the user vectors change (train_persona_vectors), the question side follows them, so fold-in of a
+    training person lands on their new vector rather than in the old space."""
+    import copy
+
+    embedder, train, _ = fitted
+    moved = copy.deepcopy(embedder)
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))[0]
+    new_vectors = moved.embeddings @ rotation
+    stale_fold = moved.fold_in(train.select_users(np.arange(50)))
+    assert torch.nn.functional.cosine_similarity(stale_fold, new_vectors[:50]).mean() < 0.5
+    moved.refit_questions(train, new_vectors)
+    assert torch.equal(moved.embeddings, new_vectors)
+    folded = moved.fold_in(train.select_users(np.arange(50)))
+    assert torch.nn.functional.cosine_similarity(folded, new_vectors[:50]).mean() > 0.9
+    with pytest.raises(ValueError, match="training users"):
+        moved.refit_questions(train.select_users(np.arange(10)), new_vectors)

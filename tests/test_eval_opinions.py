@@ -10,7 +10,6 @@ import pytest
 from scipy.stats import wasserstein_distance
 
 from steer.eval.opinions import (
-    GROUP_METHODS,
     INDIVIDUAL_METHODS,
     METHODS,
     OpinionEvalArguments,
@@ -91,7 +90,8 @@ def test_recipe_configs_parse(name):
 
 @pytest.mark.skipif(not _has_opinionqa(), reason="OpinionQA data not available")
 def test_tiny_recipe_end_to_end(tmp_path):
-    """Simulate -> embed -> cohorts -> train (tiny model) -> save -> evaluate every method -> report."""
+    """Individuals: simulate -> whole-question split -> embed -> cohorts -> train (tiny model) -> evaluate
+    every method on held-out questions only -> report."""
     from steer.models import tiny_causal_lm
     from steer.persona.steering import PersonaSteeredModel
     from steer.trainers.persona import PersonaConfig, PersonaScriptArguments, train_persona
@@ -101,9 +101,10 @@ def test_tiny_recipe_end_to_end(tmp_path):
     tokenizer.save_pretrained(tmp_path / "tiny")
     script = PersonaScriptArguments(
         model_name_or_path=str(tmp_path / "tiny"),
+        persona_source="individuals",
         waves=[26],
         n_respondents=40,
-        observed_frac=0.5,
+        observed_frac=0.6,
         max_questions=10,
         embedding_dim=4,
         num_cohorts=3,
@@ -128,11 +129,17 @@ def test_tiny_recipe_end_to_end(tmp_path):
     )
     trainer = train_persona(script, config)
     assert trainer.state.global_step == 3
+    split = json.loads((tmp_path / "run" / "data" / "split.json").read_text())
+    train_keys, valid_keys, eval_keys = (
+        set(split[f"{part}_question_keys"]) for part in ("train", "valid", "eval")
+    )
+    assert eval_keys and not (eval_keys & train_keys) and not (valid_keys & (train_keys | eval_keys))
     persona_dir = tmp_path / "run" / "persona"
     index = json.loads((persona_dir / "personas.json").read_text())
-    assert index["cohorts"]["k"] == 3 and len(index["cohort_of_user"]) == 40
+    assert index["cohorts"]["k"] == 3 and len(index["cohort_of_user"]) <= 40
     assert any(name.startswith("POLPARTY=") for name in index["names"])
     steered = PersonaSteeredModel.from_pretrained(str(tmp_path / "tiny"), persona_dir)
+    assert set(steered.embedder.question_keys) == train_keys  # the MF never saw a held-out question
     assert steered.option_probs("Is it safe?", ["Yes", "No"], persona="cohort:1").shape == (2,)
 
     args = OpinionEvalArguments(
@@ -143,17 +150,19 @@ def test_tiny_recipe_end_to_end(tmp_path):
         max_answers_per_user=2,
         max_questions=4,
         batch_size=8,
-        group_members=2,
+        n_bootstrap=100,
     )
     result = run_opinion_eval(args)
     for method in INDIVIDUAL_METHODS:
-        assert 0.0 <= result["metrics"][f"accuracy_macro/{method}"] <= 1.0
-    for method in GROUP_METHODS:
-        assert 0.0 <= result["metrics"][f"representativeness/{method}"] <= 1.0
+        assert 0.0 <= result["metrics"][f"accuracy_macro/{method}"] <= 1.0, method
+    for method in ("steered", "raw", "demographic", "few_shot", "zero", "shuffled", "population"):
+        assert 0.0 <= result["metrics"][f"representativeness/{method}"] <= 1.0, method
     groups = result["groups"]
+    assert set(groups["question_keys"]) <= eval_keys
     assert set(groups["methods"]["steered"]["per_group"]) <= set(groups["groups"])
     assert result["individuals"]["num_people"] == 4
     for name in ("opinions.json", "opinions.md", "opinions.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "eval" / "opinions.json").read_text())
     assert saved["metrics"] == pytest.approx(result["metrics"])
+    assert "representativeness/train_frequency" not in result["metrics"]  # no question repeats: undefined

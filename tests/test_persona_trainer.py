@@ -192,3 +192,43 @@ def test_user_index_without_table_is_a_clear_error(tmp_path, tiny_gpt2):
             train_dataset=toy_dataset(4, 0, by_index=True),
             processing_class=tokenizer,
         )
+
+
+def test_gradient_checkpointing_recomputes_layers_with_the_same_gradients(tmp_path):
+    """Embedding mode: checkpointing really runs (the layers are recomputed) and leaves the gradients unchanged;
+    prefix mode refuses it with a clear error instead of silently doing nothing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    grads = {}
+    for checkpointing in (False, True):
+        model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
+        trainer = PersonaTrainer(
+            model,
+            config(tmp_path, soft_prompt_mode="embedding", max_steps=1, gradient_checkpointing=checkpointing),
+            train_dataset=toy_dataset(8, seed=0),
+            processing_class=tokenizer,
+        )
+        module = trainer.model
+        if checkpointing:
+            module.gradient_checkpointing_enable()  # what Trainer.train() calls
+        module.train()
+        calls = []
+        for layer in module.model.modules():
+            if isinstance(layer, GradientCheckpointingLayer):  # the MLP runs inside the checkpointed forward
+                layer.mlp.register_forward_pre_hook(lambda *_, seen=calls: seen.append(1))
+        batch = trainer.data_collator([dict(r) for r in toy_dataset(4, seed=1)])
+        module(**batch).loss.backward()
+        layers = sum(isinstance(m, GradientCheckpointingLayer) for m in module.model.modules())
+        assert len(calls) == (2 * layers if checkpointing else layers)  # recomputed in the backward pass
+        assert not any(m.training for m in module.model.modules() if isinstance(m, torch.nn.Dropout))
+        grads[checkpointing] = [p.grad.clone() for p in module.network.parameters()]
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
+    with pytest.raises(ValueError, match="gradient_checkpointing is not supported"):
+        PersonaTrainer(
+            model,
+            config(tmp_path, soft_prompt_mode="prefix", max_steps=1, gradient_checkpointing=True),
+            train_dataset=toy_dataset(8, seed=0),
+            processing_class=tokenizer,
+        ).train()

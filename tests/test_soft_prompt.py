@@ -229,3 +229,17 @@ def test_save_load_round_trip(tmp_path, models):
         SoftPromptNetwork.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="soft_prompt"):
         SoftPromptNetwork.from_pretrained(tmp_path / "missing")
+
+
+def test_sliding_window_without_layer_types_rejected_for_prefix_only():
+    """Mistral-style configs set sliding_window without layer_types: a prefix would be evicted too."""
+    config = AutoConfig.for_model(
+        "llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    config.sliding_window = 16
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        SoftPromptNetwork(4, 2, "prefix", model_config=config)
+    # embedding mode prepends input embeddings, which any attention handles
+    assert SoftPromptNetwork(4, 2, "embedding", model_config=config).config.hidden_size == 64
+    config.use_sliding_window = False  # Qwen2-style: the window is configured but switched off
+    assert SoftPromptNetwork(4, 2, "prefix", model_config=config).config.num_layers == 2

@@ -1,20 +1,33 @@
-"""OpinionQA evaluation of persona steering (``steer eval opinions``).
+"""OpinionQA evaluation of persona steering (``steer eval opinions``): an honest protocol by default.
 
-Two metrics, each for the steered model and for baselines on the same questions:
+Nothing scored here reached training: the group protocol scores every ordinal question of the
+*evaluation waves* recorded in ``split.json`` (the embedder and the soft-prompt network saw only the
+training waves; checkpoints were picked on the validation waves), the individual protocol scores
+*held-out questions* only. Every number comes with a 95% bootstrap interval over questions and its count.
 
-* **per-individual accuracy** (Li et al. 2024): for each evaluated person, the share of their held-out
-  answers whose option gets the highest probability; macro-averaged over people.
-* **representativeness** (Santurkar et al. 2023) toward each demographic group:
-  ``1 - WD(p_model, p_group) / (max - min ordinal)`` per question, with the REAL Pew group answer
-  distributions (``<ATTR>_data.json``) and the Wasserstein-1 distance on the ordinal scale; averaged
-  over questions, per group and overall.
+* **representativeness** (Santurkar et al. 2023) toward each group of ``group_attribute`` (and every
+  folded-in group): ``1 - WD(p_model, p_group) / (max - min ordinal)`` per question against the REAL Pew
+  group distribution; the mean over questions with a percentile bootstrap interval.
+* **group specificity**: rep(steered_g, real_g) - mean_h rep(steered_h, real_g) over the other groups h of
+  the same attribute (own persona minus wrong personas on g's real answers), with a paired bootstrap
+  interval: exactly 0 for a persona-blind model; the real data's own value, 1 - mean_h rep(real_h, real_g),
+  is reported as ``real`` (what a model that reproduced every group exactly would get).
+* **per-individual accuracy** (individual protocol, Li et al. 2024): the share of a person's held-out
+  answers whose option gets the highest probability, macro-averaged over people.
 
-Methods: ``steered`` (the person's / group centroid's persona vector), ``steered_members`` (groups only:
-the mixture of the option distributions of up to ``group_members`` members of the group, each steered by
-their own persona vector), ``raw`` (the bare question),
-``demographic`` (the person's or group's demographics described in words), ``few_shot`` (K of the
-person's own training answers in the prompt; individuals only), ``random`` (an untrained soft-prompt
-network of the same shape) and ``cohort`` (the person's cohort centroid; individuals only).
+Methods. Language-model methods: ``steered`` (the group's / person's persona), ``raw`` (the bare
+question), ``demographic`` (the group described in words), ``few_shot`` (the group's modal answers /
+the person's own answers to ``few_shot_k`` training questions in the prompt), ``cohort`` (individuals: the
+person's cohort centroid). Persona ablations: ``zero`` (the zero vector, i.e. the average training
+persona after standardisation), ``shuffled`` (the persona of another, randomly drawn training group /
+person) and ``wrong_group`` (groups: the outputs steered by the other groups' personas, scored against
+this group). Baselines without a language model: ``population`` (the whole population's real
+distribution of the evaluated question used for every group: an oracle reference that reads the
+evaluated question's answers), ``majority`` (all mass on the population's most common answer),
+``uniform``, ``train_frequency`` (persona-blind: the population distribution of the same question in a
+training wave, where a question repeats across waves), ``group_train_frequency`` (the same with the
+group's own distribution), and, for individuals, ``population_mode``. The MF prediction is defined only
+for questions the embedder trained on, so it is not defined under these protocols (reported as such).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,10 +47,43 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-RESULT_SCHEMA = "steer.eval.opinions/v1"
-METHODS = ("steered", "steered_members", "raw", "demographic", "few_shot", "random", "cohort")
-GROUP_METHODS = ("steered", "steered_members", "raw", "demographic", "random")
-INDIVIDUAL_METHODS = ("steered", "raw", "demographic", "few_shot", "random", "cohort")
+RESULT_SCHEMA = "steer.eval.opinions/v2"
+LM_METHODS = ("steered", "zero", "shuffled", "raw", "demographic", "few_shot", "cohort")
+DERIVED_METHODS = ("wrong_group",)
+REFERENCE_METHODS = (
+    "population",
+    "majority",
+    "uniform",
+    "train_frequency",
+    "group_train_frequency",
+    "population_mode",
+)
+METHODS = LM_METHODS + DERIVED_METHODS + REFERENCE_METHODS
+GROUP_METHODS = (
+    "steered",
+    "zero",
+    "shuffled",
+    "wrong_group",
+    "raw",
+    "demographic",
+    "few_shot",
+    "population",
+    "majority",
+    "uniform",
+    "train_frequency",
+    "group_train_frequency",
+)
+INDIVIDUAL_METHODS = (
+    "steered",
+    "zero",
+    "shuffled",
+    "raw",
+    "demographic",
+    "few_shot",
+    "cohort",
+    "population_mode",
+)
+CONTRASTS = ("raw", "demographic", "few_shot", "zero", "shuffled", "wrong_group", "population")
 ATTRIBUTE_WORDS = {
     "CREGION": "region of the US",
     "AGE": "age",
@@ -72,8 +119,10 @@ class OpinionEvalArguments:
     output_dir: str = field(default="opinion-eval", metadata={"help": "Where the report is written."})
     run_name: str = field(default="persona", metadata={"help": "Name of this run in the report."})
     methods: list[str] = field(
-        default_factory=lambda: ["steered", "steered_members", "raw", "demographic", "few_shot", "random"],
-        metadata={"help": f"Methods to evaluate, from {list(METHODS)}."},
+        default_factory=lambda: list(METHODS),
+        metadata={
+            "help": f"Methods to evaluate, from {list(METHODS)} (each protocol runs those it defines)."
+        },
     )
     max_users: int = field(default=40, metadata={"help": "People evaluated for per-individual accuracy."})
     max_answers_per_user: int = field(default=8, metadata={"help": "Held-out answers per person (at most)."})
@@ -83,9 +132,21 @@ class OpinionEvalArguments:
     group_attribute: str = field(
         default="POLPARTY", metadata={"help": "Attribute whose groups are scored for representativeness."}
     )
-    max_questions: int = field(default=30, metadata={"help": "Questions scored for representativeness."})
-    group_members: int = field(
-        default=8, metadata={"help": "Members per group averaged by the steered_members method."}
+    max_questions: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cap on scored questions (default: every ordinal question of the evaluation split)."
+        },
+    )
+    n_bootstrap: int = field(
+        default=2000, metadata={"help": "Bootstrap resamples for the 95 percent intervals."}
+    )
+    split: str = field(
+        default="eval",
+        metadata={
+            "help": "'eval': score the evaluation questions (the reported numbers); 'valid': score the validation "
+            "questions instead (for choices such as settings or checkpoints, never for reporting)."
+        },
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
     dtype: str | None = field(default=None, metadata={"help": "Model dtype (float32 default)."})
@@ -98,6 +159,8 @@ class OpinionEvalArguments:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"OpinionEvalArguments.methods: unknown {unknown}; choose from {list(METHODS)}")
+        if self.split not in ("eval", "valid"):
+            raise ValueError(f"OpinionEvalArguments.split must be 'eval' or 'valid', got {self.split!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,9 +233,36 @@ def _traits(row, columns: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def group_few_shot_preamble(examples: Sequence[tuple[str, str]]) -> str:
+    """K of a group's most common answers (the context few-shot baseline for groups)."""
+    lines = ["Here are the most common answers of people in your group to other survey questions:"]
+    for question, answer in examples:
+        lines.append(f"Q: {question.strip()}\nA: {answer}")
+    lines.append("Answer the next question the way people in your group would.")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------
 # The evaluation
 # --------------------------------------------------------------------------------------------------
+
+
+def _stem(key: str) -> str:
+    return re.sub(r"_W\d+$", "", key)
+
+
+def eval_question_keys(split: dict, part: str = "eval") -> list[str]:
+    """The scored questions of a split (``eval_question_keys``; older splits: every question, logged)."""
+    if part == "valid":
+        keys = split.get("valid_question_keys")
+        if not keys:
+            raise ValueError("split.json has no validation questions (valid_question_keys)")
+        return list(keys)
+    keys = split.get("eval_question_keys")
+    if keys is None:
+        logger.warning("split.json has no eval_question_keys (an old split): scoring all its questions")
+        keys = split["question_keys"]
+    return list(keys)
 
 
 def _load(args: OpinionEvalArguments):
@@ -186,13 +276,13 @@ def _load(args: OpinionEvalArguments):
         )
     data_dir = Path(args.data_dir) if args.data_dir else persona_dir.parent / "data"
     split_path = data_dir / "split.json"
-    for path in (split_path, data_dir / "train.csv", data_dir / "heldout.csv"):
-        if not path.is_file():
-            raise FileNotFoundError(f"evaluation data not found: {path} (written by `steer train persona`)")
+    if not split_path.is_file():
+        raise FileNotFoundError(f"evaluation data not found: {split_path} (written by `steer train persona`)")
     split = json.loads(split_path.read_text())
     for key in ("waves", "question_keys"):
         if key not in split:
             raise ValueError(f"{split_path}: missing field {key!r}")
+    protocol = split.get("protocol", "individuals")
     index = (
         json.loads((persona_dir / PERSONAS_INDEX).read_text())
         if (persona_dir / PERSONAS_INDEX).is_file()
@@ -203,44 +293,61 @@ def _load(args: OpinionEvalArguments):
         raise ValueError("model_name_or_path is not set and the persona directory records no base_model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     steered = PersonaSteeredModel.from_pretrained(base, persona_dir, dtype=args.dtype, device=device)
-    questions = load_waves(split.get("opinionqa_dir"), split["waves"])
-    questions = {k: questions[k] for k in split["question_keys"] if k in questions}
-    train = load_responses(data_dir / "train.csv", questions)
-    heldout = load_responses(data_dir / "heldout.csv", questions)
+    train = heldout = None
+    if protocol == "individuals":
+        for path in (data_dir / "train.csv", data_dir / "heldout.csv"):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"evaluation data not found: {path} (written by `steer train persona`)"
+                )
+        questions = load_waves(split.get("opinionqa_dir"), split["waves"])
+        questions = {k: questions[k] for k in split["question_keys"] if k in questions}
+        train = load_responses(data_dir / "train.csv", questions)
+        heldout = load_responses(data_dir / "heldout.csv", questions)
     return steered, split, index, train, heldout
 
 
-def _random_twin(steered, seed: int):
-    from steer.persona.soft_prompt import SoftPromptNetwork
-    from steer.persona.steering import PersonaSteeredModel
+def _zero_persona(steered) -> torch.Tensor:
+    return torch.zeros(1, steered.network.config.persona_dim)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = SoftPromptNetwork.from_config(steered.network.config)
-    return PersonaSteeredModel(
-        steered.model,
-        steered.tokenizer,
-        network,
-        embedder=steered.embedder,
-        personas=steered.personas,
-        prompt_format=steered.prompt_format,
-    )
+
+def interval(values, *, paired_with=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """``{"mean", "low", "high", "n"}``: the mean of ``values`` (or of ``values - paired_with``, paired by
+    item) over its finite items with a percentile bootstrap interval (:mod:`steer.eval.stats`)."""
+    from steer.eval.stats import bootstrap_ci
+
+    x = np.asarray(values, dtype=np.float64)
+    if paired_with is not None:
+        y = np.asarray(paired_with, dtype=np.float64)
+        if y.shape != x.shape:
+            raise ValueError(f"paired values must have one shape, got {x.shape} and {y.shape}")
+        x = x - y
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    low, high = bootstrap_ci(x, n_boot=n_boot, level=level, seed=seed)
+    return {"mean": float(x.mean()), "low": low, "high": high, "n": int(x.size)}
+
+
+def _interval(values, args: OpinionEvalArguments, paired_with=None) -> dict:
+    return interval(values, paired_with=paired_with, n_boot=args.n_bootstrap, seed=args.seed)
 
 
 def evaluate_individuals(
-    steered, train, heldout, methods, args: OpinionEvalArguments, cohort_of=None, random_model=None
+    steered, train, heldout, methods, args: OpinionEvalArguments, cohort_of=None, population=None
 ) -> dict:
-    """Per-individual accuracy on held-out answers, for each method."""
+    """Per-individual accuracy on held-out questions, for each method, with bootstrap intervals over people."""
     rng = np.random.default_rng(args.seed)
     train_row = {str(u): i for i, u in enumerate(train.user_ids)}
     candidates = [i for i in range(heldout.num_users) if heldout.observed[i].any()]
+    known: list[str] = []
     if steered.embedder is not None:
-        known = set(map(str, steered.embedder.user_ids))
-        candidates = [i for i in candidates if str(heldout.user_ids[i]) in known]
+        known = list(map(str, steered.embedder.user_ids))
+        candidates = [i for i in candidates if str(heldout.user_ids[i]) in set(known)]
     if not candidates:
         raise ValueError("no evaluated person has held-out answers and a persona vector")
     chosen = sorted(rng.choice(candidates, size=min(args.max_users, len(candidates)), replace=False))
-    items = []  # (user id, question, answer index, train row)
+    items = []  # (user id, question, answer index, heldout row)
     for i in chosen:
         cols = np.nonzero(heldout.observed[i])[0]
         cols = rng.permutation(cols)[: args.max_answers_per_user]
@@ -254,11 +361,25 @@ def evaluate_individuals(
     demo_columns = [c for c in heldout.demographics.columns if heldout.demographics[c].notna().any()]
     results: dict[str, dict] = {}
     for method in methods:
-        persona, preambles, model = None, None, steered
-        if method == "steered":
+        persona, preambles = None, None
+        predictions = None
+        if method == "population_mode":
+            if population is None:
+                continue
+            predictions = [
+                int(np.argmax(population[q.key])) if q.key in population else None for _, q, _, _ in items
+            ]
+        elif method == "steered":
             persona = users
-        elif method == "random":
-            persona, model = users, random_model
+        elif method == "zero":
+            persona = _zero_persona(steered)
+        elif method == "shuffled":
+            pool = np.asarray(known or users, dtype=object)
+            draws = np.random.default_rng([args.seed, 1]).integers(0, len(pool), size=len(users))
+            persona = [
+                str(pool[d]) if str(pool[d]) != u else str(pool[(d + 1) % len(pool)])
+                for d, u in zip(draws, users)
+            ]
         elif method == "cohort":
             if not cohort_of:
                 logger.warning("cohort baseline skipped: the persona directory has no cohort table")
@@ -280,208 +401,405 @@ def evaluate_individuals(
                         q = train.questions[train.question_keys[j]]
                         shots.append((q.text, q.options[int(train.option_index[row, j])]))
                 preambles.append(few_shot_preamble(shots) if shots else None)
-        probs = model.option_probs_batch(questions, persona, preambles=preambles, batch_size=args.batch_size)
+        elif method != "raw":
+            continue
+        if predictions is None:
+            probs = steered.option_probs_batch(
+                questions, persona, preambles=preambles, batch_size=args.batch_size
+            )
+            predictions = [int(p.argmax()) for p in probs]
         correct: dict[str, list[bool]] = defaultdict(list)
-        for (user, _, answer, _), p in zip(items, probs):
-            correct[user].append(int(p.argmax()) == answer)
+        for (user, _, answer, _), prediction in zip(items, predictions):
+            if prediction is not None:
+                correct[user].append(prediction == answer)
+        per_person = [float(np.mean(v)) for v in correct.values() if v]
         results[method] = {
             "accuracy_macro": macro_accuracy(correct),
-            "accuracy_micro": float(np.mean([c for v in correct.values() for c in v])),
+            "accuracy_micro": float(np.mean([c for v in correct.values() for c in v]))
+            if per_person
+            else math.nan,
+            "interval": _interval(per_person, args),
         }
         logger.info("individuals / %s: %s", method, results[method])
-    return {"num_people": len(chosen), "num_answers": len(items), "methods": results}
+    return {
+        "num_people": len(chosen),
+        "num_answers": len(items),
+        "num_questions": len({q.key for _, q, _, _ in items}),
+        "methods": results,
+        "not_defined": {"mf": "held-out questions are unknown to the embedder"},
+    }
 
 
-def _group_members(train, attribute: str, groups: Sequence[str], known: set[str], k: int, seed: int) -> dict:
-    """Up to ``k`` user ids per group value of ``attribute`` (users with a persona vector only)."""
-    if train is None or attribute not in train.demographics.columns:
-        return {}
-    values = train.demographics[attribute].astype(str).to_numpy()
-    rng = np.random.default_rng(seed)
-    out = {}
-    for group in groups:
-        members = [str(u) for u, v in zip(train.user_ids, values) if v == group and str(u) in known]
-        if members:
-            out[group] = sorted(rng.choice(members, size=min(k, len(members)), replace=False).tolist())
-    return out
+def _train_twins(eval_keys, train_keys, questions) -> dict[str, str]:
+    """Evaluation question -> a training question with the same stem and options (questions that repeat)."""
+    by_stem: dict[str, str] = {}
+    for key in train_keys:
+        if key in questions:
+            by_stem.setdefault(_stem(key), key)
+    twins = {}
+    for key in eval_keys:
+        twin = by_stem.get(_stem(key))
+        if twin is not None and questions[twin].options == questions[key].options:
+            twins[key] = twin
+    return twins
 
 
-def evaluate_groups(
-    steered, split, methods, args: OpinionEvalArguments, random_model=None, train=None
-) -> dict:
-    """Representativeness toward each group of ``args.group_attribute`` against the real Pew distributions."""
-    from steer.persona.opinionqa import group_distributions, load_wave, wave_dirs
+def evaluate_groups(steered, split, methods, args: OpinionEvalArguments) -> dict:
+    """Representativeness toward each group of ``args.group_attribute`` and every folded-in group, on the
+    scored questions of ``split``, against the real Pew distributions (see the module docstring)."""
+    from steer.persona.groups import load_group_table, parse_group_name
 
     attribute = args.group_attribute
-    keys = set(split["question_keys"])
-    human = {}
-    for directory in wave_dirs(split.get("opinionqa_dir"), split["waves"]):
-        wave_questions = load_wave(directory)
-        for key, dist in group_distributions(directory, attribute, questions=wave_questions).items():
-            if key in keys and not dist.question.is_nominal:
-                human[key] = dist
+    fold_in = [g for g in split.get("fold_in", {}) if g in steered.personas]
+    attributes = list(dict.fromkeys([attribute] + [parse_group_name(g)[0] for g in fold_in]))
+    table = load_group_table(split.get("opinionqa_dir"), split["waves"], attributes=attributes)
+    train_keys = set(split.get("train_question_keys") or [])
+    keys = [k for k in eval_question_keys(split, args.split) if k in table.probs]
+    leaked = sorted(set(keys) & train_keys)
+    if leaked:
+        raise ValueError(f"split.json scores questions that training used: {leaked[:5]}")
+    if args.max_questions is not None and len(keys) > args.max_questions:
+        rng = np.random.default_rng(args.seed)
+        keys = sorted(rng.choice(keys, size=args.max_questions, replace=False).tolist())
     prefix = f"{attribute}="
-    groups = sorted(k[len(prefix) :] for k in steered.personas if k.startswith(prefix))
+    groups = [g for g in table.names if g.startswith(prefix) and g in steered.personas]
     if not groups:
-        raise ValueError(f"the persona directory stores no {attribute} centroids (demographic_attributes)")
-    rng = np.random.default_rng(args.seed)
-    chosen = sorted(human)
-    if len(chosen) > args.max_questions:
-        chosen = sorted(rng.choice(chosen, size=args.max_questions, replace=False).tolist())
-    pairs = []  # (group, question key, human probs)
-    for group in groups:
-        for key in chosen:
-            dist = human[key]
-            if (group,) not in dist.groups:
-                continue
-            p = dist.probs[dist.group_index(group)]
-            if not np.isnan(p).any():
-                pairs.append((group, key, p))
-    if not pairs:
-        raise ValueError(f"no {attribute} group has real Pew distributions on the evaluated questions")
-    questions = {k: human[k].question for k in chosen}
-    raw_cache: dict[str, np.ndarray] = {}
-    results: dict[str, dict] = {}
+        raise ValueError(
+            f"the persona directory stores no {attribute} personas (known: {sorted(steered.personas)[:8]})"
+        )
+    scored = groups + [g for g in fold_in if g in table.names]
+    if not keys:
+        raise ValueError("no scored question has real group distributions")
+    questions = {k: table.questions[k] for k in keys}
+    text = {k: (questions[k].text, list(questions[k].options)) for k in keys}
+    real = {(g, k): table.distribution(g, k) for g in table.names for k in keys}
+    pool = [g for g in split.get("train_groups", []) if g in steered.personas] or [
+        g for g in steered.personas if "=" in g and g not in fold_in
+    ]
+    methods = [m for m in methods if m in GROUP_METHODS]
+    if "wrong_group" in methods and "steered" not in methods:
+        methods = ["steered", *methods]
+    outputs: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+
+    def run(method: str, rows: list[tuple[str, str]], persona, preambles=None) -> None:
+        probs = steered.option_probs_batch(
+            [text[k] for _, k in rows], persona, preambles=preambles, batch_size=args.batch_size
+        )
+        outputs[method] = {row: p.numpy().astype(np.float64) for row, p in zip(rows, probs)}
+        logger.info("groups / %s: %d prompts", method, len(rows))
+
+    pairs = [(g, k) for g in scored for k in keys]
+    same_attribute = {
+        g: [h for h in table.names if parse_group_name(h)[0] == parse_group_name(g)[0] and h != g]
+        for g in scored
+    }
+    # the steered outputs of every group's peers (same attribute) give its wrong-group ablation
+    peers = [h for g in scored for h in same_attribute[g] if h in steered.personas and h not in scored]
+    steer_pairs = pairs + [(h, k) for h in dict.fromkeys(peers) for k in keys]
+    shared = {"raw": None, "zero": _zero_persona(steered)}
     for method in methods:
-        if method not in GROUP_METHODS:
+        if method in shared:
+            run(method, [("*", k) for k in keys], shared[method])
+            outputs[method] = {(g, k): outputs[method][("*", k)] for g, k in pairs}
+        elif method == "steered":
+            run(method, steer_pairs, [g for g, _ in steer_pairs])
+        elif method == "shuffled":
+            rng = np.random.default_rng([args.seed, 2])
+            others = []
+            for g, _ in pairs:
+                candidates = [p for p in pool if p != g]
+                others.append(candidates[int(rng.integers(len(candidates)))])
+            run(method, pairs, others)
+        elif method == "demographic":
+            preambles = [
+                demographic_preamble({parse_group_name(g)[0]: parse_group_name(g)[1]}) for g, _ in pairs
+            ]
+            run(method, pairs, None, preambles)
+        elif method == "few_shot":
+            preambles = []
+            shot_keys = sorted(train_keys & set(table.probs))
+            for g, k in pairs:
+                rng = np.random.default_rng([args.seed, scored.index(g), keys.index(k)])
+                shots = []
+                for key in rng.permutation(shot_keys) if shot_keys else []:
+                    dist = table.distribution(g, key)
+                    if dist is not None:
+                        shots.append(
+                            (table.questions[key].text, table.questions[key].options[int(dist.argmax())])
+                        )
+                    if len(shots) >= args.few_shot_k:
+                        break
+                preambles.append(group_few_shot_preamble(shots) if shots else None)
+            run(method, pairs, None, preambles)
+
+    twins = _train_twins(keys, sorted(train_keys), table.questions)
+    reference = {
+        "population": lambda g, k: table.population[k],
+        "majority": lambda g, k: np.eye(len(table.population[k]))[int(np.argmax(table.population[k]))],
+        "uniform": lambda g, k: np.full(questions[k].num_options, 1.0 / questions[k].num_options),
+        "train_frequency": lambda g, k: table.population[twins[k]] if k in twins else None,
+        "group_train_frequency": lambda g, k: table.distribution(g, twins[k]) if k in twins else None,
+    }
+    for method in methods:
+        if method in reference:
+            outputs[method] = {(g, k): reference[method](g, k) for g, k in pairs}
+
+    def rep(p, g, k) -> float:
+        q = real[(g, k)]
+        if p is None or q is None:
+            return math.nan
+        return representativeness(p / p.sum(), q, questions[k].scaled)
+
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for method, out in outputs.items():
+        scores[method] = {g: np.asarray([rep(out.get((g, k)), g, k) for k in keys]) for g in scored}
+    if "steered" in outputs:
+        # wrong group: this group's real distribution scored against the outputs steered by its peers
+        scores["wrong_group"] = {}
+        for g in scored:
+            others = [h for h in same_attribute[g] if (h, keys[0]) in outputs["steered"]]
+            if others:
+                rows = [[rep(outputs["steered"][(h, k)], g, k) for h in others] for k in keys]
+                scores["wrong_group"][g] = np.nanmean(np.asarray(rows), 1)
+    # specificity: own persona minus the peers' personas, on this group's real distribution (exactly 0 for a
+    # persona-blind model); the real data's value is 1 - mean_h rep(real_h, real_g)
+    specificity, real_specificity = {}, {}
+    for g in scored:
+        others = same_attribute[g]
+        if not others:
             continue
-        if method == "steered_members":
-            known = set(map(str, steered.embedder.user_ids)) if steered.embedder is not None else set()
-            members = _group_members(train, attribute, groups, known, args.group_members, args.seed)
-            if not members:
-                logger.warning("steered_members skipped: no group members with persona vectors")
+        with np.errstate(all="ignore"):
+            real_other = np.asarray([np.nanmean([rep(real[(h, k)], g, k) for h in others]) for k in keys])
+        real_specificity[g] = _interval(1.0 - real_other, args)
+        if "wrong_group" in scores and g in scores["wrong_group"]:
+            specificity[g] = _interval(scores["steered"][g], args, paired_with=scores["wrong_group"][g])
+
+    results: dict[str, dict] = {}
+    for method, per_group in scores.items():
+        if not all(g in per_group for g in groups):
+            continue
+        stacked = np.asarray([per_group[g] for g in groups])
+        with np.errstate(all="ignore"):
+            mean_over_groups = np.where(np.isfinite(stacked).all(0), stacked.mean(0), np.nan)
+        results[method] = {
+            "per_group": {g: _interval(per_group[g], args) for g in scored if g in per_group},
+            "mean": _interval(mean_over_groups, args),
+        }
+    contrasts: dict[str, dict] = {}
+    if "steered" in scores:
+        for other in CONTRASTS:
+            if other not in scores:
                 continue
-            rows = [(g, k, p) for g, k, p in pairs if g in members]
-            flat_q, flat_p = [], []
-            for group, key, _ in rows:
-                for user in members[group]:
-                    flat_q.append((questions[key].text, list(questions[key].options)))
-                    flat_p.append(user)
-            probs = steered.option_probs_batch(flat_q, flat_p, batch_size=args.batch_size)
-            model_probs, start = [], 0
-            for group, _, _ in rows:
-                n = len(members[group])
-                model_probs.append(torch.stack(probs[start : start + n]).mean(0).numpy())
-                start += n
-            method_pairs = rows
-        elif method == "raw":
-            todo = [k for k in chosen if k not in raw_cache]
-            probs = steered.option_probs_batch(
-                [(questions[k].text, list(questions[k].options)) for k in todo],
-                None,
-                batch_size=args.batch_size,
-            )
-            raw_cache.update({k: p.numpy() for k, p in zip(todo, probs)})
-            model_probs = [raw_cache[k] for _, k, _ in pairs]
-            method_pairs = pairs
-        else:
-            model = random_model if method == "random" else steered
-            persona = [f"{prefix}{g}" for g, _, _ in pairs] if method in ("steered", "random") else None
-            preambles = (
-                [demographic_preamble({attribute: g}) for g, _, _ in pairs]
-                if method == "demographic"
-                else None
-            )
-            probs = model.option_probs_batch(
-                [(questions[k].text, list(questions[k].options)) for _, k, _ in pairs],
-                persona,
-                preambles=preambles,
-                batch_size=args.batch_size,
-            )
-            model_probs = [p.numpy() for p in probs]
-            method_pairs = pairs
-        per_group: dict[str, list[float]] = defaultdict(list)
-        for (group, key, p_human), p_model in zip(method_pairs, model_probs):
-            support = questions[key].scaled
-            per_group[group].append(representativeness(p_model / p_model.sum(), p_human, support))
-        group_scores = {g: float(np.mean(v)) for g, v in per_group.items()}
-        results[method] = {"per_group": group_scores, "mean": float(np.mean(list(group_scores.values())))}
-        logger.info("groups / %s: %s", method, results[method])
-    return {"attribute": attribute, "groups": groups, "num_questions": len(chosen), "methods": results}
+            contrasts[f"steered - {other}"] = {
+                g: _interval(scores["steered"][g], args, paired_with=scores[other][g])
+                for g in scored
+                if g in scores[other]
+            }
+    # the TV distance between the steered outputs of two groups vs between their real distributions
+    separation = {}
+    if "steered" in outputs and len(groups) >= 2:
+        for i, g in enumerate(groups):
+            for h in groups[i + 1 :]:
+                model_tv = [
+                    0.5 * np.abs(outputs["steered"][(g, k)] - outputs["steered"][(h, k)]).sum() for k in keys
+                ]
+                real_tv = [
+                    0.5 * np.abs(real[(g, k)] - real[(h, k)]).sum()
+                    for k in keys
+                    if real[(g, k)] is not None and real[(h, k)] is not None
+                ]
+                separation[f"{g} vs {h}"] = {
+                    "model_tv": float(np.mean(model_tv)),
+                    "real_tv": float(np.mean(real_tv)),
+                }
+    return {
+        "attribute": attribute,
+        "groups": groups,
+        "fold_in_groups": [g for g in scored if g not in groups],
+        "fold_in": {g: split.get("fold_in", {}).get(g, {}) for g in scored if g not in groups},
+        "num_questions": len(keys),
+        "question_keys": keys,
+        "eval_waves": split.get("eval_waves") if args.split == "eval" else split.get("valid_waves"),
+        "split": args.split,
+        "train_twins": len(twins),
+        "methods": results,
+        "contrasts": contrasts,
+        "specificity": specificity,
+        "real_specificity": real_specificity,
+        "separation": separation,
+        "not_defined": {
+            "mf": "the evaluated questions are unknown to the embedder (it saw only training questions)",
+            **({} if twins else {"train_frequency": "no evaluated question repeats a training question"}),
+        },
+    }
 
 
-def _chart(individuals: dict, groups: dict, path: Path) -> Path:
+def _fmt_interval(value: dict | None, digits: int = 3) -> str:
+    if not value or value.get("n", 0) == 0 or value.get("mean") is None or not math.isfinite(value["mean"]):
+        return "–"
+    return f"{value['mean']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+
+
+def _chart(groups: dict, path: Path) -> Path:
     from steer.eval.report import bar_chart
 
-    methods = list(dict.fromkeys(list(individuals["methods"]) + list(groups["methods"])))
-    rows, metrics, labels = [], [], {}
-    if individuals["methods"]:
-        metrics.append("accuracy_macro")
-        labels["accuracy_macro"] = "per-individual accuracy"
-    for group in groups["groups"]:
-        metrics.append(f"rep:{group}")
-        labels[f"rep:{group}"] = f"representativeness\n{groups['attribute']}={group}"
-    for method in methods:
+    names = groups["groups"] + groups.get("fold_in_groups", [])
+    rows = []
+    for method, values in groups["methods"].items():
         row = {"run": method}
-        if method in individuals["methods"]:
-            row["accuracy_macro"] = individuals["methods"][method]["accuracy_macro"]
-        if method in groups["methods"]:
-            for group, value in groups["methods"][method]["per_group"].items():
-                row[f"rep:{group}"] = value
+        for g in names:
+            row[f"rep:{g}"] = (values["per_group"].get(g) or {}).get("mean")
         rows.append(row)
-    return bar_chart(rows, metrics, path, title="Persona steering on OpinionQA", labels=labels)
+    metrics = [f"rep:{g}" for g in names]
+    labels = {f"rep:{g}": f"representativeness\n{g}" for g in names}
+    return bar_chart(
+        rows, metrics, path, title="Persona steering on OpinionQA (evaluation waves)", labels=labels
+    )
+
+
+def opinion_markdown(result: dict) -> str:
+    """The markdown report: every metric as ``mean [95% interval]`` with its count."""
+    from steer.eval.report import markdown_table
+
+    lines = [f"# OpinionQA persona evaluation: {result['run_name']}", ""]
+    if result.get("groups", {}).get("split") == "valid":
+        lines += [
+            "**Validation questions** (for choices only; the reported numbers use the evaluation waves).",
+            "",
+        ]
+    groups = result.get("groups")
+    if groups:
+        names = groups["groups"] + groups.get("fold_in_groups", [])
+        lines.append(
+            f"Representativeness 1 - WD/(max-min) toward each {groups['attribute']} group against the real Pew "
+            f"distributions on {groups['num_questions']} unseen questions (evaluation waves "
+            f"{groups.get('eval_waves')}); mean [95% bootstrap interval over questions]. "
+            f"Folded-in groups: {groups.get('fold_in_groups') or 'none'}.\n"
+        )
+        rows = []
+        for method, values in groups["methods"].items():
+            row = {"method": method}
+            for g in names:
+                row[g] = _fmt_interval(values["per_group"].get(g))
+            row["n"] = max((v or {}).get("n", 0) for v in values["per_group"].values())
+            row["mean (party groups)"] = _fmt_interval(values["mean"])
+            rows.append(row)
+        lines.append(markdown_table(rows, ["method", *names, "mean (party groups)", "n"]))
+        if groups["contrasts"]:
+            lines.append(
+                "\nPaired differences (steered minus method), mean [95% paired bootstrap interval]:\n"
+            )
+            rows = [
+                {"contrast": name, **{g: _fmt_interval(v.get(g)) for g in names}}
+                for name, v in groups["contrasts"].items()
+            ]
+            lines.append(markdown_table(rows, ["contrast", *names]))
+        if groups["specificity"]:
+            lines.append(
+                "\nGroup specificity rep(steered_g, real_g) - mean_h rep(steered_h, real_g) over the other groups h of "
+                "the same attribute (own persona minus the wrong personas, on g's real answers; 0 for a persona-blind "
+                "model), and the real data's own value 1 - mean_h rep(real_h, real_g):\n"
+            )
+            rows = [
+                {
+                    "group": g,
+                    "steered": _fmt_interval(groups["specificity"].get(g)),
+                    "real": _fmt_interval(groups["real_specificity"].get(g)),
+                    "n": (groups["specificity"].get(g) or {}).get("n"),
+                }
+                for g in names
+            ]
+            lines.append(markdown_table(rows, ["group", "steered", "real", "n"]))
+        if groups.get("separation"):
+            rows = [{"pair": k, **v} for k, v in groups["separation"].items()]
+            lines.append("\nMean total-variation distance between two groups' answer distributions:\n")
+            lines.append(markdown_table(rows, ["pair", "model_tv", "real_tv"]))
+        if groups.get("not_defined"):
+            lines.append(
+                "\nNot defined here: " + "; ".join(f"{k}: {v}" for k, v in groups["not_defined"].items())
+            )
+    individuals = result.get("individuals")
+    if individuals:
+        lines.append(
+            f"\nPer-individual accuracy on held-out questions ({individuals['num_people']} people, "
+            f"{individuals['num_answers']} answers, {individuals['num_questions']} questions), macro-averaged "
+            "over people [95% bootstrap interval over people]:\n"
+        )
+        rows = [
+            {
+                "method": m,
+                "accuracy_macro": _fmt_interval(v["interval"]),
+                "accuracy_micro": v["accuracy_micro"],
+            }
+            for m, v in individuals["methods"].items()
+        ]
+        lines.append(markdown_table(rows, ["method", "accuracy_macro", "accuracy_micro"]))
+    return "\n".join(lines) + "\n"
 
 
 def write_opinion_report(result: dict, output_dir: str | os.PathLike) -> dict[str, Path]:
     """``opinions.json`` (run result), ``opinions.md`` and ``opinions.png`` (per-group chart)."""
-    from steer.eval.report import atomic_write_text, markdown_table, write_json
+    from steer.eval.report import atomic_write_text, write_json
 
     output_dir = Path(output_dir)
-    individuals, groups = result["individuals"], result["groups"]
-    lines = [f"# OpinionQA persona evaluation: {result['run_name']}", ""]
-    lines.append(
-        f"Per-individual accuracy on held-out answers ({individuals['num_people']} people, "
-        f"{individuals['num_answers']} answers), macro-averaged over people:\n"
-    )
-    lines.append(
-        markdown_table(
-            [{"method": m, **v} for m, v in individuals["methods"].items()],
-            ["method", "accuracy_macro", "accuracy_micro"],
-        )
-    )
-    lines.append(
-        f"\nRepresentativeness 1 - WD/(max-min) toward each {groups['attribute']} group against the real Pew "
-        f"distributions ({groups['num_questions']} questions):\n"
-    )
-    columns = ["method", *groups["groups"], "mean"]
-    rows = [{"method": m, **v["per_group"], "mean": v["mean"]} for m, v in groups["methods"].items()]
-    lines.append(markdown_table(rows, columns))
     paths = {
         "json": write_json(output_dir / "opinions.json", result),
-        "markdown": atomic_write_text(output_dir / "opinions.md", "\n".join(lines)),
-        "png": _chart(individuals, groups, output_dir / "opinions.png"),
+        "markdown": atomic_write_text(output_dir / "opinions.md", opinion_markdown(result)),
     }
+    if result.get("groups"):
+        paths["png"] = _chart(result["groups"], output_dir / "opinions.png")
     return paths
 
 
 def run_opinion_eval(args: OpinionEvalArguments) -> dict:
     """Evaluate a trained persona directory; writes the report into ``args.output_dir`` and returns it."""
+    import time
+
+    start = time.perf_counter()
     steered, split, index, train, heldout = _load(args)
-    random_model = _random_twin(steered, args.seed) if "random" in args.methods else None
-    individual_methods = [m for m in args.methods if m in INDIVIDUAL_METHODS]
-    individuals = evaluate_individuals(
-        steered,
-        train,
-        heldout,
-        individual_methods,
-        args,
-        cohort_of=index.get("cohort_of_user"),
-        random_model=random_model,
-    )
-    groups = evaluate_groups(steered, split, args.methods, args, random_model=random_model, train=train)
+    groups = evaluate_groups(steered, split, args.methods, args)
+    individuals = None
+    if train is not None:
+        from steer.persona.groups import load_group_table
+
+        try:
+            table = load_group_table(split.get("opinionqa_dir"), split["waves"], attributes=["POLPARTY"])
+            population = table.population
+        except (FileNotFoundError, ValueError) as err:
+            logger.warning("population_mode baseline skipped: %s", err)
+            population = None
+        individual_methods = [m for m in args.methods if m in INDIVIDUAL_METHODS]
+        individuals = evaluate_individuals(
+            steered,
+            train,
+            heldout,
+            individual_methods,
+            args,
+            cohort_of=index.get("cohort_of_user"),
+            population=population,
+        )
     metrics = {}
-    for method, values in individuals["methods"].items():
-        metrics[f"accuracy_macro/{method}"] = values["accuracy_macro"]
     for method, values in groups["methods"].items():
-        metrics[f"representativeness/{method}"] = values["mean"]
+        if values["mean"]["n"]:  # methods not defined on any scored question are left out
+            metrics[f"representativeness/{method}"] = values["mean"]["mean"]
+    for g, value in groups["specificity"].items():
+        metrics[f"specificity/{g}"] = value["mean"]
+    if individuals:
+        for method, values in individuals["methods"].items():
+            metrics[f"accuracy_macro/{method}"] = values["accuracy_macro"]
     result = {
         "schema": RESULT_SCHEMA,
         "run_name": args.run_name,
+        "protocol": split.get("protocol", "individuals"),
         "metrics": metrics,
-        "individuals": individuals,
         "groups": groups,
+        "individuals": individuals,
         "config": asdict(args),
-        "data": {k: split.get(k) for k in ("waves", "source", "num_users")},
+        "data": {
+            k: split.get(k)
+            for k in ("waves", "train_waves", "valid_waves", "eval_waves", "source", "num_users")
+        },
+        "seconds": time.perf_counter() - start,
     }
     paths = write_opinion_report(result, args.output_dir)
     logger.info("opinion report written: %s", {k: str(v) for k, v in paths.items()})

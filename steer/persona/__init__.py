@@ -1,15 +1,18 @@
 """Persona embeddings: OpinionQA loaders, a respondent simulator, matrix factorisation, cohorts.
 
 See each module's docstring for its API: :mod:`steer.persona.opinionqa` (``Question``, ``Responses``,
-loaders, group distributions), :mod:`steer.persona.simulate` (``simulate_respondents``,
-``synthetic_responses``), :mod:`steer.persona.embedder` (``PersonaEmbedder``) and
-:mod:`steer.persona.cohorts` (``find_cohorts``, ``group_centroids``); the steering half:
+loaders, group distributions), :mod:`steer.persona.groups` (``GroupTable``: demographic groups as
+respondents with their real answer distributions), :mod:`steer.persona.data` (the recipe's data
+preparation: wave split, personas, training examples), :mod:`steer.persona.simulate`
+(``simulate_respondents``, ``synthetic_responses``), :mod:`steer.persona.embedder` (``PersonaEmbedder``)
+and :mod:`steer.persona.cohorts` (``find_cohorts``, ``group_centroids``); the steering half:
 :mod:`steer.persona.soft_prompt` (``SoftPromptNetwork``) and :mod:`steer.persona.steering`
 (``PersonaSteeredModel``).
 """
 
 from steer.persona.cohorts import CohortResult, find_cohorts, group_centroids
 from steer.persona.embedder import EmbedderConfig, PersonaEmbedder, option_accuracy, per_question_mean_rmse
+from steer.persona.groups import GROUP_ATTRIBUTES, GroupTable, load_group_table
 from steer.persona.opinionqa import (
     DEMOGRAPHIC_COLUMNS,
     GroupDistribution,
@@ -29,6 +32,9 @@ from steer.persona.steering import PersonaSteeredModel, PromptFormat, decode
 
 __all__ = [
     "DEMOGRAPHIC_COLUMNS",
+    "GROUP_ATTRIBUTES",
+    "GroupTable",
+    "load_group_table",
     "CohortResult",
     "EmbedderConfig",
     "GroupDistribution",

@@ -417,6 +417,43 @@ class PersonaEmbedder:
         if "state" in tracker:
             self._restore(tracker["state"])
 
+    @torch.no_grad()
+    def refit_questions(self, responses: Responses, embeddings: torch.Tensor) -> PersonaEmbedder:
+        """Adopt new training-user ``embeddings`` (e.g. fine-tuned with the soft prompt) and re-solve the
+        question side for them (one closed-form ridge solve), so fold-in, cohorts and predictions use the
+        same space as the new vectors. ``responses`` are the training answers (same users, same order)."""
+        self._check_fitted()
+        embeddings = torch.as_tensor(embeddings, dtype=torch.float32, device=self.device)
+        if embeddings.shape != self.embeddings.shape:
+            raise ValueError(f"embeddings shape {tuple(embeddings.shape)} != {tuple(self.embeddings.shape)}")
+        if [str(u) for u in responses.user_ids] != [str(u) for u in self.user_ids]:
+            raise ValueError("refit_questions: responses must hold the training users in the training order")
+        self.embeddings = embeddings.clone()
+        self._solve_questions(_Data(self._align(responses), self.device, mean=self.global_mean))
+        self._gram_cache = None
+        return self
+
+    @torch.no_grad()
+    def standardize_(self) -> PersonaEmbedder:
+        """Re-parametrise in place so that the training embeddings have mean 0 and std 1 per dimension.
+
+        ``e' = (e - m) / s``, ``x' = s * x``, ``c' = c + <m, x>``: every prediction is unchanged, but
+        persona vectors (and group centroids) are no longer all near the origin, and fold-in's ridge
+        prior now pulls a new person toward the average training person. The user-bias coordinate
+        (``user_bias=True``) is left as it is. Returns ``self``.
+        """
+        self._check_fitted()
+        dim = self.config.dim
+        if len(self.embeddings) < 2:
+            raise ValueError("standardize_ needs at least two training embeddings")
+        head = self.embeddings[:, :dim]
+        mean, std = head.mean(0), head.std(0).clamp(min=1e-8)
+        self.question_bias = self.question_bias + self.question_factors @ mean
+        self.question_factors = self.question_factors * std
+        self.embeddings = torch.cat([(head - mean) / std, self.embeddings[:, dim:]], 1)
+        self._gram_cache = None
+        return self
+
     # --------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def fold_in(self, responses: Responses, k_answers: int | None = None, *, seed: int = 0) -> torch.Tensor:

@@ -3,22 +3,34 @@
 Public API
 ----------
 ``simulate_respondents(waves=None, *, root=None, group_by=("POLPARTY", "RACE"), n_respondents=1000,
-seed=0, observed_frac=0.15, tilt=0.5, separation=0.0, ...) -> Responses``
-    Respondents grounded in the real Pew group distributions of OpinionQA's ``*_data.json`` files:
-    each person's group is drawn from the real joint population shares of ``group_by`` (one attribute
-    or a pair), and each answer from that group's real answer distribution for the question, smoothed
-    toward the population and exponentially tilted along the ordinal scale by a personal latent
-    vector::
+seed=0, observed_frac=0.15, tilt=0.5, noise=0.5, attributes=SIMULATED_ATTRIBUTES, separation=0.0, ...)
+-> Responses``
+    Multi-attribute respondents grounded in the real Pew tables of OpinionQA's ``*_data.json`` files.
 
-        P(option k | person i, question j) ∝ P(k | group(i), j) · exp(<z_i, a_j> · (s_jk - 1/2) · 4)
-        z_i = separation · c_group(i) + tilt · ε_i,   a_j, c_g, ε_i ~ N(0, I / latent_dim)
+    *Who.* Each person's ``group_by`` cell (one attribute or a pair) is drawn from the real joint
+    population shares (the pair tables where they exist); ``SEX`` is drawn from the real
+    ``POLPARTY_SEX`` table given the person's party when there is one, and every other attribute of
+    ``attributes`` from its real population shares (independently: the release has no other joint tables).
 
-    (``s_jk`` the scaled ordinal; nominal questions are not tilted). ``tilt`` makes people within one
-    group differ; ``separation > 0`` plants extra, well separated group structure (the "easy
-    planted" setting of the tests: ``separation=3, tilt=0.3``). Each person answers a random subset
-    of ``observed_frac`` of the questions (OpinionQA's sparsity), refusing at the group's real refusal
-    rate when ``refusals=True``. The output is the same ``Responses`` as ``load_responses`` and
-    ``Responses.to_csv`` writes the real ``responses.csv`` format.
+    *What they answer.* A person's answer to question ``j`` is the ``U``-quantile of their cell's real
+    answer distribution (smoothed toward the population by ``smoothing`` pseudo-counts; ordinal order),
+    where ``U`` is the rank, among the cell's respondents to ``j``, of a latent score::
+
+        score_ij = Σ_a d(a, value_i(a), j) / sd_j  +  tilt · η_i · c_j  +  noise · ε_ij
+
+    ``d(a, v, j)`` is the real deviation of group ``a=v``'s mean scaled answer from the population's on
+    question ``j`` (so a person's *other* real attributes move them the way those groups really differ
+    on that question), ``c_j`` the question's real liberal-conservative direction (the "Very
+    conservative" minus "Very liberal" mean, standardised over questions), ``η_i ~ N(0, 1)`` the person's
+    own lean, ``ε_ij ~ N(0, 1)``. Because answers are quantiles of ranks within the cell, every cell's
+    answer distribution is the real one whatever ``tilt`` and ``noise`` are (up to rounding), so
+    ``group_by`` marginals match Pew; the other attributes' marginals move in the real direction but
+    are not calibrated. Nominal questions (no order) are drawn independently from the cell's distribution.
+    ``separation > 0`` plants extra, well separated group structure by tilting each cell's distribution
+    along the ordinal scale (the "easy planted" setting of the tests; it departs from Pew on purpose).
+    Each person answers a random subset of ``observed_frac`` of the questions (OpinionQA's sparsity),
+    refusing at the cell's real refusal rate when ``refusals=True``. The output is the same
+    ``Responses`` as ``load_responses``, and ``Responses.to_csv`` writes the real ``responses.csv`` format.
 
     Pairs without a joint file in a wave (POLPARTY_RACE exists for waves 26-36 only) combine the two
     single-attribute distributions as ``P(k|a) P(k|b) / P(k)`` (a conditional-independence
@@ -121,6 +133,79 @@ def _wave_distributions(directory, attrs: tuple[str, ...], questions: dict[str, 
     return combined, False
 
 
+SIMULATED_ATTRIBUTES: tuple[str, ...] = (
+    "AGE",
+    "CREGION",
+    "EDUCATION",
+    "INCOME",
+    "POLIDEOLOGY",
+    "POLPARTY",
+    "RACE",
+    "SEX",
+)
+
+
+def _draw(rng: np.random.Generator, shares: dict, size: int) -> np.ndarray:
+    values = list(shares)
+    p = np.asarray([shares[v] for v in values], dtype=np.float64)
+    return np.asarray(values, dtype=object)[rng.choice(len(values), size=size, p=p / p.sum())]
+
+
+def _extra_attributes(
+    rng, directories, attrs, extra, cells, exclude
+) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Values of the non-``group_by`` attributes per person, and each attribute's distributions."""
+    values, tables = {}, {}
+    first = directories[0]
+    questions = load_wave(first)
+    for attribute in extra:
+        dists = {}
+        for directory in directories:
+            try:
+                dists.update(group_distributions(directory, attribute, questions=load_wave(directory)))
+            except FileNotFoundError:
+                continue
+        if not dists:
+            continue
+        tables[attribute] = dists
+        if attribute == "SEX" and "POLPARTY" in attrs:
+            try:
+                joint = group_distributions(first, ("POLPARTY", "SEX"), questions=questions)
+            except FileNotFoundError:
+                joint = None
+            if joint is not None:
+                shares = group_shares(joint, exclude=exclude)
+                party = cells[:, attrs.index("POLPARTY")]
+                out = np.empty(len(party), dtype=object)
+                for value in np.unique(party):
+                    conditional = {s: v for (p, s), v in shares.items() if p == value}
+                    if conditional:
+                        rows = np.nonzero(party == value)[0]
+                        out[rows] = _draw(rng, conditional, len(rows))
+                missing = np.asarray([v is None for v in out])
+                if missing.any():
+                    marginal = {g[0]: v for g, v in group_shares(dists, exclude=exclude).items()}
+                    out[missing] = _draw(rng, marginal, int(missing.sum()))
+                values[attribute] = out
+                continue
+        marginal = {g[0]: v for g, v in group_shares(dists, exclude=exclude).items()}
+        values[attribute] = _draw(rng, marginal, len(cells))
+    return values, tables
+
+
+def _mean_deviation(dist: GroupDistribution) -> dict[str, float]:
+    """Each group's mean scaled answer minus the population's (ordinal questions only)."""
+    scaled = dist.question.scaled_array().astype(np.float64)
+    population = dist.population()
+    base = float(population @ scaled)
+    out = {}
+    for g, group in enumerate(dist.groups):
+        probs = dist.probs[g]
+        if not np.isnan(probs).any():
+            out[group[0]] = float(probs @ scaled) - base
+    return out
+
+
 def simulate_respondents(
     waves: Iterable[int | str] | None = None,
     *,
@@ -131,30 +216,34 @@ def simulate_respondents(
     observed_frac: float = 0.15,
     min_answers: int = 1,
     tilt: float = 0.5,
+    noise: float = 0.5,
+    attributes: Sequence[str] = SIMULATED_ATTRIBUTES,
     separation: float = 0.0,
-    latent_dim: int = 2,
     refusals: bool = True,
     smoothing: float = 5.0,
     exclude_groups: Iterable[str] = ("Refused", "nan"),
     questions: Sequence[str] | None = None,
 ) -> Responses:
-    """Synthetic respondents drawn from the real Pew group distributions (see the module docstring).
+    """Synthetic respondents drawn from the real Pew group tables (see the module docstring).
 
-    ``questions`` restricts to those keys; ``smoothing`` is the pseudo-count pulling each group's
-    distribution toward the population (small groups have few real respondents).
+    ``questions`` restricts to those keys; ``smoothing`` is the pseudo-count pulling each cell's
+    distribution toward the population (small cells have few real respondents).
     """
     if n_respondents < 1:
         raise ValueError(f"n_respondents must be >= 1, got {n_respondents}")
     attrs = (group_by,) if isinstance(group_by, str) else tuple(group_by)
     if not 1 <= len(attrs) <= 2:
         raise ValueError(f"group_by must be one attribute or a pair, got {attrs}")
+    if tilt < 0 or noise < 0 or separation < 0:
+        raise ValueError(f"tilt, noise and separation must be >= 0, got {tilt}, {noise}, {separation}")
     exclude = set(exclude_groups)
     rng = np.random.default_rng(seed)
 
+    directories = wave_dirs(root, waves)
     all_questions: dict[str, Question] = {}
     dists: dict[str, GroupDistribution] = {}
     joint: dict[str, GroupDistribution] = {}
-    for directory in wave_dirs(root, waves):
+    for directory in directories:
         wave_questions = load_wave(directory)
         all_questions.update(wave_questions)
         wave_dists, is_joint = _wave_distributions(directory, attrs, wave_questions)
@@ -173,14 +262,27 @@ def simulate_respondents(
     shares = group_shares(joint or dists, exclude=exclude)
     groups = list(shares)
     share = np.array([shares[g] for g in groups])
-    share = share / share.sum()
-    group_of = rng.choice(len(groups), size=n_respondents, p=share)
-
-    centers = rng.normal(size=(len(groups), latent_dim)) / np.sqrt(latent_dim)
-    personal = rng.normal(size=(n_respondents, latent_dim)) / np.sqrt(latent_dim)
-    z = separation * centers[group_of] + tilt * personal
-    loadings = rng.normal(size=(len(keys), latent_dim))
+    group_of = rng.choice(len(groups), size=n_respondents, p=share / share.sum())
+    cells = np.asarray([groups[g] for g in group_of], dtype=object).reshape(n_respondents, len(attrs))
+    extra = [a for a in attributes if a not in attrs]
+    extra_values, extra_tables = _extra_attributes(rng, directories, attrs, extra, cells, exclude)
+    extra_codes = {
+        a: np.unique(np.asarray(v, dtype=str), return_inverse=True) for a, v in extra_values.items()
+    }
+    lean = rng.normal(size=n_respondents)
     mask = _observed_mask(rng, n_respondents, len(keys), observed_frac, min_answers)
+
+    # the real liberal-conservative direction of every question, standardised over questions
+    ideology = extra_tables.get("POLIDEOLOGY", {})
+    direction = np.zeros(len(keys))
+    for j, key in enumerate(keys):
+        if key in ideology and not all_questions[key].is_nominal:
+            deviation = _mean_deviation(ideology[key])
+            direction[j] = deviation.get("Very conservative", 0.0) - deviation.get("Very liberal", 0.0)
+    if direction.std() > 0:
+        direction = direction / direction.std()
+    planted_cells = rng.normal(size=(len(groups), 2)) / np.sqrt(2)
+    planted_questions = rng.normal(size=(len(keys), 2))
 
     option_index = np.full((n_respondents, len(keys)), -1, dtype=np.int16)
     values = np.full((n_respondents, len(keys)), np.nan, dtype=np.float32)
@@ -192,7 +294,6 @@ def simulate_respondents(
         population = dist.population()
         if np.isnan(population).any():
             population = np.full(n_opt, 1.0 / n_opt)
-        # per simulated group: smoothed answer distribution and refusal rate
         probs = np.tile(population, (len(groups), 1))
         refuse = np.zeros(len(groups))
         row_of = {g: r for r, g in enumerate(dist.groups)}
@@ -205,24 +306,49 @@ def simulate_respondents(
                 probs[g] = (answered + smoothing * population) / (answered.sum() + smoothing)
             if refusals and dist.sizes[r] > 0:
                 refuse[g] = dist.counts[r, n_opt:].sum() / dist.sizes[r]
+        if separation > 0 and not question.is_nominal:
+            scale = question.scaled_array().astype(np.float64) - 0.5
+            logits = np.log(np.clip(probs, 1e-12, None))
+            logits += (
+                _TILT_GAIN * separation * (planted_cells @ planted_questions[j])[:, None] * scale[None, :]
+            )
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
         users = np.nonzero(mask[:, j])[0]
         if len(users) == 0:
             continue
-        logits = np.log(np.clip(probs[group_of[users]], 1e-12, None))
-        if not question.is_nominal:
-            scale = question.scaled_array().astype(np.float64) - 0.5
-            logits = logits + _TILT_GAIN * (z[users] @ loadings[j])[:, None] * scale[None, :]
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        choice = _sample_rows(rng, p)
         refused = (
             rng.random(len(users)) < refuse[group_of[users]]
             if question.refusals
             else np.zeros(len(users), bool)
         )
-        option_index[users[~refused], j] = choice[~refused]
+        answering = users[~refused]
+        choice = np.zeros(len(answering), dtype=np.int64)
+        if question.is_nominal:
+            choice = _sample_rows(rng, probs[group_of[answering]])
+        else:
+            attribute_score = np.zeros(len(answering))
+            for attribute, table in extra_tables.items():
+                if key in table:
+                    deviation = _mean_deviation(table[key])
+                    levels, codes = extra_codes[attribute]
+                    table_values = np.asarray([deviation.get(v, 0.0) for v in levels])
+                    attribute_score += table_values[codes[answering]]
+            if attribute_score.std() > 0:
+                attribute_score /= attribute_score.std()
+            score = attribute_score + tilt * lean[answering] * direction[j]
+            score = score + noise * rng.normal(size=len(answering))
+            for g in np.unique(group_of[answering]):
+                members = np.nonzero(group_of[answering] == g)[0]
+                ranks = np.argsort(np.argsort(score[members], kind="stable"), kind="stable")
+                quantile = (ranks + rng.random(len(members))) / len(members)
+                cumulative = np.cumsum(probs[g])
+                choice[members] = np.minimum(
+                    np.searchsorted(cumulative, quantile * cumulative[-1]), n_opt - 1
+                )
+        option_index[answering, j] = choice
         if not question.is_nominal:
-            values[users[~refused], j] = question.scaled_array()[choice[~refused]]
+            values[answering, j] = question.scaled_array()[choice]
         if refused.any():
             refusal_counts = dist.counts[:, n_opt:].sum(0)
             refusal_p = refusal_counts / refusal_counts.sum() if refusal_counts.sum() > 0 else None
@@ -230,10 +356,12 @@ def simulate_respondents(
                 len(question.refusals), size=int(refused.sum()), p=refusal_p
             )
 
-    demographics = pd.DataFrame({attr: [groups[g][a] for g in group_of] for a, attr in enumerate(attrs)})
+    demographics = {attr: [groups[g][a] for g in group_of] for a, attr in enumerate(attrs)}
+    for attribute, column in extra_values.items():
+        demographics[attribute] = list(column)
     return Responses(
         user_ids=np.array([str(100000 + i) for i in range(n_respondents)]),
-        demographics=demographics,
+        demographics=pd.DataFrame(demographics),
         question_keys=keys,
         questions={k: all_questions[k] for k in keys},
         option_index=option_index,

@@ -89,18 +89,28 @@ class SoftPromptConfig:
         return cls(**data)
 
 
-def attention_geometry(model_config) -> dict[str, int]:
-    """``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size`` of a transformers config."""
+def attention_geometry(model_config, *, prefix: bool = True) -> dict[str, int]:
+    """``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``hidden_size`` of a transformers config.
+
+    With ``prefix=True`` (a key/value prefix will be used) models with sliding-window attention are refused,
+    whether the config says so with ``layer_types`` or with ``sliding_window`` alone.
+    """
     config = (
         model_config.get_text_config(decoder=True)
         if hasattr(model_config, "get_text_config")
         else model_config
     )
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+    if prefix and layer_types is not None and any(t != "full_attention" for t in layer_types):
         raise ValueError(
             f"{type(config).__name__} has non-full attention layers {sorted(set(layer_types))}; a key/value "
             "prefix would be evicted by sliding-window caches. Use mode='embedding' for this model."
+        )
+    window = getattr(config, "sliding_window", None)
+    if prefix and layer_types is None and window and getattr(config, "use_sliding_window", True):
+        raise ValueError(
+            f"{type(config).__name__} sets sliding_window={window}; a key/value prefix would be evicted by "
+            "sliding-window caches. Use mode='embedding' for this model."
         )
     num_layers = int(config.num_hidden_layers)
     num_heads = int(config.num_attention_heads)
@@ -180,7 +190,9 @@ class SoftPromptNetwork(nn.Module):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
-        geometry = attention_geometry(model_config) if model_config is not None else {}
+        geometry = (
+            attention_geometry(model_config, prefix=mode == "prefix") if model_config is not None else {}
+        )
         if model_config is not None and mode == "embedding":
             geometry.pop("num_layers"), geometry.pop("num_kv_heads"), geometry.pop("head_dim")
         explicit = {"num_layers": num_layers, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
@@ -246,7 +258,7 @@ class SoftPromptNetwork(nn.Module):
 
     def check_model(self, model) -> None:
         """Raise a clear error when this network was built for a differently shaped model."""
-        geometry = attention_geometry(model.config)
+        geometry = attention_geometry(model.config, prefix=self.config.mode == "prefix")
         c = self.config
         if c.mode == "prefix":
             keys = ("num_layers", "num_kv_heads", "head_dim")

@@ -1,15 +1,18 @@
 """PersonaTrainer: train a SoftPromptNetwork so that a frozen LM answers survey questions like a persona.
 
 Examples are dicts ``{"question": str, "options": [str, ...], "answer": int | letter, and either
-"persona": [float, ...] or "user_index": int}`` (optionally ``"preamble": str``). The loss is the
-cross-entropy of the answer letter's tokens only; only the soft-prompt network is trained (and,
+"persona": [float, ...] or "user_index": int}`` (optionally ``"preamble": str`` and ``"target": [float, ...]``,
+a whole answer distribution over the options). With ``target`` (the group path) the loss is the
+cross-entropy between that real distribution and the model's option distribution (the option letters'
+first-token probabilities, renormalised: what ``option_probs`` and the evaluation read); without it,
+the cross-entropy of the answer letter's tokens only; only the soft-prompt network is trained (and,
 with ``train_persona_vectors``, a table of user vectors initialised from the embedder). Checkpoints
 hold just those weights (safetensors) next to the Trainer's optimizer / scheduler / RNG state, so
 ``resume_from_checkpoint`` continues exactly.
 
-``train_persona(script_args, training_args)`` runs the whole recipe: respondents (a real-format
-``responses.csv`` or simulated from the real Pew group distributions) -> held-out split -> persona
-embedder -> cohorts and demographic centroids -> soft-prompt training -> ``output_dir/persona``.
+``train_persona(script_args, training_args)`` runs the whole recipe; the data preparation lives in
+:mod:`steer.persona.data` (``persona_source: groups``: the real per-group Pew distributions split by
+wave; ``individuals``: ``responses.csv`` or simulated respondents, whole questions held out).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,14 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import ModelOutput
 
+from steer.persona.data import (
+    PersonaData,
+    answer_examples,
+    cohort_summary,
+    persona_table,
+    prepare_group_data,
+    prepare_persona_data,
+)
 from steer.persona.soft_prompt import SoftPromptNetwork, _atomic_write_text, atomic_save_file, steered_inputs
 from steer.persona.steering import FORMAT_NAME, LETTERS, PromptFormat, answer_token_ids
 
@@ -50,7 +60,17 @@ __all__ = [
 ]
 
 USER_VECTORS_NAME = "user_vectors.safetensors"
-EXAMPLE_COLUMNS = ["question", "options", "answer", "persona", "user_index", "preamble"]
+EXAMPLE_COLUMNS = [
+    "question",
+    "options",
+    "answer",
+    "persona",
+    "user_index",
+    "preamble",
+    "target",
+    "question_id",
+    "scale",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,6 +114,15 @@ class PersonaConfig(TrainingArguments):
     answer_with_eos: bool = field(
         default=False, metadata={"help": "Also train the end-of-sequence token after the answer letter."}
     )
+    contrast_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the group-contrast term (examples with 'target', 'question_id' and 'scale'): within a "
+            "batch, each group's expected ordinal answer minus the question's batch mean must match the real one "
+            "(relative squared error; 1 for a persona-blind model). > 0 keeps the prepared example order (question "
+            "blocks, shuffled by the data step) instead of reshuffling."
+        },
+    )
     learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the soft-prompt network."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(
@@ -106,6 +135,8 @@ class PersonaConfig(TrainingArguments):
             raise ValueError(
                 f"PersonaConfig.soft_prompt_mode must be 'prefix' or 'embedding', got {self.soft_prompt_mode!r}"
             )
+        if self.contrast_weight < 0:
+            raise ValueError(f"PersonaConfig.contrast_weight must be >= 0, got {self.contrast_weight}")
         if self.num_virtual_tokens < 1:
             raise ValueError(f"PersonaConfig.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
 
@@ -148,7 +179,7 @@ class PersonaCollator:
 
     Output keys: ``input_ids``, ``attention_mask``, ``labels`` (-100 except the answer tokens),
     ``option_ids``/``option_mask`` [B, K] (first token of each option letter), ``answer_index`` [B],
-    and ``persona`` [B, d] or ``user_index`` [B].
+    ``persona`` [B, d] or ``user_index`` [B], and ``target_probs`` [B, K] when the examples carry ``target``.
     """
 
     def __init__(
@@ -203,6 +234,28 @@ class PersonaCollator:
             "option_mask": torch.tensor([[True] * len(o) + [False] * (k - len(o)) for o in option_ids]),
             "answer_index": torch.tensor(answers),
         }
+        has_target = [e.get("target") is not None for e in examples]
+        if any(has_target):
+            if not all(has_target):
+                raise ValueError("either every persona example has a 'target' distribution or none does")
+            targets = []
+            for example in examples:
+                target = [float(x) for x in example["target"]]
+                if len(target) != len(example["options"]):
+                    raise ValueError(
+                        f"example field 'target' has {len(target)} values for {len(example['options'])} options"
+                    )
+                total = sum(target)
+                if any(x < 0 or x != x for x in target) or total <= 0:
+                    raise ValueError(f"example field 'target' is not a distribution: {target}")
+                targets.append([x / total for x in target] + [0.0] * (k - len(target)))
+            batch["target_probs"] = torch.tensor(targets, dtype=torch.float32)
+            if all(e.get("question_id") is not None and e.get("scale") is not None for e in examples):
+                batch["question_id"] = torch.tensor([int(e["question_id"]) for e in examples])
+                batch["option_scale"] = torch.tensor(
+                    [[float(x) for x in e["scale"]] + [0.0] * (k - len(e["scale"])) for e in examples],
+                    dtype=torch.float32,
+                )
         has_persona = ["persona" in e and e["persona"] is not None for e in examples]
         has_user = ["user_index" in e and e["user_index"] is not None for e in examples]
         if all(has_persona):
@@ -227,6 +280,35 @@ class PersonaOutput(ModelOutput):
     option_logits: torch.Tensor | None = None
 
 
+def group_contrast(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    question_id: torch.Tensor,
+    scale_sq: float | None = None,
+) -> torch.Tensor | None:
+    """Squared error of the between-group differences of the expected ordinal answer.
+
+    For rows sharing a question, ``dm = m_i - mean(m)`` (model) is compared with ``dt = t_i - mean(t)`` (real).
+    With ``scale_sq`` (the data's mean ``dt^2``, a constant): ``mean (dm - dt)^2 / scale_sq``; without it, the
+    batch's own ``sum (dm - dt)^2 / sum dt^2``. Either is about 1 for a persona-blind model and 0 when every
+    group difference is right. ``None`` when no question has two rows in the batch.
+    """
+    m = (probs * scale).sum(-1)
+    t = (target * scale).sum(-1)
+    same = (question_id[:, None] == question_id[None, :]).to(m.dtype)  # [B, B]
+    counts = same.sum(1)
+    keep = counts > 1
+    if not bool(keep.any()):
+        return None
+    dm = m - (same @ m) / counts
+    dt = t - (same @ t) / counts
+    error = (dm - dt)[keep] ** 2
+    if scale_sq is not None:
+        return error.mean() / scale_sq
+    return error.sum() / ((dt[keep] ** 2).sum() + 1e-6)
+
+
 class PersonaSoftPromptModel(nn.Module):
     """Frozen causal LM + :class:`SoftPromptNetwork` (+ optional ``nn.Embedding`` of user vectors).
 
@@ -243,9 +325,13 @@ class PersonaSoftPromptModel(nn.Module):
         user_vectors: torch.Tensor | None = None,
         *,
         train_user_vectors: bool = False,
+        contrast_weight: float = 0.0,
+        contrast_scale: float | None = None,
     ) -> None:
         super().__init__()
         network.check_model(model)
+        self.contrast_weight = float(contrast_weight)
+        self.contrast_scale = None if contrast_scale is None else float(contrast_scale)
         self.model = model
         self.model.requires_grad_(False)
         self.model.eval()
@@ -267,11 +353,43 @@ class PersonaSoftPromptModel(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.model.eval()  # the LM stays frozen: no dropout, ever
+        if mode and self._checkpointing:
+            # transformers checkpoints a decoder layer only while that layer is in training mode: flip the flag on
+            # the checkpointed layers themselves (their dropout children stay in eval mode)
+            for module in self.model.modules():
+                if getattr(module, "gradient_checkpointing", False) is True:
+                    module.training = True
         return self
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    _checkpointing = False
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs=None, every_n_layers: int = 1, offload: bool = False
+    ):
+        """Recompute the frozen LM's layers in the backward pass (embedding mode only).
+
+        In prefix mode every layer writes the text's keys/values into the persona cache, which a replayed
+        layer would write twice, so checkpointing is refused there (a clear error, not a silent no-op).
+        """
+        if self.network.mode == "prefix":
+            raise ValueError(
+                "gradient_checkpointing is not supported with soft_prompt_mode='prefix' (the layers write into the "
+                "persona's key/value cache); use soft_prompt_mode='embedding' or turn gradient_checkpointing off"
+            )
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+        )
+        self._checkpointing = True
+        self.train(self.training)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.model.gradient_checkpointing_disable()
+        self._checkpointing = False
+        self.train(self.training)
 
     def personas(self, persona=None, user_index=None) -> torch.Tensor:
         if persona is not None:
@@ -292,6 +410,9 @@ class PersonaSoftPromptModel(nn.Module):
         option_ids=None,
         option_mask=None,
         answer_index=None,
+        target_probs=None,
+        question_id=None,
+        option_scale=None,
     ) -> PersonaOutput:
         vectors = self.personas(persona, user_index)
         if labels is None:
@@ -317,6 +438,17 @@ class PersonaSoftPromptModel(nn.Module):
             option_logits = at.gather(1, option_ids)
             if option_mask is not None:
                 option_logits = option_logits.masked_fill(~option_mask, float("-inf"))
+        if target_probs is not None:
+            if option_logits is None:
+                raise ValueError("a target distribution needs option_ids (the option letters' token ids)")
+            log_q = option_logits.log_softmax(-1)
+            target = target_probs.to(log_q.dtype)
+            # cross-entropy H(target, q) over the options (padding options: target 0, log q = -inf)
+            loss = -(target * log_q.masked_fill(target == 0, 0.0)).sum(-1).mean()
+            if self.contrast_weight > 0 and question_id is not None and option_scale is not None:
+                contrast = group_contrast(log_q.exp(), target, option_scale, question_id, self.contrast_scale)
+                if contrast is not None:
+                    loss = loss + self.contrast_weight * contrast
         return PersonaOutput(loss=loss, option_logits=option_logits)
 
 
@@ -336,6 +468,8 @@ class PersonaTrainer(Trainer):
         network: an existing :class:`SoftPromptNetwork` (default: a new one shaped from ``args``).
         persona_dim: size of the persona vectors (inferred from ``user_vectors`` or the data when omitted).
         user_vectors: ``[num_users, persona_dim]`` table for examples that carry ``user_index``.
+        contrast_scale: the data's mean squared between-group deviation, normalising the group-contrast term
+            (``contrast_weight > 0``); default: each batch's own.
     """
 
     _tag_names = ["steer", "persona"]
@@ -352,6 +486,7 @@ class PersonaTrainer(Trainer):
         network: SoftPromptNetwork | None = None,
         persona_dim: int | None = None,
         user_vectors: torch.Tensor | None = None,
+        contrast_scale: float | None = None,
         data_collator=None,
         callbacks=None,
         **kwargs,
@@ -378,7 +513,12 @@ class PersonaTrainer(Trainer):
             )
         self.prompt_format = args.prompt_format
         wrapped = PersonaSoftPromptModel(
-            model, network, user_vectors, train_user_vectors=args.train_persona_vectors
+            model,
+            network,
+            user_vectors,
+            train_user_vectors=args.train_persona_vectors,
+            contrast_weight=args.contrast_weight,
+            contrast_scale=contrast_scale,
         )
         collator = data_collator or PersonaCollator(
             processing_class,
@@ -404,6 +544,14 @@ class PersonaTrainer(Trainer):
     @property
     def network(self) -> SoftPromptNetwork:
         return self.model.network
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.contrast_weight > 0:
+            # question blocks prepared (and shuffled, seeded) by the data step must stay together in a batch
+            from torch.utils.data import SequentialSampler
+
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -545,7 +693,60 @@ class PersonaScriptArguments:
         default=None,
         metadata={"help": "OpinionQA root with American_Trends_Panel_W*/ (default: STEER_DATA_DIR)."},
     )
-    waves: list[int] = field(default_factory=lambda: [26, 27], metadata={"help": "Pew ATP waves to use."})
+    persona_source: str = field(
+        default="groups",
+        metadata={
+            "help": "'groups': demographic groups with their real Pew answer distributions are the respondents "
+            "(split by wave: train_waves / valid_waves / eval_waves); 'individuals': responses_csv or "
+            "simulated respondents over `waves` (whole questions held out)."
+        },
+    )
+    train_waves: list[int] = field(
+        default_factory=lambda: [26, 27, 29, 32, 34, 36, 41, 42],
+        metadata={"help": "groups: waves the embedder and the soft-prompt network learn from."},
+    )
+    valid_waves: list[int] = field(
+        default_factory=lambda: [43],
+        metadata={"help": "Waves whose questions pick checkpoints (never scored)."},
+    )
+    eval_waves: list[int] = field(
+        default_factory=lambda: [49, 50, 82],
+        metadata={"help": "Waves scored by `steer eval opinions` (never seen in training)."},
+    )
+    group_attributes: list[str] = field(
+        default_factory=lambda: [
+            "AGE",
+            "CREGION",
+            "EDUCATION",
+            "INCOME",
+            "POLIDEOLOGY",
+            "POLPARTY",
+            "RACE",
+            "SEX",
+        ],
+        metadata={"help": "groups: attributes whose groups are the respondents."},
+    )
+    fold_in_groups: list[str] = field(
+        default_factory=lambda: ["POLIDEOLOGY=Very liberal"],
+        metadata={"help": "groups: kept out of all training, then folded in from fold_in_answers answers."},
+    )
+    question_block: int | None = field(
+        default=None,
+        metadata={
+            "help": "groups: training examples come in blocks of this many groups answering the same question "
+            "(set it to per_device_train_batch_size with contrast_weight > 0); default: independent pairs."
+        },
+    )
+    fold_in_answers: int = field(
+        default=20, metadata={"help": "Training-wave answers a folded-in group is embedded from."}
+    )
+    standardize_personas: bool = field(
+        default=True,
+        metadata={"help": "Re-parametrise the embedder so persona vectors have mean 0, std 1 per dimension."},
+    )
+    waves: list[int] = field(
+        default_factory=lambda: [26, 27], metadata={"help": "individuals: Pew ATP waves to use."}
+    )
     responses_csv: list[str] | None = field(
         default=None,
         metadata={
@@ -568,21 +769,41 @@ class PersonaScriptArguments:
     )
     separation: float = field(default=0.0, metadata={"help": "Simulator: extra planted group separation."})
     max_questions: int | None = field(
-        default=None, metadata={"help": "Random subset of ordinal questions to keep (all when omitted)."}
+        default=None,
+        metadata={
+            "help": "Random subset of ordinal (groups: training) questions to keep (all when omitted)."
+        },
     )
     holdout_fraction: float = field(
-        default=0.2, metadata={"help": "Share of each person's answers held out for evaluation."}
+        default=0.2,
+        metadata={
+            "help": "individuals without evaluation waves: share of whole questions held out for evaluation "
+            "(and the same share for validation)."
+        },
     )
     eval_users: int = field(
         default=32, metadata={"help": "People whose held-out answers form the eval split."}
     )
-    max_eval_examples: int = field(default=128, metadata={"help": "Cap on eval examples during training."})
+    max_eval_examples: int = field(
+        default=128, metadata={"help": "Cap on validation examples (checkpoint choice) during training."}
+    )
     max_train_examples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
     embedding_dim: int = field(
         default=16, metadata={"help": "Persona embedding size (matrix factorisation)."}
     )
     embedder_method: str = field(default="als", metadata={"help": "Embedder solver: 'als' or 'adam'."})
     embedder_l2: float = field(default=1.0, metadata={"help": "Embedder ridge penalty."})
+
+    def __post_init__(self) -> None:
+        if self.persona_source not in ("groups", "individuals"):
+            raise ValueError(
+                f"PersonaScriptArguments.persona_source must be 'groups' or 'individuals', got {self.persona_source!r}"
+            )
+        if self.fold_in_answers < 1:
+            raise ValueError(
+                f"PersonaScriptArguments.fold_in_answers must be >= 1, got {self.fold_in_answers}"
+            )
+
     num_cohorts: int | None = field(
         default=None, metadata={"help": "k-means cohorts (elbow selection when omitted)."}
     )
@@ -594,196 +815,102 @@ class PersonaScriptArguments:
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the simulation, splits and subsets."})
 
 
-@dataclass
-class PersonaData:
-    """What ``prepare_persona_data`` returns: the split answers, the fitted embedder and the personas."""
-
-    questions: dict
-    train: Any
-    heldout: Any
-    embedder: Any
-    personas: dict[str, torch.Tensor]
-    cohorts: Any  # steer.persona.cohorts.CohortResult
-    metadata: dict
-
-
-def _choose_questions(responses, max_questions: int | None, seed: int):
-    import numpy as np
-
-    keys = [k for k in responses.question_keys if not responses.questions[k].is_nominal]
-    if max_questions is not None and max_questions < len(keys):
-        rng = np.random.default_rng(seed)
-        keys = [keys[i] for i in sorted(rng.choice(len(keys), size=max_questions, replace=False))]
-    return responses.select_questions(keys)
-
-
-def persona_table(embedder, responses, attributes, *, num_cohorts=None, k_max=10, seed=0):
-    """Named personas: ``cohort:<k>`` centroids (k by the MF-loss elbow when not given) and ``<ATTR>=<value>``
-    demographic centroids of the training users. Returns ``(personas, cohort labels per user)``."""
-    from steer.persona.cohorts import find_cohorts, group_centroids
-
-    embeddings = embedder.embeddings.detach().cpu()
-    k_range = range(2, max(3, min(k_max, len(embeddings)) + 1))
-    result = find_cohorts(
-        embeddings, k=num_cohorts, k_range=k_range, embedder=embedder, responses=responses, seed=seed
-    )
-    personas = {f"cohort:{i}": c.float() for i, c in enumerate(result.centroids)}
-    for attribute in attributes:
-        if attribute not in responses.demographics.columns:
-            raise KeyError(f"demographic_attributes: no column {attribute!r} in the responses")
-        values = responses.demographics[attribute].to_numpy(dtype=object)
-        for value, centroid in group_centroids(embeddings, values, exclude=("nan", "", "Refused")).items():
-            personas[f"{attribute}={value}"] = centroid.float()
-    return personas, result
-
-
-def _cohort_summary(cohorts) -> dict:
-    return {
-        "k": cohorts.k,
-        "k_values": cohorts.k_values,
-        "losses": cohorts.losses,
-        "criterion": cohorts.criterion,
-        "sizes": cohorts.sizes.tolist(),
-    }
-
-
-def prepare_persona_data(args: PersonaScriptArguments) -> PersonaData:
-    """Respondents -> (train, held-out) answers -> fitted embedder -> cohort and demographic personas."""
-    from steer.persona.embedder import PersonaEmbedder
-    from steer.persona.opinionqa import load_responses, load_waves
-
-    root = args.opinionqa_dir
-    questions = load_waves(root, args.waves)
-    if args.responses_csv:
-        responses = load_responses(args.responses_csv, questions)
-        source = {"responses_csv": list(args.responses_csv)}
-    else:
-        from steer.persona.simulate import simulate_respondents
-
-        responses = simulate_respondents(
-            args.waves,
-            root=root,
-            group_by=tuple(args.group_by),
-            n_respondents=args.n_respondents,
-            seed=args.dataset_seed,
-            observed_frac=args.observed_frac,
-            tilt=args.tilt,
-            separation=args.separation,
-        )
-        source = {
-            "simulated": {
-                "n_respondents": args.n_respondents,
-                "group_by": list(args.group_by),
-                "observed_frac": args.observed_frac,
-                "tilt": args.tilt,
-                "separation": args.separation,
-                "seed": args.dataset_seed,
-            }
-        }
-    responses = _choose_questions(responses, args.max_questions, args.dataset_seed)
-    keep = responses.observed.sum(1) >= 2
-    responses = responses.select_users(keep)
-    if responses.num_users == 0:
-        raise ValueError("no respondent has two or more ordinal answers on the chosen questions")
-    train, heldout = responses.split(args.holdout_fraction, seed=args.dataset_seed, min_train=1)
-    embedder = PersonaEmbedder(
-        args.embedding_dim, method=args.embedder_method, l2=args.embedder_l2, seed=args.dataset_seed
-    ).fit(train)
-    personas, cohorts = persona_table(
-        embedder,
-        train,
-        args.demographic_attributes,
-        num_cohorts=args.num_cohorts,
-        k_max=args.cohort_k_max,
-        seed=args.dataset_seed,
-    )
-    metadata = {
-        "waves": list(args.waves),
-        "opinionqa_dir": str(root) if root else None,
-        "question_keys": list(responses.question_keys),
-        "source": source,
-        "num_users": int(responses.num_users),
-        "train_answers": int(train.observed.sum()),
-        "heldout_answers": int(heldout.observed.sum()),
-    }
-    metadata["cohorts"] = _cohort_summary(cohorts)
-    return PersonaData(questions, train, heldout, embedder, personas, cohorts, metadata)
-
-
-def answer_examples(responses, *, users=None, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """One example per observed ordinal answer: question text, options (ordinal order), answer index, user."""
-    import numpy as np
-
-    observed = responses.observed
-    rows, cols = np.nonzero(observed)
-    if users is not None:
-        allowed = np.zeros(responses.num_users, dtype=bool)
-        allowed[np.asarray(users)] = True
-        keep = allowed[rows]
-        rows, cols = rows[keep], cols[keep]
-    order = np.random.default_rng(seed).permutation(len(rows))
-    if limit is not None:
-        order = order[:limit]
-    examples = []
-    for i in order:
-        question = responses.questions[responses.question_keys[cols[i]]]
-        examples.append(
-            {
-                "question": question.text,
-                "options": list(question.options),
-                "answer": int(responses.option_index[rows[i], cols[i]]),
-                "user_index": int(rows[i]),
-            }
-        )
-    return examples
-
-
-def train_persona(script_args: PersonaScriptArguments, training_args: PersonaConfig):
-    """The persona recipe: data -> embedder -> cohorts -> soft-prompt training -> ``output_dir/persona``.
-
-    Also writes ``output_dir/data/{train,heldout}.csv`` (the real responses.csv format) and
-    ``split.json`` for ``steer eval opinions``. Returns the trainer.
-    """
+def _trainer_datasets(examples, valid_examples, training_args):
     from datasets import Dataset
 
+    train = Dataset.from_list(examples)
+    valid = (
+        Dataset.from_list(valid_examples) if valid_examples and training_args.eval_strategy != "no" else None
+    )
+    return train, valid
+
+
+def _train_groups(script_args: PersonaScriptArguments, training_args: PersonaConfig):
     from steer.models import load_causal_lm
     from steer.persona.steering import PersonaSteeredModel
 
-    data = prepare_persona_data(script_args)
+    data = prepare_group_data(script_args)
+    output = Path(training_args.output_dir)
+    if training_args.should_save:
+        (output / "data").mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(output / "data" / "split.json", json.dumps(data.metadata, indent=2) + "\n")
+    model, tokenizer = load_causal_lm(script_args.model_name_or_path, dtype=script_args.dtype)
+    strip = ("group", "key")
+    if training_args.contrast_weight > 0 and script_args.question_block is None:
+        raise ValueError(
+            "contrast_weight > 0 needs question_block (examples of one question side by side in a batch)"
+        )
+    train_examples = [{k: v for k, v in e.items() if k not in strip} for e in data.train_examples]
+    valid_examples = [{k: v for k, v in e.items() if k not in strip} for e in data.valid_examples]
+    train, valid = _trainer_datasets(train_examples, valid_examples, training_args)
+    trainer = PersonaTrainer(
+        model,
+        training_args,
+        train_dataset=train,
+        eval_dataset=valid,
+        processing_class=tokenizer,
+        persona_dim=data.embedder.config.embedding_dim,
+        contrast_scale=data.metadata["contrast_scale"],
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if training_args.should_save:
+        steered = PersonaSteeredModel(
+            model,
+            tokenizer,
+            trainer.network,
+            embedder=data.embedder,
+            personas=data.personas,
+            prompt_format=trainer.prompt_format,
+            metadata={"base_model": script_args.model_name_or_path, **data.metadata},
+        )
+        steered.save_pretrained(output / "persona")
+    return trainer
+
+
+def _train_individuals(script_args: PersonaScriptArguments, training_args: PersonaConfig):
+    from steer.models import load_causal_lm
+    from steer.persona.steering import PersonaSteeredModel
+
+    data: PersonaData = prepare_persona_data(script_args)
     output = Path(training_args.output_dir)
     if training_args.should_save:
         (output / "data").mkdir(parents=True, exist_ok=True)
         data.train.to_csv(output / "data" / "train.csv")
         data.heldout.to_csv(output / "data" / "heldout.csv")
+        if data.valid is not None:
+            data.valid.to_csv(output / "data" / "valid.csv")
         _atomic_write_text(output / "data" / "split.json", json.dumps(data.metadata, indent=2) + "\n")
     model, tokenizer = load_causal_lm(script_args.model_name_or_path, dtype=script_args.dtype)
     train_examples = answer_examples(
         data.train, limit=script_args.max_train_examples, seed=script_args.dataset_seed
     )
-    eval_users = list(range(min(script_args.eval_users, data.heldout.num_users)))
-    eval_examples = answer_examples(
-        data.heldout, users=eval_users, limit=script_args.max_eval_examples, seed=script_args.dataset_seed
-    )
+    valid_examples = []
+    if data.valid is not None:
+        eval_users = list(range(min(script_args.eval_users, data.valid.num_users)))
+        valid_examples = answer_examples(
+            data.valid, users=eval_users, limit=script_args.max_eval_examples, seed=script_args.dataset_seed
+        )
     logger.info(
-        "persona data: %d users, %d train / %d eval examples, %d personas",
+        "persona data: %d users, %d train / %d validation examples, %d personas",
         data.train.num_users,
         len(train_examples),
-        len(eval_examples),
+        len(valid_examples),
         len(data.personas),
     )
+    train, valid = _trainer_datasets(train_examples, valid_examples, training_args)
     trainer = PersonaTrainer(
         model,
         training_args,
-        train_dataset=Dataset.from_list(train_examples),
-        eval_dataset=Dataset.from_list(eval_examples)
-        if eval_examples and training_args.eval_strategy != "no"
-        else None,
+        train_dataset=train,
+        eval_dataset=valid,
         processing_class=tokenizer,
         user_vectors=data.embedder.embeddings.detach().cpu(),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if training_args.train_persona_vectors:
-        data.embedder.embeddings = trainer.user_vectors.to(data.embedder.embeddings.device)
+        # the user vectors moved: re-solve the question side for them, so that fold-in, cohorts and the
+        # MF predictions live in the same space as the vectors the network was trained on
+        data.embedder.refit_questions(data.train, trainer.user_vectors)
         data.personas, data.cohorts = persona_table(
             data.embedder,
             data.train,
@@ -792,7 +919,7 @@ def train_persona(script_args: PersonaScriptArguments, training_args: PersonaCon
             k_max=script_args.cohort_k_max,
             seed=script_args.dataset_seed,
         )
-        data.metadata["cohorts"] = _cohort_summary(data.cohorts)
+        data.metadata["cohorts"] = cohort_summary(data.cohorts)
     if training_args.should_save:
         cohort_of = {str(u): int(c) for u, c in zip(data.train.user_ids, data.cohorts.labels)}
         steered = PersonaSteeredModel(
@@ -810,3 +937,15 @@ def train_persona(script_args: PersonaScriptArguments, training_args: PersonaCon
         )
         steered.save_pretrained(output / "persona")
     return trainer
+
+
+def train_persona(script_args: PersonaScriptArguments, training_args: PersonaConfig):
+    """The persona recipe: data (:mod:`steer.persona.data`) -> soft-prompt training -> ``output_dir/persona``.
+
+    Writes ``output_dir/data/split.json`` (the split ``steer eval opinions`` scores; the individual path
+    also writes ``train.csv``, ``valid.csv`` and ``heldout.csv`` in the real responses.csv format).
+    Returns the trainer.
+    """
+    if script_args.persona_source == "groups":
+        return _train_groups(script_args, training_args)
+    return _train_individuals(script_args, training_args)

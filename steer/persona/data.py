@@ -1,0 +1,471 @@
+"""Data preparation of the persona recipe: splits, personas and training examples (no trainer here).
+
+Two sources of personas, both split so that nothing scored reaches training:
+
+* **groups** (the default): every demographic group of the real Pew tables is a respondent whose
+  answers are its real answer distributions (:mod:`steer.persona.groups`). Waves are split into
+  training waves (embedder and soft-prompt network), validation waves (checkpoint choice only) and
+  evaluation waves (scored by ``steer eval opinions``). Groups listed in ``fold_in_groups`` are kept out
+  of everything and folded in afterwards from ``fold_in_answers`` of their training-wave answers.
+* **individuals**: respondents from real ``responses.csv`` files or simulated from the real group
+  tables (:mod:`steer.persona.simulate`). Whole questions are held out (the evaluation waves when the
+  responses contain them, else a seeded share of the questions), plus validation questions.
+
+Public API: ``WaveSplit``, ``GroupData`` / ``prepare_group_data(args)``, ``group_examples``,
+``PersonaData`` / ``prepare_persona_data(args)``, ``split_questions``, ``persona_table``,
+``answer_examples``. ``args`` is a :class:`steer.trainers.persona.PersonaScriptArguments` (any object
+with the same fields works).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GroupData",
+    "PersonaData",
+    "WaveSplit",
+    "answer_examples",
+    "group_examples",
+    "persona_table",
+    "prepare_group_data",
+    "prepare_persona_data",
+    "split_questions",
+    "wave_label",
+]
+
+_WAVE = re.compile(r"(\d+)$")
+
+
+def wave_label(wave: int | str) -> str:
+    """``26``, ``"W26"``, ``"American_Trends_Panel_W26"`` -> ``"W26"``."""
+    match = _WAVE.search(str(wave))
+    if match is None:
+        raise ValueError(f"not a wave number: {wave!r}")
+    return f"W{int(match.group(1))}"
+
+
+@dataclass
+class WaveSplit:
+    """Disjoint training / validation / evaluation waves."""
+
+    train: list[str]
+    valid: list[str]
+    eval: list[str]
+
+    def __post_init__(self) -> None:
+        self.train = [wave_label(w) for w in self.train]
+        self.valid = [wave_label(w) for w in self.valid]
+        self.eval = [wave_label(w) for w in self.eval]
+        if not self.train or not self.eval:
+            raise ValueError("WaveSplit: train_waves and eval_waves must not be empty")
+        for a, b in (("train", "valid"), ("train", "eval"), ("valid", "eval")):
+            shared = set(getattr(self, a)) & set(getattr(self, b))
+            if shared:
+                raise ValueError(f"WaveSplit: waves {sorted(shared)} are in both {a}_waves and {b}_waves")
+
+    @property
+    def all(self) -> list[str]:
+        return self.train + self.valid + self.eval
+
+    def part_of(self, wave: str | None) -> str | None:
+        for name in ("train", "valid", "eval"):
+            if wave in getattr(self, name):
+                return name
+        return None
+
+    def to_dict(self) -> dict:
+        return {"train_waves": self.train, "valid_waves": self.valid, "eval_waves": self.eval}
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupData:
+    """What :func:`prepare_group_data` returns."""
+
+    table: Any  # steer.persona.groups.GroupTable over all waves of the split
+    split: WaveSplit
+    train_keys: list[str]
+    valid_keys: list[str]
+    eval_keys: list[str]
+    train_groups: list[str]
+    embedder: Any
+    personas: dict[str, torch.Tensor]
+    train_examples: list[dict]
+    valid_examples: list[dict]
+    metadata: dict = field(default_factory=dict)
+
+
+def group_examples(
+    table,
+    names,
+    keys,
+    personas: dict[str, torch.Tensor],
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    block: int | None = None,
+) -> list[dict]:
+    """One example per (group, question) with a real distribution: the distribution is the target.
+
+    Fields: ``question``, ``options``, ``answer`` (the modal option), ``target`` (the real answer
+    distribution over the options), ``scale`` (the options' scaled ordinals), ``question_id`` (position of
+    the question in ``keys``), ``persona`` (the group's vector), ``group``, ``key``. With ``block``, the
+    examples come in blocks of up to ``block`` random groups answering the same question (questions in a
+    seeded random order, each once per pass); otherwise all pairs in a seeded random order.
+    """
+    rng = np.random.default_rng(seed)
+    by_key = {k: [n for n in names if table.distribution(n, k) is not None] for k in keys}
+    if block is None:
+        pairs = [(n, k) for k in keys for n in by_key[k]]
+        pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    else:
+        if block < 2:
+            raise ValueError(f"question blocks need at least 2 groups, got block={block}")
+        pairs = []
+        total = sum(len(v) for v in by_key.values())
+        target = total if limit is None else min(limit, total)
+        used = {k: set() for k in keys}
+        while len(pairs) < target:
+            added = 0
+            for j in rng.permutation(len(keys)):
+                key = keys[j]
+                fresh = [n for n in by_key[key] if n not in used[key]]
+                if len(fresh) < 2:
+                    continue
+                chosen = [fresh[i] for i in rng.permutation(len(fresh))[:block]]
+                used[key].update(chosen)
+                pairs.extend((n, key) for n in chosen)
+                added += len(chosen)
+                if len(pairs) >= target:
+                    break
+            if added == 0:
+                break
+    if limit is not None:
+        pairs = pairs[:limit]
+    position = {k: j for j, k in enumerate(keys)}
+    examples = []
+    for name, key in pairs:
+        target_probs = table.distribution(name, key)
+        question = table.questions[key]
+        examples.append(
+            {
+                "question": question.text,
+                "options": list(question.options),
+                "answer": int(np.argmax(target_probs)),
+                "target": [float(x) for x in target_probs],
+                "scale": [float(x) for x in question.scaled_array()],
+                "question_id": position[key],
+                "persona": [float(x) for x in personas[name]],
+                "group": name,
+                "key": key,
+            }
+        )
+    return examples
+
+
+def prepare_group_data(args) -> GroupData:
+    """Real group table -> wave split -> MF over groups x training questions -> personas -> examples."""
+    from steer.persona.embedder import PersonaEmbedder
+    from steer.persona.groups import load_group_table
+
+    split = WaveSplit(args.train_waves, args.valid_waves, args.eval_waves)
+    table = load_group_table(args.opinionqa_dir, split.all, attributes=args.group_attributes)
+    keys = {"train": [], "valid": [], "eval": []}
+    for key in table.question_keys:
+        part = split.part_of(table.wave_of(key))
+        if part is None:
+            raise ValueError(f"question {key} belongs to no wave of the split")
+        keys[part].append(key)
+    rng = np.random.default_rng(args.dataset_seed)
+    if args.max_questions is not None and args.max_questions < len(keys["train"]):
+        chosen = rng.choice(len(keys["train"]), size=args.max_questions, replace=False)
+        keys["train"] = [keys["train"][i] for i in sorted(chosen)]
+    unknown = [g for g in args.fold_in_groups if g not in table.names]
+    if unknown:
+        raise ValueError(f"fold_in_groups: unknown groups {unknown} (known: {table.names})")
+    train_groups = [n for n in table.names if n not in set(args.fold_in_groups)]
+    responses = table.to_responses(train_groups, keys["train"])
+    embedder = PersonaEmbedder(
+        args.embedding_dim, method=args.embedder_method, l2=args.embedder_l2, seed=args.dataset_seed
+    ).fit(responses)
+    if args.standardize_personas:
+        embedder.standardize_()
+    personas = {n: embedder.embeddings[i].detach().float().cpu() for i, n in enumerate(train_groups)}
+    folded = {}
+    for name in args.fold_in_groups:
+        new = table.to_responses([name], keys["train"])
+        vector = embedder.fold_in(new, args.fold_in_answers, seed=args.dataset_seed)[0]
+        answered = new.split_per_user(args.fold_in_answers, seed=args.dataset_seed)[0]
+        used = [k for j, k in enumerate(answered.question_keys) if answered.observed[0, j]]
+        personas[name] = vector.detach().float().cpu()
+        folded[name] = {"answers": len(used), "question_keys": used}
+    block = getattr(args, "question_block", None)
+    train_examples = group_examples(
+        table,
+        train_groups,
+        keys["train"],
+        personas,
+        limit=args.max_train_examples,
+        seed=args.dataset_seed,
+        block=block,
+    )
+    valid_examples = group_examples(
+        table,
+        train_groups,
+        keys["valid"],
+        personas,
+        limit=args.max_eval_examples,
+        seed=args.dataset_seed,
+        block=block,
+    )
+    norms = {n: float(v.norm()) for n, v in personas.items()}
+    means = responses.values  # [groups, training questions] expected scaled answers
+    with np.errstate(all="ignore"):
+        deviation = means - np.nanmean(means, 0, keepdims=True)
+    contrast_scale = float(np.nanmean(deviation**2))
+    metadata = {
+        "protocol": "groups",
+        **split.to_dict(),
+        "waves": split.all,
+        "opinionqa_dir": str(args.opinionqa_dir) if args.opinionqa_dir else None,
+        "question_keys": list(table.question_keys),
+        "train_question_keys": keys["train"],
+        "valid_question_keys": keys["valid"],
+        "eval_question_keys": keys["eval"],
+        "group_attributes": list(args.group_attributes),
+        "train_groups": train_groups,
+        "fold_in": folded,
+        "persona_norms": norms,
+        "contrast_scale": contrast_scale,
+        "standardized": bool(args.standardize_personas),
+        "source": {"groups": "real Pew group distributions"},
+        "num_users": len(train_groups),
+        "train_examples": len(train_examples),
+        "valid_examples": len(valid_examples),
+    }
+    logger.info(
+        "group data: %d groups, questions train %d / valid %d / eval %d, examples train %d / valid %d",
+        len(train_groups),
+        len(keys["train"]),
+        len(keys["valid"]),
+        len(keys["eval"]),
+        len(train_examples),
+        len(valid_examples),
+    )
+    return GroupData(
+        table,
+        split,
+        keys["train"],
+        keys["valid"],
+        keys["eval"],
+        train_groups,
+        embedder,
+        personas,
+        train_examples,
+        valid_examples,
+        metadata,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Individuals
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PersonaData:
+    """What ``prepare_persona_data`` returns: the split answers, the fitted embedder and the personas.
+
+    ``train`` holds the training questions, ``valid`` the validation questions (checkpoint choice),
+    ``heldout`` the evaluation questions; the three share the users and never a question.
+    """
+
+    questions: dict
+    train: Any
+    heldout: Any
+    embedder: Any
+    personas: dict[str, torch.Tensor]
+    cohorts: Any  # steer.persona.cohorts.CohortResult
+    metadata: dict
+    valid: Any = None
+
+
+def split_questions(responses, args) -> tuple[list[str], list[str], list[str]]:
+    """(train, valid, eval) question keys: by wave when the responses hold evaluation waves, else a
+    seeded share (``holdout_fraction`` each for validation and evaluation) of the questions."""
+    keys = list(responses.question_keys)
+    eval_waves = {wave_label(w) for w in (args.eval_waves or [])}
+    valid_waves = {wave_label(w) for w in (args.valid_waves or [])}
+    waves = {k: responses.questions[k].wave for k in keys}
+    if eval_waves & set(waves.values()):
+        eval_keys = [k for k in keys if waves[k] in eval_waves]
+        valid_keys = [k for k in keys if waves[k] in valid_waves]
+        train_keys = [k for k in keys if k not in set(eval_keys) | set(valid_keys)]
+    else:
+        if len(keys) < 3:
+            raise ValueError(f"need at least 3 questions to hold out whole questions, got {len(keys)}")
+        order = np.random.default_rng(args.dataset_seed).permutation(len(keys))
+        n_hold = max(1, int(round(args.holdout_fraction * len(keys))))
+        eval_keys = [keys[i] for i in sorted(order[:n_hold])]
+        valid_keys = [keys[i] for i in sorted(order[n_hold : 2 * n_hold])]
+        train_keys = [keys[i] for i in sorted(order[2 * n_hold :])]
+    if not train_keys or not eval_keys:
+        raise ValueError("the question split leaves no training or no evaluation question")
+    return train_keys, valid_keys, eval_keys
+
+
+def _choose_questions(responses, max_questions: int | None, seed: int):
+    keys = [k for k in responses.question_keys if not responses.questions[k].is_nominal]
+    if max_questions is not None and max_questions < len(keys):
+        rng = np.random.default_rng(seed)
+        keys = [keys[i] for i in sorted(rng.choice(len(keys), size=max_questions, replace=False))]
+    return responses.select_questions(keys)
+
+
+def persona_table(embedder, responses, attributes, *, num_cohorts=None, k_max=10, seed=0):
+    """Named personas: ``cohort:<k>`` centroids (k by the MF-loss elbow when not given) and ``<ATTR>=<value>``
+    demographic centroids of the training users. Returns ``(personas, cohort labels per user)``."""
+    from steer.persona.cohorts import find_cohorts, group_centroids
+
+    embeddings = embedder.embeddings.detach().cpu()
+    k_range = range(2, max(3, min(k_max, len(embeddings)) + 1))
+    result = find_cohorts(
+        embeddings, k=num_cohorts, k_range=k_range, embedder=embedder, responses=responses, seed=seed
+    )
+    personas = {f"cohort:{i}": c.float() for i, c in enumerate(result.centroids)}
+    for attribute in attributes:
+        if attribute not in responses.demographics.columns:
+            raise KeyError(f"demographic_attributes: no column {attribute!r} in the responses")
+        values = responses.demographics[attribute].to_numpy(dtype=object)
+        for value, centroid in group_centroids(embeddings, values, exclude=("nan", "", "Refused")).items():
+            personas[f"{attribute}={value}"] = centroid.float()
+    return personas, result
+
+
+def cohort_summary(cohorts) -> dict:
+    return {
+        "k": cohorts.k,
+        "k_values": cohorts.k_values,
+        "losses": cohorts.losses,
+        "criterion": cohorts.criterion,
+        "sizes": cohorts.sizes.tolist(),
+    }
+
+
+def _respondents(args):
+    from steer.persona.opinionqa import load_responses, load_waves
+
+    root = args.opinionqa_dir
+    questions = load_waves(root, args.waves)
+    if args.responses_csv:
+        return (
+            questions,
+            load_responses(args.responses_csv, questions),
+            {"responses_csv": list(args.responses_csv)},
+        )
+    from steer.persona.simulate import simulate_respondents
+
+    responses = simulate_respondents(
+        args.waves,
+        root=root,
+        group_by=tuple(args.group_by),
+        n_respondents=args.n_respondents,
+        seed=args.dataset_seed,
+        observed_frac=args.observed_frac,
+        tilt=args.tilt,
+        separation=args.separation,
+    )
+    source = {
+        "simulated": {
+            "n_respondents": args.n_respondents,
+            "group_by": list(args.group_by),
+            "observed_frac": args.observed_frac,
+            "tilt": args.tilt,
+            "separation": args.separation,
+            "seed": args.dataset_seed,
+        }
+    }
+    return questions, responses, source
+
+
+def prepare_persona_data(args) -> PersonaData:
+    """Respondents -> whole-question split -> embedder on the training questions -> cohorts and personas."""
+    from steer.persona.embedder import PersonaEmbedder
+
+    questions, responses, source = _respondents(args)
+    responses = _choose_questions(responses, args.max_questions, args.dataset_seed)
+    train_keys, valid_keys, eval_keys = split_questions(responses, args)
+    keep = responses.select_questions(train_keys).observed.sum(1) >= 2
+    responses = responses.select_users(keep)
+    if responses.num_users == 0:
+        raise ValueError("no respondent has two or more ordinal answers on the training questions")
+    train = responses.select_questions(train_keys)
+    valid = responses.select_questions(valid_keys) if valid_keys else None
+    heldout = responses.select_questions(eval_keys)
+    embedder = PersonaEmbedder(
+        args.embedding_dim, method=args.embedder_method, l2=args.embedder_l2, seed=args.dataset_seed
+    ).fit(train)
+    if getattr(args, "standardize_personas", False):
+        embedder.standardize_()
+    personas, cohorts = persona_table(
+        embedder,
+        train,
+        args.demographic_attributes,
+        num_cohorts=args.num_cohorts,
+        k_max=args.cohort_k_max,
+        seed=args.dataset_seed,
+    )
+    metadata = {
+        "protocol": "individuals",
+        "waves": list(args.waves),
+        "opinionqa_dir": str(args.opinionqa_dir) if args.opinionqa_dir else None,
+        "question_keys": list(responses.question_keys),
+        "train_question_keys": train_keys,
+        "valid_question_keys": valid_keys,
+        "eval_question_keys": eval_keys,
+        "source": source,
+        "num_users": int(responses.num_users),
+        "train_answers": int(train.observed.sum()),
+        "heldout_answers": int(heldout.observed.sum()),
+        "cohorts": cohort_summary(cohorts),
+    }
+    return PersonaData(questions, train, heldout, embedder, personas, cohorts, metadata, valid)
+
+
+def answer_examples(responses, *, users=None, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """One example per observed ordinal answer: question text, options (ordinal order), answer index, user."""
+    observed = responses.observed
+    rows, cols = np.nonzero(observed)
+    if users is not None:
+        allowed = np.zeros(responses.num_users, dtype=bool)
+        allowed[np.asarray(users, dtype=np.int64)] = True
+        keep = allowed[rows]
+        rows, cols = rows[keep], cols[keep]
+    order = np.random.default_rng(seed).permutation(len(rows))
+    if limit is not None:
+        order = order[:limit]
+    examples = []
+    for i in order:
+        question = responses.questions[responses.question_keys[cols[i]]]
+        examples.append(
+            {
+                "question": question.text,
+                "options": list(question.options),
+                "answer": int(responses.option_index[rows[i], cols[i]]),
+                "user_index": int(rows[i]),
+            }
+        )
+    return examples
