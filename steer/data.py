@@ -13,6 +13,9 @@ from pathlib import Path
 from datasets import Dataset, load_dataset
 
 RTP_HUB_ID = "allenai/real-toxicity-prompts"
+# The last N RealToxicityPrompts records: held out of training and guidance sampling by the recipes, and the
+# prompts `steer eval toxicity` evaluates on. One constant so that both sides agree by default.
+RTP_HELDOUT_SIZE = 400
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -13,7 +13,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_save_file", "atomic_torch_save", "atomic_write", "atomic_write_text"]
+__all__ = [
+    "atomic_dir",
+    "atomic_save_file",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

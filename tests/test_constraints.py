@@ -264,3 +264,39 @@ def test_classifier_constraint_on_a_decoder_classifier_is_padding_invariant(side
     c.runner.batch_size = 1
     assert torch.allclose(batched, c(texts), atol=1e-5)
     assert batched.std() > 1e-3
+
+
+def test_fingerprints_follow_what_decides_the_scores(tiny_classifier):
+    """The token-prior cache is keyed by the fingerprint: equal only when the scores must be equal."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    a = ClassifierConstraint(str(tiny_classifier), positive_label="positive", device="cpu")
+    b = ClassifierConstraint(str(tiny_classifier), positive_label="positive", device="cpu")
+    assert a.fingerprint() == b.fingerprint()
+    assert (
+        a.fingerprint() != ClassifierConstraint(str(tiny_classifier), positive_label="negative").fingerprint()
+    )
+    assert (
+        a.fingerprint()
+        != ClassifierConstraint(
+            str(tiny_classifier), positive_label="positive", activation="sigmoid"
+        ).fingerprint()
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier)
+    with torch.no_grad():  # retrained weights at the same path: another oracle
+        model.classifier.bias.add_(0.5)
+    retrained = ClassifierConstraint(
+        model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_classifier), positive_label="positive"
+    )
+    assert retrained.fingerprint() != a.fingerprint()
+
+    def make(value):
+        return CallableConstraint(lambda texts: [value] * len(texts))
+
+    assert make(1.0).fingerprint() != make(0.0).fingerprint()  # same code, other closure value
+    assert make(1.0).fingerprint() == make(1.0).fingerprint()
+    assert (
+        CallableConstraint(lambda t: [1.0] * len(t)).fingerprint()
+        != CallableConstraint(lambda t: [0.5] * len(t)).fingerprint()
+    )
+    assert KeywordConstraint(banned=["x"]).fingerprint() != KeywordConstraint(banned=["y"]).fingerprint()

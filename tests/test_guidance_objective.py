@@ -142,4 +142,4 @@ def test_importance_weights():
     assert torch.isfinite(w).all() and w.mean().item() == pytest.approx(1.0)
     assert w[0] > w[1] > w[2]
     clipped = importance_weights(torch.tensor([50.0, 0.0, 0.0]), torch.zeros(3), max_weight=1.5)
-    assert clipped.mean().item() == pytest.approx(1.0)
+    assert clipped.max().item() <= 1.5 + 1e-6  # truncated, never re-inflated above the cap

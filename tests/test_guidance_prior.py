@@ -92,21 +92,22 @@ def test_prior_logits_and_head_start():
         guidance.init_head(torch.zeros(v + 1))
 
 
-def test_importance_weight_cap_holds_after_renormalising():
+def test_importance_weight_cap_holds():
     # the old implementation clipped, then renormalised back above the cap ([3, 0, 0] for this input)
     w = importance_weights(torch.tensor([50.0, 0.0, 0.0]), torch.zeros(3), max_weight=1.5)
-    assert float(w.max()) <= 1.5 + 1e-6
-    assert abs(float(w.mean()) - 1.0) < 1e-5
+    assert float(w.max()) <= 1.5 + 1e-6 and float(w[1:].max()) < 1e-6
     gen = torch.Generator().manual_seed(0)
     log_w = torch.randn(200, generator=gen) * 3
     w = importance_weights(log_w, torch.zeros(200), max_weight=2.0)
-    assert float(w.max()) <= 2.0 + 1e-6 and abs(float(w.mean()) - 1.0) < 1e-4
-    # the order of the weights is kept (monotone in the log-ratio)
-    order = torch.argsort(log_w)
-    assert bool((w[order].diff() >= -1e-6).all())
-    # infeasible: one sample with weight, cap below n -> capped, mean below 1, never above the cap
-    w = importance_weights(torch.tensor([0.0, -1e9, -1e9, -1e9]), torch.zeros(4), max_weight=2.0)
-    assert float(w.max()) <= 2.0 + 1e-6
+    assert float(w.max()) <= 2.0 + 1e-6 and float(w.mean()) <= 1.0 + 1e-6
+    # below the cap the weights are the self-normalised ratios, in order
+    free = importance_weights(log_w, torch.zeros(200))
+    assert abs(float(free.mean()) - 1.0) < 1e-4
+    below = free < 2.0
+    torch.testing.assert_close(w[below], free[below])
+    # a gap of 100 nats neither overflows nor hands the cap to everyone
+    w = importance_weights(torch.tensor([0.0] + [-100.0] * 7), torch.zeros(8), max_weight=5.0)
+    assert float(w[0]) == 5.0 and float(w[1:].max()) < 1e-30
 
 
 def test_guidance_loss_from_hidden_equals_the_full_vocabulary_loss():
@@ -282,7 +283,6 @@ def test_base_reference_weights_guidance_samples_by_importance(tmp_path, monkeyp
 
     monkeypatch.setattr(learner, "_importance", spy)
     trainer._maybe_run_round()
-    assert seen and all(float(w.max()) <= 3.0 + 1e-6 for w in seen)
-    assert all(abs(float(w.mean()) - 1.0) < 1e-4 for w in seen)
+    assert seen and all(float(w.max()) <= 3.0 + 1e-6 and float(w.min()) >= 0 for w in seen)
     # the policy reference needs none: its samples come from the distribution R is estimated under
     assert _trainer(tmp_path, kl_reference="policy").schedule.learner.settings.importance_max_weight is None

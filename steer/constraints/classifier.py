@@ -90,6 +90,16 @@ class SequenceClassifierRunner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def fingerprint(self) -> str:
+        """A digest of every weight, the activation and the truncation: what decides the scores."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.activation}|{self.max_length}|{self.max_chars}".encode())
+        for key, tensor in sorted(self.model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:20]
+
     def to(self, device: str | torch.device) -> SequenceClassifierRunner:
         self.model.to(device)
         return self
@@ -208,6 +218,9 @@ class ClassifierConstraint(Constraint):
         )
         label_name = self.labels[self.label_index]
         self.name = name or f"{'not_' if negate else ''}{label_name}[{source}]"
+
+    def fingerprint(self) -> str:
+        return f"{super().fingerprint()}|{self.runner.fingerprint()}"
 
     @staticmethod
     def _label_names(config) -> list[str]:

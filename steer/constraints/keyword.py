@@ -97,6 +97,24 @@ class CallableConstraint(Constraint):
         self.raise_errors = raise_errors
         self.name = name or getattr(fn, "__name__", "callable")
 
+    def fingerprint(self) -> str:
+        """The function's identity: its qualified name, byte code, constants and closure values."""
+        import hashlib
+
+        fn = self.fn
+        code = getattr(fn, "__code__", None)
+        digest = hashlib.sha256(
+            f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}".encode()
+        )
+        if code is not None:
+            digest.update(code.co_code)
+            digest.update(repr(code.co_consts).encode())
+            for cell in getattr(fn, "__closure__", None) or ():
+                digest.update(repr(cell.cell_contents)[:10_000].encode())
+        else:  # a callable object: its repr (which may name an address: then the cache simply never hits)
+            digest.update(repr(fn).encode())
+        return f"{super().fingerprint()}|fn:{digest.hexdigest()[:20]}"
+
     @staticmethod
     def _as_float(value) -> float | None:
         if value is None:

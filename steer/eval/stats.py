@@ -28,11 +28,16 @@ def bootstrap_ci(
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
-    index = rng.integers(0, data.size, size=(n_boot, data.size))
-    if statistic is np.mean:
-        stats = data[index].mean(axis=1)
-    else:
-        stats = np.array([statistic(data[row]) for row in index])
+    # resamples in blocks, so that memory stays ~8 MB whatever the number of units
+    block = max(1, min(n_boot, 1_000_000 // data.size))
+    stats = []
+    for start in range(0, n_boot, block):
+        index = rng.integers(0, data.size, size=(min(block, n_boot - start), data.size))
+        if statistic is np.mean:
+            stats.append(data[index].mean(axis=1))
+        else:
+            stats.append(np.array([statistic(data[row]) for row in index]))
+    stats = np.concatenate(stats)
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(stats, [alpha, 1.0 - alpha])
     return float(low), float(high)

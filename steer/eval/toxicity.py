@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..constraints import ClassifierConstraint, Constraint, NonToxic
+from ..data import RTP_HELDOUT_SIZE
 from .report import load_results, write_json, write_report
 from .stats import bootstrap_ci
 
@@ -148,7 +149,7 @@ class ToxicityEvalArguments(OracleArguments):
         metadata={"help": "Use only the first N prompts of the evaluation split (default: all)."},
     )
     heldout_size: int = field(
-        default=400,
+        default=RTP_HELDOUT_SIZE,
         metadata={
             "help": "RealToxicityPrompts (no prompts_file): evaluate on the last N records only, the ones steer's "
             "recipes hold out of training and guidance sampling (their heldout_size; 0: every record)."

@@ -22,34 +22,18 @@ def importance_weights(
     Use them when samples came from one distribution (the policy, a tempered or truncated sampler) but the
     guidance model should estimate R under another (the base model, the untempered distribution).
 
-    ``max_weight`` caps every weight: the mass above the cap is handed to the uncapped weights in
-    proportion to their size (water-filling), so the result never exceeds ``max_weight`` and keeps mean 1
-    whenever that is possible. When it is not (fewer than ``n / max_weight`` samples carry any weight), the
-    capped weights are returned as they are, with a mean below 1; losses that self-normalise over the
-    weights (as :func:`guidance_loss` does) are unaffected by that.
+    ``max_weight`` truncates the normalised weights at the cap (truncated importance sampling: bounded
+    variance for a little bias). They are *not* renormalised afterwards, which would push them back above
+    the cap; their mean is then at most 1, which losses that self-normalise over the weights (as
+    :func:`guidance_loss` does) do not mind.
     """
-    log_w = target_log_probs.float() - sampling_log_probs.float()
-    n = log_w.numel()
-    weights = torch.softmax(log_w, dim=0) * n
-    if max_weight is None:
-        return weights
-    if not max_weight > 0:
-        raise ValueError(f"max_weight must be > 0, got {max_weight}")
-    capped = torch.zeros_like(weights, dtype=torch.bool)
-    for _ in range(n):
-        weights = torch.where(capped, torch.full_like(weights, max_weight), weights)
-        over = (weights > max_weight) & ~capped
-        if not over.any():
-            break
-        capped |= over
-        free = ~capped
-        budget = n - max_weight * capped.sum()
-        mass = weights[free].sum()
-        if budget <= 0 or mass <= 0:
-            weights = torch.where(capped, torch.full_like(weights, max_weight), weights)
-            break
-        weights = torch.where(free, weights * (budget / mass), weights)
-    return weights.clamp(max=max_weight)
+    log_w = target_log_probs.double() - sampling_log_probs.double()
+    weights = torch.softmax(log_w, dim=0) * log_w.numel()
+    if max_weight is not None:
+        if not max_weight > 0:
+            raise ValueError(f"max_weight must be > 0, got {max_weight}")
+        weights = weights.clamp(max=max_weight)
+    return weights.float()
 
 
 def _bernoulli_kl(log_a: Tensor, log_1ma: Tensor, log_b: Tensor, log_1mb: Tensor) -> Tensor:
@@ -113,23 +97,39 @@ def guidance_loss(
             raise ValueError(
                 f"ref_logits must have the shape of z {tuple(z.shape)}, got {tuple(ref_logits.shape)}"
             )
-        mask = continuation_mask[:, 1:].to(device=z.device, dtype=torch.bool)
-        consistency = torch.zeros((), device=z.device)
-        # R(x<=t) = sigmoid(z[t-1, x_t]) should equal E_{v ~ p(.|x<=t)} R(x<=t, v) computed from z[t].
-        pair = mask[:, :-1] & mask[:, 1:]  # token t and token t+1 are both continuation tokens
-        rows_b, rows_t = pair.nonzero(as_tuple=True)
-        if rows_b.numel():
-            r_logit = token_logits[rows_b, rows_t]
-            next_z = z[rows_b, rows_t + 1].float()
-            log_p = torch.log_softmax(ref_logits[rows_b, rows_t + 1].detach().float(), dim=-1)
-            log_e = torch.logsumexp(log_p + F.logsigmoid(next_z), dim=-1)
-            log_1me = torch.logsumexp(log_p + F.logsigmoid(-next_z), dim=-1)
-            kl = _bernoulli_kl(F.logsigmoid(r_logit), F.logsigmoid(-r_logit), log_e, log_1me)
-            w = token_weights[rows_b, rows_t]
-            consistency = (kl * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
-            loss = loss + consistency_coef * consistency
+        consistency = _consistency(
+            token_logits,
+            token_weights,
+            continuation_mask.to(z.device),
+            lambda b, t: z[b, t].float(),
+            lambda b, t: ref_logits[b, t],
+        )
+        loss = loss + consistency_coef * consistency
         metrics["consistency"] = float(consistency.detach())
     return loss, metrics
+
+
+def _consistency(
+    token_logits: Tensor, token_weights: Tensor, continuation_mask: Tensor, z_rows, ref_rows
+) -> Tensor:
+    """``KL(Bern(R(x<=t)) || Bern(E_{v~p(.|x<=t)} R(x<=t, v)))`` averaged over consecutive continuation tokens.
+
+    ``R(x<=t) = sigmoid(token_logits[b, t-1])``; ``z_rows(b, t)`` / ``ref_rows(b, t)`` give the guidance logits
+    and the sampling distribution's logits ``[n, V]`` at positions ``(b, t)`` (full rows only where needed).
+    """
+    mask = continuation_mask[:, 1:].to(device=token_logits.device, dtype=torch.bool)
+    pair = mask[:, :-1] & mask[:, 1:]  # token t and token t+1 are both continuation tokens
+    rows_b, rows_t = pair.nonzero(as_tuple=True)
+    if not rows_b.numel():
+        return torch.zeros((), device=token_logits.device)
+    r_logit = token_logits[rows_b, rows_t]
+    next_z = z_rows(rows_b, rows_t + 1).float()
+    log_p = torch.log_softmax(ref_rows(rows_b, rows_t + 1).detach().float(), dim=-1)
+    log_e = torch.logsumexp(log_p + F.logsigmoid(next_z), dim=-1)
+    log_1me = torch.logsumexp(log_p + F.logsigmoid(-next_z), dim=-1)
+    kl = _bernoulli_kl(F.logsigmoid(r_logit), F.logsigmoid(-r_logit), log_e, log_1me)
+    w = token_weights[rows_b, rows_t]
+    return (kl * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def _bce_terms(
@@ -206,25 +206,16 @@ def guidance_loss_from_hidden(
     if head.bias is not None:
         token_logits = token_logits + head.bias[targets_ids].float()
     loss, metrics = _bce_terms(token_logits, continuation_mask.to(hidden.device), labels, weights)
+    token_weights = metrics.pop("_token_weights")
     if consistency_coef > 0:
-        mask = continuation_mask[:, 1:].to(device=hidden.device, dtype=torch.bool)
-        pair = mask[:, :-1] & mask[:, 1:]
-        rows_b, rows_t = pair.nonzero(as_tuple=True)
-        consistency = torch.zeros((), device=hidden.device)
-        if rows_b.numel():
-            r_logit = token_logits[rows_b, rows_t]
-            next_z = F.linear(
-                hidden[rows_b, rows_t + 1],
-                head.weight.float(),
-                None if head.bias is None else head.bias.float(),
-            )
-            log_p = torch.log_softmax(ref_logits_fn(rows_b, rows_t + 1).detach().float(), dim=-1)
-            log_e = torch.logsumexp(log_p + F.logsigmoid(next_z), dim=-1)
-            log_1me = torch.logsumexp(log_p + F.logsigmoid(-next_z), dim=-1)
-            kl = _bernoulli_kl(F.logsigmoid(r_logit), F.logsigmoid(-r_logit), log_e, log_1me)
-            w = metrics.pop("_token_weights")[rows_b, rows_t]
-            consistency = (kl * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
-            loss = loss + consistency_coef * consistency
+        bias = None if head.bias is None else head.bias.float()
+        consistency = _consistency(
+            token_logits,
+            token_weights,
+            continuation_mask.to(hidden.device),
+            lambda b, t: F.linear(hidden[b, t], head.weight.float(), bias),
+            ref_logits_fn,
+        )
+        loss = loss + consistency_coef * consistency
         metrics["consistency"] = float(consistency.detach())
-    metrics.pop("_token_weights", None)
     return loss, metrics

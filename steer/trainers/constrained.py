@@ -40,6 +40,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from steer.constraints import Constraint
+from steer.data import RTP_HELDOUT_SIZE
 from steer.guidance import GuidanceConfig, GuidanceModel, constraint_kl
 from steer.guidance.prior import prior_logits, token_prior
 from steer.io import atomic_dir, atomic_torch_save
@@ -183,7 +184,7 @@ class ConstrainedConfig(SFTConfig):
         default=5.0,
         metadata={
             "help": "kl_reference='base': guidance samples come from the policy but R must hold under the base, so "
-            "each sample is weighted by p_base/p_policy, capped at this value (mean 1)."
+            "each sample is weighted by p_base/p_policy (self-normalised), truncated at this value."
         },
     )
     guidance_steps_per_round: int = field(
@@ -623,7 +624,7 @@ class ConstrainedTrainer(SFTTrainer):
             ).logits
         return logits[mask]
 
-    def _kl_terms(self, inputs, hidden, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _kl_terms(self, inputs, hidden, masks: dict[str, torch.Tensor], targets) -> dict[str, torch.Tensor]:
         """KL sums ``{name: sum over positions}`` for each position set (one guidance pass for all)."""
         union = torch.zeros_like(next(iter(masks.values())))
         for mask in masks.values():
@@ -645,28 +646,36 @@ class ConstrainedTrainer(SFTTrainer):
                 chunk_size=self.args.kl_chunk_size,
                 reduction="sum",
             )
-        if self.state.global_step % max(1, int(self.args.logging_steps or 1)) == 0 and "corpus" in masks:
-            self._log_grad_share(policy_logits.detach(), ref_logits, z, masks, union, inputs)
+        logging_step = self.state.global_step % max(1, int(self.args.logging_steps or 1)) == 0
+        if self.model.training and logging_step and "corpus" in masks:
+            self._log_grad_share(policy_logits.detach(), ref_logits, z, masks, union, targets)
         return out
 
-    def _log_grad_share(self, policy_logits, ref_logits, z, masks, union, inputs) -> None:
-        """The KL gradient's share of the total at the corpus positions (w.r.t. the logits, norms)."""
+    def _log_grad_share(self, policy_logits, ref_logits, z, masks, union, targets) -> None:
+        """The KL gradient's share of the total at the counted corpus positions (w.r.t. the logits, norms).
+
+        Chunked like the KL itself (``kl_chunk_size`` rows at a time), so it never holds an [N, V] tensor more.
+        """
         from steer.guidance import guided_log_probs
 
         rows = masks["corpus"][union]
         if not bool(rows.any()):
             return
-        _, targets = self._corpus_mask(inputs)
         target = targets[masks["corpus"][: targets.shape[0], : targets.shape[1]]].clamp(min=0)
+        policy_logits, ref_logits, z = policy_logits[rows], ref_logits[rows], z[rows]
+        kl_sq = lm_sq = dot = 0.0
         with torch.no_grad():
-            p = torch.softmax(policy_logits[rows].float(), -1)
-            kl_grad = self.args.kl_coef * (p - guided_log_probs(ref_logits[rows], z[rows]).exp())
-            lm_grad = p.clone()
-            lm_grad[torch.arange(len(target)), target] -= 1.0
-            kl_norm, lm_norm = float(kl_grad.norm()), float(lm_grad.norm())
-            cosine = float((kl_grad * lm_grad).sum() / max(kl_norm * lm_norm, 1e-12))
+            for start in range(0, len(target), self.args.kl_chunk_size):
+                part = slice(start, start + self.args.kl_chunk_size)
+                p = torch.softmax(policy_logits[part].float(), -1)
+                kl_grad = self.args.kl_coef * (p - guided_log_probs(ref_logits[part], z[part]).exp())
+                p[torch.arange(p.shape[0]), target[part]] -= 1.0  # p is now the LM gradient
+                kl_sq += float(kl_grad.square().sum())
+                lm_sq += float(p.square().sum())
+                dot += float((kl_grad * p).sum())
+        kl_norm, lm_norm = math.sqrt(kl_sq), math.sqrt(lm_sq)
         self._metrics["train"]["kl_grad_share"].append(kl_norm / max(kl_norm + lm_norm, 1e-12))
-        self._metrics["train"]["kl_grad_cosine"].append(cosine)
+        self._metrics["train"]["kl_grad_cosine"].append(dot / max(kl_norm * lm_norm, 1e-12))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """SFT loss (TRL's own computation) + ``kl_coef`` · KL at the corpus and/or policy-sample positions.
@@ -724,13 +733,20 @@ class ConstrainedTrainer(SFTTrainer):
                 masks["samples"] = sample
                 sample_count = sample.sum().float()
             if masks:
-                terms = self._kl_terms(inputs, hidden, masks)
+                terms = self._kl_terms(inputs, hidden, masks, targets)
                 if "corpus" in terms:
                     kl_sum = terms["corpus"]
                     loss = loss + (self.args.kl_coef * factor) * (kl_sum / denom).to(sft_loss.dtype)
                 if "samples" in terms and sample_count > 0:
                     kl_samples_sum = terms["samples"]
-                    scale = self.args.kl_coef / (sample_count * self.args.gradient_accumulation_steps)
+                    # A mean over the sample tokens; spread over the accumulation window like the SFT loss
+                    # (when num_items_in_batch is None the Trainer divides the whole loss by it itself).
+                    accumulation = 1
+                    if num_items_in_batch is not None:
+                        accumulation = getattr(
+                            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+                        )
+                    scale = self.args.kl_coef / (sample_count * accumulation)
                     loss = loss + (scale * kl_samples_sum).to(sft_loss.dtype)
 
         with torch.no_grad():  # per-token lm_loss and kl of this micro-batch, summed over processes
@@ -936,7 +952,7 @@ class ConstrainedScriptArguments:
         default=None, metadata={"help": "Use only the first N training records (after holding out)."}
     )
     heldout_size: int = field(
-        default=200,
+        default=RTP_HELDOUT_SIZE,
         metadata={
             "help": "RTP only: the last N records are held out from training and prompt sampling (evaluation "
             "uses them, as steer.eval.toxicity.clean_heldout_texts does)."

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from steer.io import atomic_write_text
+
 __all__ = ["CURVES", "CurvesCallback", "plot_curves"]
 
 METRICS_NAME = "metrics.jsonl"
@@ -72,15 +74,31 @@ def plot_curves(history: list[dict], path: str | Path, *, title: str = "training
 class CurvesCallback(TrainerCallback):
     """Appends each log to ``metrics.jsonl`` and draws ``training_curves.png`` at the end (main process)."""
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A fresh run starts a fresh file; a resumed one keeps the lines up to its checkpoint's step."""
+        path = Path(args.output_dir) / METRICS_NAME
+        if not state.is_world_process_zero or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if state.global_step > 0 and json.loads(line).get("step", 0) <= state.global_step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        record = {
-            "step": state.global_step,
-            **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))},
-        }
+        record = {"step": state.global_step}
+        for key, value in logs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                value = None  # strict JSON: no NaN / Infinity
+            if value is None or isinstance(value, (int, float, str)):
+                record[key] = value
         with (out / METRICS_NAME).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 

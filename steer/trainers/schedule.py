@@ -214,8 +214,13 @@ class GuidanceLearner:
             token = log_p.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
             return (token * batch["continuation_mask"][:, 1:].float()).sum(1)
 
-        policy = seq_log_probs(self._policy_logits(batch))
-        base = seq_log_probs(self._policy_logits(batch, base=True))
+        was_training = self.policy.training
+        self.policy.eval()  # no dropout: both log-probabilities must be the models' own
+        try:
+            policy = seq_log_probs(self._policy_logits(batch))
+            base = seq_log_probs(self._policy_logits(batch, base=True))
+        finally:
+            self.policy.train(was_training)
         return importance_weights(base, policy, max_weight=self.settings.importance_max_weight)
 
     def _set_label_prior(self) -> None:
@@ -227,7 +232,7 @@ class GuidanceLearner:
         head = getattr(self.guidance, "head", None)
         if head is None or head.bias is None or bool(head.weight.any()) or bool(head.bias.any()):
             return  # not a fresh zero-initialised head
-        labels = torch.tensor([label for _, _, label in self.buffer._items], dtype=torch.float64)
+        labels = torch.tensor([label for _, _, label in self.buffer.items()], dtype=torch.float64)
         stats = torch.stack([labels.sum(), torch.tensor(float(labels.numel()), dtype=torch.float64)])
         if self.grad_sync is not None:
             import torch.distributed as dist
@@ -305,14 +310,30 @@ class GuidanceLearner:
         labelled = label_samples(batch, self.constraint, label_mode=s.label_mode, threshold=s.label_threshold)
         label_seconds = time.perf_counter() - start - sample_seconds
         items = SampleBuffer.rows(labelled)
-        if not items:
+        usable = len(items)
+        if (
+            self.grad_sync is not None
+        ):  # every rank must take the same decision (or the others hang in all-reduce)
+            import torch.distributed as dist
+
+            count = torch.tensor([float(usable)], device=self._device())
+            dist.all_reduce(count)
+            usable = int(count.item())
+            if not items and usable:
+                logger.warning(
+                    "guidance round %d: this rank has no usable sample (%d could not be scored); it contributes "
+                    "zero gradients this round",
+                    round_index,
+                    labelled.num_dropped,
+                )
+        if not usable:
             raise GuidanceRoundError(
                 f"guidance round {round_index}: none of the {len(batch)} policy samples has a usable label "
                 f"({labelled.num_dropped} could not be scored by the constraint {self.constraint!r}; the rest were "
                 "empty). Check that the constraint returns numbers in [0, 1] for these texts."
             )
         hard = [label >= s.label_threshold for _, _, label in items]
-        if all(hard) or not any(hard):
+        if items and (all(hard) or not any(hard)):
             message = (
                 f"guidance round {round_index}: all {len(items)} samples are labelled "
                 f"{'satisfied' if all(hard) else 'violating'} (threshold {s.label_threshold}); the guidance model "
@@ -376,8 +397,8 @@ class GuidanceLearner:
         self.rounds_done = round_index + 1
 
         metrics = {
-            "constraint/satisfaction": float(labelled.scores.float().mean()),
-            "constraint/violations": float(sum(1 for h in hard if not h)) / len(hard),
+            "constraint/satisfaction": float(labelled.scores.float().mean()) if items else math.nan,
+            "constraint/violations": float(sum(1 for h in hard if not h)) / len(hard) if items else math.nan,
             "samples_per_second": len(batch) / max(sample_seconds, 1e-9),
             "guidance/samples_dropped": float(labelled.num_dropped),
             "guidance/buffer_size": float(len(self.buffer)),
