@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["guidance_loss", "guidance_loss_from_hidden", "importance_weights"]
+__all__ = ["guidance_loss", "guidance_loss_from_hidden", "importance_weights", "sampled_token_logits"]
 
 
 def importance_weights(
@@ -173,6 +173,15 @@ def _bce_terms(
     return loss, metrics
 
 
+def sampled_token_logits(hidden: Tensor, head: torch.nn.Linear, input_ids: Tensor) -> Tensor:
+    """``z[b, t-1, x_t]`` for every sampled token, ``[B, T-1]``, from the head rows of those tokens only."""
+    targets = input_ids[:, 1:].to(hidden.device)
+    logits = (hidden[:, :-1].float() * head.weight[targets].float()).sum(-1)
+    if head.bias is not None:
+        logits = logits + head.bias[targets].float()
+    return logits
+
+
 def guidance_loss_from_hidden(
     hidden: Tensor,
     head: torch.nn.Linear,
@@ -200,11 +209,7 @@ def guidance_loss_from_hidden(
     if consistency_coef > 0 and ref_logits_fn is None:
         raise ValueError("consistency_coef > 0 needs ref_logits_fn (the sampling distribution's logits)")
     hidden = hidden.float()
-    targets_ids = input_ids[:, 1:].to(hidden.device)
-    rows_w = head.weight[targets_ids]  # [B, T-1, H]
-    token_logits = (hidden[:, :-1] * rows_w.float()).sum(-1)
-    if head.bias is not None:
-        token_logits = token_logits + head.bias[targets_ids].float()
+    token_logits = sampled_token_logits(hidden, head, input_ids)
     loss, metrics = _bce_terms(token_logits, continuation_mask.to(hidden.device), labels, weights)
     token_weights = metrics.pop("_token_weights")
     if consistency_coef > 0:

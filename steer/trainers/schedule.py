@@ -247,6 +247,8 @@ class GuidanceLearner:
 
     def _pool_metrics(self) -> dict[str, float]:
         """``guidance/auc`` over the held-back pool, and how far R separates flagged from unflagged tokens."""
+        from steer.guidance.objective import sampled_token_logits
+
         if not self.auc_pool:
             return {}
         s = self.settings
@@ -260,8 +262,7 @@ class GuidanceLearner:
                 hb = self._to(SampleBuffer.collate(chunk, self.pad_token_id))
                 hidden = self._guidance_hidden(hb).float()
                 mask = hb["continuation_mask"][:, 1:]
-                targets = hb["input_ids"][:, 1:]
-                token = (hidden[:, :-1] * head.weight[targets].float()).sum(-1) + head.bias[targets].float()
+                token = sampled_token_logits(hidden, head, hb["input_ids"])
                 # A sequence's score: its lowest token-level R (one violating token decides the label).
                 token = token.masked_fill(~mask, math.inf)
                 scores.extend(token.min(1).values.cpu().tolist())
