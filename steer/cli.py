@@ -51,14 +51,14 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command(
         ("train", "constrained"),
-        "steer.trainers.constrained",
+        "steer.scripts.constrained",
         ("ConstrainedScriptArguments", "ConstrainedConfig"),
         "train_constrained",
         "fine-tune a policy under a sequence-level constraint (NADO guidance + closed-form KL)",
     ),
     Command(
         ("train", "persona"),
-        "steer.trainers.persona",
+        "steer.scripts.persona",
         ("PersonaScriptArguments", "PersonaConfig"),
         "train_persona",
         "train a persona soft-prompt network on survey answers (frozen LLM)",
@@ -482,6 +482,24 @@ def run(argv: Sequence[str] | None = None) -> Any:
     return result
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: a barrier, then ``destroy_process_group``.
+
+    Without it a rank that finishes first exits while gloo's threads still serve the other rank, and the C++
+    runtime aborts it at interpreter exit ("terminate called without an active exception", SIGABRT), which
+    turns a finished multi-process run into a failed one.
+    """
+    if "torch" not in sys.modules:  # nothing imported torch, so no process group exists (keeps --help lazy)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def _print_result(command: Command, parsed: Sequence[Any], result: Any) -> None:
     """Show an evaluation's markdown report (or its scalar results) on stdout."""
     import json
@@ -521,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         run(argv)
+        shutdown_distributed()
     except CommandLineError as err:
         name = f"{PROG} {err.command}".strip()
         print(f"{name}: error: {err}", file=sys.stderr)
@@ -544,4 +563,5 @@ __all__ = [
     "parameter_digest",
     "parse_command_args",
     "run",
+    "shutdown_distributed",
 ]

@@ -77,7 +77,7 @@ def _stage(message: str) -> float:
 
 def _recipe(args: DemoArguments, output_dir: Path, kl_coef: float, **changes):
     """The detox recipe's settings, shrunk: one place so both runs share every setting but λ."""
-    from steer.trainers.constrained import ConstrainedConfig, ConstrainedScriptArguments
+    from steer.scripts.constrained import ConstrainedConfig, ConstrainedScriptArguments
 
     script = ConstrainedScriptArguments(
         dataset_name="rtp",
@@ -123,7 +123,7 @@ def demo_data(args: DemoArguments) -> dict:
     """The training pairs, guidance prompts, held-out prompts, clean texts and oracle every demo run shares."""
     from steer.constraints import NonToxic
     from steer.eval.toxicity import clean_heldout_texts
-    from steer.trainers.constrained import load_constrained_datasets
+    from steer.scripts.constrained import load_constrained_datasets
 
     script, _ = _recipe(args, Path(args.output_dir), args.kl_coef)
     train, prompt_dataset, heldout = load_constrained_datasets(script)

@@ -13,12 +13,8 @@ from trl import SFTConfig, SFTTrainer
 from steer.constraints import KeywordConstraint
 from steer.guidance import GuidanceModel, constraint_kl_naive
 from steer.models import tiny_causal_lm
-from steer.trainers.constrained import (
-    ConstrainedConfig,
-    ConstrainedScriptArguments,
-    ConstrainedTrainer,
-    build_constraint,
-)
+from steer.scripts.constrained import ConstrainedScriptArguments, build_constraint
+from steer.trainers.constrained import ConstrainedConfig, ConstrainedTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -94,7 +94,7 @@ def test_tiny_recipe_end_to_end(tmp_path):
     every method on held-out questions only -> report."""
     from steer.models import tiny_causal_lm
     from steer.persona.steering import PersonaSteeredModel
-    from steer.trainers.persona import PersonaConfig, PersonaScriptArguments, train_persona
+    from steer.scripts.persona import PersonaConfig, PersonaScriptArguments, train_persona
 
     model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
     model.save_pretrained(tmp_path / "tiny")

@@ -225,6 +225,28 @@ def test_kl_on_samples_appends_policy_samples_that_sft_ignores(tmp_path):
     assert "kl" not in trainer._metrics["train"]  # kl_positions='samples': no corpus term
 
 
+def test_kl_sample_coef_weights_the_sample_term_alone(tmp_path):
+    losses = {}
+    for coef in (None, 0.0, 4.0):
+        trainer = _trainer(tmp_path, kl_positions="samples", kl_sample_batch_size=3, kl_sample_coef=coef)
+        trainer._maybe_run_round()
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.train()
+        torch.manual_seed(0)
+        losses[coef] = float(trainer.compute_loss(trainer.model, dict(batch)).detach())
+        samples = trainer._metrics["train"].get("kl_samples", [])
+        if coef == 0.0:
+            assert not samples  # weight 0: no sample rows appended, no sample term
+        else:
+            assert samples[-1] > 0
+    # kl_coef=1 by default, so the default run adds 1 x KL and the 4.0 run 4 x the same KL
+    sft = losses[0.0]
+    assert losses[None] > sft
+    assert losses[4.0] - sft == pytest.approx(4.0 * (losses[None] - sft), rel=1e-3)
+    with pytest.raises(ValueError, match="kl_sample_coef"):
+        _trainer(tmp_path, kl_sample_coef=-1.0)
+
+
 def test_a_round_without_usable_labels_fails_loudly(tmp_path):
     policy, tokenizer = tiny_causal_lm("llama", seed=0)
     policy = get_peft_model(policy, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -72,6 +72,7 @@ if args.process_index == 0:
             tensors = {"persona": persona, "option_probs": probs}
     save_file({k: v.detach().contiguous().float() if v.is_floating_point() else v.contiguous()
                for k, v in tensors.items()}, str(out / "inprocess.safetensors"))
+cli.shutdown_distributed()  # what `steer` (cli.main) does on exit
 """
 
 

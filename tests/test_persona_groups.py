@@ -18,7 +18,8 @@ from steer.persona.data import WaveSplit, prepare_group_data
 from steer.persona.embedder import PersonaEmbedder
 from steer.persona.simulate import synthetic_responses
 from steer.persona.steering import PersonaSteeredModel
-from steer.trainers.persona import PersonaCollator, PersonaConfig, PersonaScriptArguments, PersonaTrainer
+from steer.scripts.persona import PersonaScriptArguments
+from steer.trainers.persona import PersonaCollator, PersonaConfig, PersonaTrainer
 
 
 def _root():
@@ -246,7 +247,7 @@ def test_toy_wrong_persona_scores_below_own(tmp_path):
 def test_group_protocol_end_to_end(tmp_path):
     """Train (tiny model) on the group protocol, then `steer eval opinions` scores the evaluation wave only,
     with every baseline, ablation, contrast and interval in the report."""
-    from steer.trainers.persona import train_persona
+    from steer.scripts.persona import train_persona
 
     model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
     model.save_pretrained(tmp_path / "tiny")

@@ -112,7 +112,7 @@ TOLERANCE = 0.05  # mean TV distance per party between simulated and real Pew an
 def test_marginals_match_pew_at_the_recipe_defaults():
     """The individual recipe's defaults (waves 26-27, POLPARTY x RACE, 400 people, 30% observed, tilt 0.5):
     every party's simulated answer distributions match the real Pew tables within TOLERANCE."""
-    from steer.trainers.persona import PersonaScriptArguments
+    from steer.scripts.persona import PersonaScriptArguments
 
     d = PersonaScriptArguments()
     responses = simulate_respondents(

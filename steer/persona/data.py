@@ -13,7 +13,7 @@ Two sources of personas, both split so that nothing scored reaches training:
 
 Public API: ``WaveSplit``, ``GroupData`` / ``prepare_group_data(args)``, ``group_examples``,
 ``PersonaData`` / ``prepare_persona_data(args)``, ``split_questions``, ``persona_table``,
-``answer_examples``. ``args`` is a :class:`steer.trainers.persona.PersonaScriptArguments` (any object
+``answer_examples``. ``args`` is a :class:`steer.scripts.persona.PersonaScriptArguments` (any object
 with the same fields works).
 """
 

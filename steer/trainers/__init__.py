@@ -1,6 +1,7 @@
 """Trainers: ``ConstrainedConfig``/``ConstrainedTrainer`` (NADO guidance) and ``PersonaConfig``/``PersonaTrainer``.
 
-Names are imported lazily (``from steer.trainers import ConstrainedTrainer`` loads only that module).
+Names are imported lazily (``from steer.trainers import ConstrainedTrainer`` loads only that module). The
+recipe runners (script arguments, data loading, ``train_*``) live in :mod:`steer.scripts`.
 """
 
 from __future__ import annotations
@@ -8,14 +9,10 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "constrained": (
-        "ConstrainedConfig",
-        "ConstrainedScriptArguments",
-        "ConstrainedTrainer",
-        "build_constraint",
-        "train_constrained",
-    ),
-    "persona": ("PersonaConfig", "PersonaScriptArguments", "PersonaTrainer", "train_persona"),
+    ".trainers.constrained": ("ConstrainedConfig", "ConstrainedTrainer"),
+    ".trainers.persona": ("PersonaConfig", "PersonaTrainer"),
+    ".scripts.constrained": ("ConstrainedScriptArguments", "build_constraint", "train_constrained"),
+    ".scripts.persona": ("PersonaScriptArguments", "train_persona"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -24,5 +21,5 @@ __all__ = sorted(_WHERE)
 
 def __getattr__(name: str):
     if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        return getattr(importlib.import_module(_WHERE[name], "steer"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
