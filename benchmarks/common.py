@@ -123,10 +123,11 @@ class PeakMemory:
         self.peak_bytes = self._peak - self._start
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (atomically) with machine info added."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_result(name: str, payload: dict, directory: str | os.PathLike | None = None) -> Path:
+    """Write ``benchmarks/results/<name>.json`` (or ``<directory>/<name>.json``) atomically, with machine info."""
+    directory = RESULTS_DIR if directory is None else Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(
         json.dumps({"benchmark": name, "machine": machine_info(), **payload}, indent=2, default=str)

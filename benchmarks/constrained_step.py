@@ -1,19 +1,24 @@
 """ConstrainedTrainer (λ > 0) vs plain SFTTrainer: policy step time and peak memory.
 
 One optimizer step on the same batch (LoRA policy): forward, backward, AdamW step. The constrained step
-adds a no-grad guidance forward, the policy logits at the supervised positions and the chunked KL.
-Guidance rounds are timed separately and reported both excluded and amortised over
-``guidance_interval`` steps. Targets: step ratio <= 1.5 (rounds excluded), peak-memory ratio <= 1.2.
+adds a no-grad guidance forward and the KL term: ``chunked`` (the policy logits at the counted positions,
+then the chunked KL) and/or ``fused`` (head, z and KL chunk by chunk from hidden states), one constrained
+trainer per ``--kl-implementation``, timed side by side with SFT in one run. Guidance rounds are timed
+separately and reported both excluded and amortised over ``guidance_interval`` steps.
+Targets: step ratio <= 1.5 (rounds excluded), peak-memory ratio <= 1.2.
 
     python -m benchmarks.constrained_step                       # tiny random llama (seconds)
     python -m benchmarks.constrained_step --model smollm2-135m  # the embedded model, LoRA (minutes on CPU)
+    python -m benchmarks.constrained_step --model smollm2-135m --batch 1 --length 1024   # long context
     python -m benchmarks.constrained_step --gpu                 # smollm2-135m, batch 8 x 256, on CUDA
+    python -m benchmarks.constrained_step --smoke --output-dir /tmp/bench   # one repeat, tiny, not committed
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import statistics
 import tempfile
@@ -43,7 +48,14 @@ def _load(name: str, device: str):
     return load_causal_lm(name, dtype=dtype, device=device)
 
 
+def _has_kl_implementation() -> bool:
+    from steer.trainers.constrained import ConstrainedConfig
+
+    return any(f.name == "kl_implementation" for f in dataclasses.fields(ConstrainedConfig))
+
+
 def _trainers(args):
+    """The plain SFT trainer and one constrained trainer per KL implementation (each on its own model copy)."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -76,26 +88,30 @@ def _trainers(args):
         processing_class=tokenizer,
         peft_config=lora,
     )
-    model, tokenizer = _load(args.model, device)
-    constrained = ConstrainedTrainer(
-        model,
-        ConstrainedConfig(
-            output_dir=tempfile.mkdtemp(),
-            kl_coef=1.0,
-            guidance_interval=args.interval,
-            samples_per_round=args.samples,
-            sample_batch_size=args.samples,
-            sample_max_new_tokens=20,
-            guidance_steps_per_round=args.guidance_steps,
-            guidance_batch_size=min(16, args.samples),
-            **common,
-        ),
-        train_dataset=corpus,
-        processing_class=tokenizer,
-        peft_config=lora,
-        constraint=KeywordConstraint(banned=["bad", "rude"]),
-        prompt_dataset=Dataset.from_dict({"prompt": ["The cat", "A dog is", "It was", "The bird"] * 8}),
-    )
+    constrained = {}
+    for implementation in args.kl_implementation:
+        extra = {"kl_implementation": implementation} if _has_kl_implementation() else {}
+        model, tokenizer = _load(args.model, device)
+        constrained[implementation] = ConstrainedTrainer(
+            model,
+            ConstrainedConfig(
+                output_dir=tempfile.mkdtemp(),
+                kl_coef=1.0,
+                guidance_interval=args.interval,
+                samples_per_round=args.samples,
+                sample_batch_size=args.samples,
+                sample_max_new_tokens=20,
+                guidance_steps_per_round=args.guidance_steps,
+                guidance_batch_size=min(16, args.samples),
+                **extra,
+                **common,
+            ),
+            train_dataset=corpus,
+            processing_class=tokenizer,
+            peft_config=lora,
+            constraint=KeywordConstraint(banned=["bad", "rude"]),
+            prompt_dataset=Dataset.from_dict({"prompt": ["The cat", "A dog is", "It was", "The bird"] * 8}),
+        )
     return sft, constrained
 
 
@@ -160,67 +176,110 @@ def main(argv=None) -> dict:
         "--model", default=None, help="'tiny' (default on CPU) or a model name, e.g. smollm2-135m"
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (overrides the preset)")
+    parser.add_argument("--length", type=int, default=None, help="tokens per sequence (overrides the preset)")
+    parser.add_argument(
+        "--kl-implementation",
+        nargs="+",
+        choices=("chunked", "fused"),
+        default=None,
+        help="KL implementations to time side by side (default: both where ConstrainedConfig has "
+        "kl_implementation, else chunked)",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="one repeat on the tiny model (checks the script runs)"
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="write the JSON here instead of benchmarks/results/ (e.g. for smokes)",
+    )
     args = parser.parse_args(argv)
+    if args.kl_implementation is None:
+        args.kl_implementation = ["chunked", "fused"] if _has_kl_implementation() else ["chunked"]
+    args.kl_implementation = list(dict.fromkeys(args.kl_implementation))
+    if args.kl_implementation != ["chunked"] and not _has_kl_implementation():
+        raise SystemExit(
+            "--kl-implementation fused needs ConstrainedConfig.kl_implementation (not in this tree)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.gpu:
         _release_freed_memory()
     if args.gpu:
         args.model = args.model or "smollm2-135m"
-        args.batch, args.length, args.samples, args.guidance_steps, args.interval = 8, 256, 64, 16, 20
+        preset = 8, 256, 64, 16, 20
         repeats = args.repeats or 10
     elif (args.model or "tiny") == "tiny":
         args.model = "tiny"
-        args.batch, args.length, args.samples, args.guidance_steps, args.interval = 8, 64, 32, 8, 20
+        preset = 8, 64, 32, 8, 20
         repeats = args.repeats or 15
     else:
-        args.batch, args.length, args.samples, args.guidance_steps, args.interval = 4, 64, 16, 4, 20
+        preset = 4, 64, 16, 4, 20
         repeats = args.repeats or 4
+    if args.smoke:
+        preset, repeats = (2, 32, 4, 1, 20), args.repeats or 1
+    batch, length, args.samples, args.guidance_steps, args.interval = preset
+    args.batch, args.length = args.batch or batch, args.length or length
     device = "cuda" if args.gpu else "cpu"
     print(
-        f"model={args.model} batch={args.batch}x{args.length} device={device} threads={torch.get_num_threads()}"
+        f"model={args.model} batch={args.batch}x{args.length} device={device} threads={torch.get_num_threads()} "
+        f"kl={','.join(args.kl_implementation)}"
     )
 
     sft, constrained = _trainers(args)
-    start = time.perf_counter()
-    constrained._maybe_run_round()  # warm-up round, so the guidance is not all-zero
-    warmup_round = time.perf_counter() - start
-    variants = {
-        "sft": _stepper(sft, with_rounds=False),
-        "constrained": _stepper(constrained, with_rounds=False),
-    }
+    warmup_round = {}
+    for implementation, trainer in constrained.items():
+        start = time.perf_counter()
+        trainer._maybe_run_round()  # warm-up round, so the guidance is not all-zero
+        warmup_round[implementation] = time.perf_counter() - start
+    names = {impl: "constrained" if i == 0 else f"constrained_{impl}" for i, impl in enumerate(constrained)}
+    variants = {"sft": _stepper(sft, with_rounds=False)}
+    for implementation, trainer in constrained.items():
+        variants[names[implementation]] = _stepper(trainer, with_rounds=False)
     timings = interleaved(variants, repeats=repeats, warmup=1)
     medians = summarize(timings)
-    ratio = median_ratio(timings["constrained"], timings["sft"])
 
+    first = next(iter(constrained.values()))
     round_times = []
-    for _ in range(2):
+    for _ in range(1 if args.smoke else 2):
         start = time.perf_counter()
-        constrained.rounds_started += 1
-        constrained.schedule.on_round(constrained.rounds_started - 1)
+        first.rounds_started += 1
+        first.schedule.on_round(first.rounds_started - 1)
         round_times.append(time.perf_counter() - start)
     round_time = statistics.median(round_times)
-    amortised = ratio + round_time / args.interval / medians["sft"]
 
-    peak_sft = _peak(variants["sft"], device)
-    peak_constrained = _peak(variants["constrained"], device)
-    memory_ratio = peak_constrained / max(peak_sft, 1)
-
-    rows = [
-        {"what": "sft step (s)", "value": medians["sft"]},
-        {"what": "constrained step (s)", "value": medians["constrained"]},
-        {"what": "step ratio, rounds excluded (median of ratios)", "value": ratio},
+    peak_sft = _peak(variants["sft"], device, repeats=1 if args.smoke else 3)
+    targets = {"step_ratio_excluding_rounds": 1.5, "peak_memory_ratio": 1.2}
+    per_implementation = {}
+    rows = [{"what": "sft step (s)", "value": medians["sft"]}]
+    for implementation, name in names.items():
+        ratio = median_ratio(timings[name], timings["sft"])
+        peak = _peak(variants[name], device, repeats=1 if args.smoke else 3)
+        per_implementation[implementation] = {
+            "variant": name,
+            "median_step_seconds": medians[name],
+            "step_ratio_excluding_rounds": ratio,
+            "step_ratio_rounds_amortised": ratio + round_time / args.interval / medians["sft"],
+            "peak_extra_bytes": peak,
+            "peak_memory_ratio": peak / max(peak_sft, 1),
+        }
+        rows += [
+            {"what": f"constrained step, {implementation} KL (s)", "value": medians[name]},
+            {"what": f"step ratio, {implementation} KL, rounds excluded (median of ratios)", "value": ratio},
+            {"what": f"peak extra memory constrained, {implementation} KL (MiB)", "value": peak / 2**20},
+            {"what": f"peak memory ratio, {implementation} KL", "value": peak / max(peak_sft, 1)},
+        ]
+    rows += [
         {
             "what": f"guidance round (s; {args.samples} samples, {args.guidance_steps} guidance steps)",
             "value": round_time,
         },
-        {"what": f"step ratio, rounds amortised over {args.interval} steps", "value": amortised},
         {"what": "peak extra memory sft (MiB)", "value": peak_sft / 2**20},
-        {"what": "peak extra memory constrained (MiB)", "value": peak_constrained / 2**20},
-        {"what": "peak memory ratio", "value": memory_ratio},
     ]
     print_table(rows)
-    targets = {"step_ratio_excluding_rounds": 1.5, "peak_memory_ratio": 1.2}
+    main_impl = next(iter(per_implementation))
+    head = per_implementation[main_impl]
     result = {
         "config": {
             k: getattr(args, k) for k in ("model", "batch", "length", "samples", "guidance_steps", "interval")
@@ -230,20 +289,28 @@ def main(argv=None) -> dict:
         "repeats": repeats,
         "timings": timings,
         "median_step_seconds": medians,
-        "step_ratio_excluding_rounds": ratio,
+        # Top-level ratios: the first --kl-implementation (also under per_implementation).
+        "kl_implementation": main_impl,
+        "step_ratio_excluding_rounds": head["step_ratio_excluding_rounds"],
         "round_seconds": round_times,
-        "warmup_round_seconds": warmup_round,
-        "step_ratio_rounds_amortised": amortised,
-        "peak_extra_bytes": {"sft": peak_sft, "constrained": peak_constrained},
-        "peak_memory_ratio": memory_ratio,
+        "warmup_round_seconds": warmup_round[main_impl],
+        "step_ratio_rounds_amortised": head["step_ratio_rounds_amortised"],
+        "peak_extra_bytes": {"sft": peak_sft, "constrained": head["peak_extra_bytes"]},
+        "peak_memory_ratio": head["peak_memory_ratio"],
+        "per_implementation": per_implementation,
         "targets": targets,
         "meets_targets": {
-            "step_ratio_excluding_rounds": ratio <= targets["step_ratio_excluding_rounds"],
-            "peak_memory_ratio": memory_ratio <= targets["peak_memory_ratio"],
+            "step_ratio_excluding_rounds": head["step_ratio_excluding_rounds"]
+            <= targets["step_ratio_excluding_rounds"],
+            "peak_memory_ratio": head["peak_memory_ratio"] <= targets["peak_memory_ratio"],
         },
+        "smoke": args.smoke,
     }
     name = "constrained_step" + ("" if args.model == "tiny" else f"_{args.model.replace('/', '_')}")
-    print(f"wrote {write_result(name + ('_gpu' if args.gpu else ''), result)}")
+    if (args.batch, args.length) != (batch, length) and not args.smoke:
+        name += f"_b{args.batch}x{args.length}"
+    name += ("_gpu" if args.gpu else "") + ("_smoke" if args.smoke else "")
+    print(f"wrote {write_result(name, result, args.output_dir)}")
     return result
 
 

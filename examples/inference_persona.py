@@ -120,7 +120,7 @@ def generate(model, tokenizer, soft_prompt: SoftPrompt, persona, prompts, *, max
     full_mask = torch.cat([torch.ones(batch, n, dtype=mask.dtype, device=device), mask], dim=1)
     if soft_prompt.mode == "prefix":
         cache = soft_prompt.prefix_cache(persona, batch, model)
-        out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache)
     else:
         virtual = soft_prompt.embeddings(persona).to(model.dtype).unsqueeze(0).expand(batch, -1, -1)
         embeds = torch.cat([virtual, model.get_input_embeddings()(ids)], dim=1)
@@ -143,7 +143,7 @@ def generate(model, tokenizer, soft_prompt: SoftPrompt, persona, prompts, *, max
             input_ids=token[:, None],
             attention_mask=full_mask,
             position_ids=position[:, None],
-            past_key_values=out.past_key_values,
+            cache=out.cache,
         )
     return tokenizer.batch_decode(torch.stack(tokens, dim=1), skip_special_tokens=True)
 

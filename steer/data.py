@@ -12,6 +12,8 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from steer.errors import InputFileNotFoundError, UserInputError
+
 RTP_HUB_ID = "allenai/real-toxicity-prompts"
 # The last N RealToxicityPrompts records: held out of training and guidance sampling by the recipes, and the
 # prompts `steer eval toxicity` evaluates on. One constant so that both sides agree by default.
@@ -25,7 +27,7 @@ def data_dir() -> Path | None:
     if env:
         path = Path(env).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"STEER_DATA_DIR={env!r} is not a directory")
+            raise InputFileNotFoundError(f"STEER_DATA_DIR={env!r} is not a directory")
         return path
     for candidate in (_PROJECT_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
         if candidate.is_dir():
@@ -37,26 +39,161 @@ def opinionqa_dir() -> Path:
     """Directory holding OpinionQA's ``American_Trends_Panel_W*`` folders."""
     root = data_dir()
     if root is None or not (root / "opinionqa").is_dir():
-        raise FileNotFoundError(
+        raise InputFileNotFoundError(
             "OpinionQA data not found: download OpinionQA's public release (its human_resp/ folders) and "
             "set STEER_DATA_DIR to a directory containing opinionqa/American_Trends_Panel_W*/"
         )
     return root / "opinionqa"
 
 
-def load_rtp(limit: int | None = None) -> Dataset:
+def load_rtp(limit: int | None = None, *, validate: bool = True) -> Dataset:
     """RealToxicityPrompts records (``prompt``/``continuation`` dicts with Perspective scores).
 
     Reads ``$STEER_DATA_DIR/rtp/*.jsonl`` when present, else ``load_dataset("allenai/real-toxicity-prompts")``.
+    With ``validate`` every record must have ``prompt`` and ``continuation`` objects with a string ``text``
+    (a :class:`~steer.errors.UserInputError` names the file and line of the first that has not).
     """
     root = data_dir()
     files = sorted((root / "rtp").glob("*.jsonl")) if root is not None and (root / "rtp").is_dir() else []
     if files:
-        dataset = load_dataset("json", data_files=[str(f) for f in files], split="train")
+        if all(_blank(f) for f in files):
+            raise UserInputError(f"RealToxicityPrompts mirror {root / 'rtp'}: every *.jsonl file is empty")
+        dataset = _load_json_files([f for f in files if not _blank(f)], what="RealToxicityPrompts mirror")
     else:
         dataset = load_dataset(RTP_HUB_ID, split="train")
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    if validate:
+        check_rtp_records(dataset, [f for f in files if not _blank(f)])
+    return dataset
+
+
+def check_rtp_records(dataset: Dataset, files: list[Path] | None = None) -> None:
+    """Every record has ``prompt`` and ``continuation`` objects with a string ``text``; else one clear error."""
+    where = "RealToxicityPrompts"
+    for part in ("prompt", "continuation"):
+        if part not in dataset.column_names:
+            raise UserInputError(
+                f"{where} records have no {part!r} key (columns: {dataset.column_names}); expected "
+                "{'prompt': {'text': ...}, 'continuation': {'text': ...}} per line"
+            )
+        first = _first_invalid_fast(dataset, part)
+        if first is None:
+            continue
+        for index, value in enumerate(dataset[part]) if first < 0 else [(first, dataset[first][part])]:
+            if not isinstance(value, dict) or not isinstance(value.get("text"), str):
+                at = _locate(files or [], index) or f"{where} record {index}"
+                if value is None:
+                    problem = f"has no {part!r}"
+                else:
+                    problem = f"has a {part!r} without a string 'text' ({value!r:.80})"
+                raise UserInputError(
+                    f"{at}: RealToxicityPrompts record {problem}; expected "
+                    "{'prompt': {'text': ...}, 'continuation': {'text': ...}} per line"
+                )
+
+
+def _first_invalid_fast(dataset: Dataset, part: str) -> int | None:
+    """With Arrow: the first row whose ``part`` is null or has a null/non-string ``text`` (None: all valid);
+    -1 when the column is not a struct with a string ``text`` (then every row is checked in Python)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        column = dataset.with_format("arrow")[part]
+        if isinstance(column, pa.Table):
+            column = column.column(0)
+        if not pa.types.is_struct(column.type) or column.type.get_field_index("text") < 0:
+            return -1
+        if not pa.types.is_string(column.type.field("text").type):
+            return -1
+        invalid = pc.or_(pc.is_null(column), pc.is_null(pc.struct_field(column, "text")))
+        index = pc.index(invalid, True).as_py()
+        return None if index < 0 else int(index)
+    except Exception:  # noqa: BLE001 - any Arrow surprise: check in Python
+        return -1
+
+
+def _blank(path: Path) -> bool:
+    """True for an empty (or whitespace-only) file."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if size > 1 << 16:
+        return False
+    return not path.read_bytes().strip()
+
+
+def _locate(files: list[Path], index: int) -> str | None:
+    """``file:line`` of the ``index``-th record of jsonl ``files`` read in order (blank lines skipped)."""
+    seen = 0
+    for path in files:
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                if seen == index:
+                    return f"{path}:{number}"
+                seen += 1
+    return None
+
+
+def _load_json_files(files: list[Path], *, what: str) -> Dataset:
+    try:
+        return load_dataset("json", data_files=[str(f) for f in files], split="train")
+    except (StopIteration, ValueError) as err:
+        raise UserInputError(
+            f"{what}: cannot read {', '.join(map(str, files))} as JSON lines ({err})"
+        ) from err
+    except Exception as err:  # datasets wraps parse errors in DatasetGenerationError
+        if type(err).__name__ == "DatasetGenerationError":
+            cause = err.__cause__ or err
+            raise UserInputError(
+                f"{what}: cannot read {', '.join(map(str, files))} as JSON lines ({cause})"
+            ) from err
+        raise
+
+
+TABLE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def looks_like_path(name: str) -> bool:
+    """A dataset name meant as a local file (a table suffix, or a path-like start) rather than a hub id."""
+    return Path(name).suffix in TABLE_TYPES or name.startswith(("/", "./", "../", "~"))
+
+
+def load_table(name: str, split: str = "train", *, what: str = "dataset_name") -> Dataset:
+    """A local ``.json``/``.jsonl``/``.csv``/``.parquet`` file or a hub dataset, with one-line errors naming
+    ``what`` (the config field) and the file: missing, empty, unreadable, unsupported type, no records."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        kind = TABLE_TYPES.get(path.suffix)
+        if kind is None:
+            raise UserInputError(
+                f"{what}={name!r}: unsupported file type {path.suffix!r} (use .json, .jsonl, .csv or .parquet)"
+            )
+        if _blank(path):
+            raise UserInputError(f"{what}={name!r}: the file is empty (no records)")
+        if kind == "json":
+            dataset = _load_json_files([path], what=what)
+        else:
+            try:
+                dataset = load_dataset(kind, data_files=str(path), split="train")
+            except (StopIteration, ValueError) as err:
+                raise UserInputError(f"{what}={name!r}: cannot read the file as {kind} ({err})") from err
+    elif looks_like_path(name) or path.is_dir():
+        raise InputFileNotFoundError(f"{what}={name!r}: file not found ({path})")
+    else:
+        try:
+            dataset = load_dataset(name, split=split)
+        except (FileNotFoundError, ConnectionError) as err:
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise UserInputError(
+                f"{what}={name!r}: neither a local .json/.jsonl/.csv/.parquet file nor a loadable hub dataset "
+                f"({first})"
+            ) from err
+    if len(dataset) == 0:
+        raise UserInputError(f"{what}={name!r}: no records")
     return dataset
 
 

@@ -54,10 +54,20 @@ class DemoArguments:
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoArguments.{name} must be >= 1, got {getattr(self, name)}")
         if self.samples_per_prompt < 1 or self.clean_texts < 1:
-            raise ValueError("DemoArguments.samples_per_prompt and clean_texts must be >= 1")
+            raise ValueError(
+                "DemoArguments.samples_per_prompt and clean_texts must be >= 1, got "
+                f"{self.samples_per_prompt} and {self.clean_texts}"
+            )
         if self.kl_coef <= 0:
             raise ValueError(
                 f"DemoArguments.kl_coef must be > 0 (the demo trains plain SFT itself), got {self.kl_coef}"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"DemoArguments.threads must be >= 1 (or unset), got {self.threads}")
+        if self.guidance_interval > self.max_steps:
+            raise ValueError(
+                f"DemoArguments.guidance_interval={self.guidance_interval} exceeds max_steps={self.max_steps}: "
+                "only the warm-up round would run"
             )
 
 

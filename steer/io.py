@@ -23,14 +23,26 @@ __all__ = [
 ]
 
 
+def _umask_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file (``mkstemp`` makes it 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    The parent directory is created; the file gets the usual mode (umask applied), and the temporary
+    file is removed if ``write`` fails, so ``path`` holds either its old content or the whole new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -39,21 +51,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``Path.write_text`` written atomically."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_write_json(path: str | os.PathLike, payload) -> Path:
+    """``payload`` as indented JSON (plus a final newline), written atomically."""
     return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def atomic_save_file(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """``safetensors.torch.save_file`` written atomically."""
+    """``safetensors.torch.save_file`` written atomically (tensors detached, contiguous, on the CPU)."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` written atomically."""
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))

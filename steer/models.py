@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from steer.errors import ArtefactMismatchError, ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -158,6 +160,102 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return name
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MODEL_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_model_dir(name_or_path: str | os.PathLike, *, what: str = "model_name_or_path") -> None:
+    """Refuse a local directory that cannot hold a model: one line naming the directory and what is missing.
+
+    A PEFT adapter directory needs its adapter weights; any other directory a ``config.json`` and weights.
+    Names that are not existing directories (embedded names, ``.gguf`` files, hub ids) pass unchecked.
+    """
+    path = Path(str(name_or_path)).expanduser()
+    if not path.is_dir():
+        return
+    if (path / "adapter_config.json").is_file():
+        if not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+            raise ModelLoadError(
+                f"{what}={str(name_or_path)!r}: the adapter directory has adapter_config.json but no adapter "
+                f"weights ({' or '.join(ADAPTER_WEIGHTS)}); was the run saved completely?"
+            )
+        return
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{what}={str(name_or_path)!r}: the directory holds no model (no config.json, no adapter_config.json)"
+        )
+    if not any((path / name).is_file() for name in MODEL_WEIGHTS):
+        raise ModelLoadError(
+            f"{what}={str(name_or_path)!r}: the directory has config.json but no weights ({', '.join(MODEL_WEIGHTS)})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Base-model records: artefacts (persona networks, guidance models) refuse a different base model
+# --------------------------------------------------------------------------------------------------
+
+_PROBE = 8  # rows x columns of the embedding matrix sampled by the fingerprint
+# Relative distance between two probes above which the weights are another model's. bf16 rounding moves a
+# probe by ~0.5 %, fine-tuning the embeddings a few percent; another checkpoint of the same shapes by ~100 %.
+FINGERPRINT_TOLERANCE = 0.2
+
+
+def base_model_record(model) -> dict:
+    """A cheap identity of ``model``'s weights, saved beside artefacts trained on it.
+
+    ``name_or_path`` (informative only: a hub id and its local copy are the same model), ``model_type``,
+    the input-embedding shape and a probe of 8 x 8 embedding values at fixed, evenly spaced positions.
+    """
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    weight = inner.get_input_embeddings().weight
+    rows = torch.linspace(0, weight.shape[0] - 1, _PROBE).long().tolist()
+    cols = torch.linspace(0, weight.shape[1] - 1, _PROBE).long().tolist()
+    with torch.no_grad():
+        probe = weight.detach()[rows][:, cols].to("cpu", torch.float32)
+    return {
+        "name_or_path": str(getattr(inner.config, "_name_or_path", "") or ""),
+        "model_type": str(getattr(inner.config, "model_type", "") or ""),
+        "embedding_shape": [int(x) for x in weight.shape],
+        "embedding_probe": [round(float(x), 6) for x in probe.reshape(-1)],
+    }
+
+
+def check_base_model(recorded: dict | None, model, *, artefact: str) -> None:
+    """Raise :class:`~steer.errors.ArtefactMismatchError` when ``model`` is not the base ``recorded`` names.
+
+    ``recorded`` is :func:`base_model_record` of the model the artefact was trained on (``None``: an artefact
+    written before steer recorded it; nothing to check).
+    """
+    if not recorded:
+        return
+    current = base_model_record(model)
+    name = recorded.get("name_or_path") or "(unnamed)"
+    here = current["name_or_path"] or "(unnamed)"
+    if recorded.get("embedding_shape") and list(recorded["embedding_shape"]) != current["embedding_shape"]:
+        raise ArtefactMismatchError(
+            f"{artefact} was trained on base model {name} (embedding shape {recorded['embedding_shape']}), but the "
+            f"model it is loaded onto, {here}, has embedding shape {current['embedding_shape']}; load it on its "
+            "own base model"
+        )
+    probe = recorded.get("embedding_probe")
+    if probe:
+        saved = torch.tensor(probe, dtype=torch.float32)
+        now = torch.tensor(current["embedding_probe"], dtype=torch.float32)
+        scale = float(saved.norm()) or 1.0
+        distance = float((saved - now).norm()) / scale
+        if distance > FINGERPRINT_TOLERANCE:
+            raise ArtefactMismatchError(
+                f"{artefact} was trained on base model {name}, but the model it is loaded onto ({here}, same "
+                f"shapes) has different weights (embedding fingerprint differs by {distance:.0%}); load it on "
+                "the base model it was trained on"
+            )
+
+
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     """The tokenizer of :func:`load_causal_lm` (pad token guaranteed)."""
     return _finish_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(name_or_path)))
@@ -176,6 +274,7 @@ def load_causal_lm(
     """
     tried = []
     name = str(name_or_path)
+    check_model_dir(name)
     if name in EMBEDDED_MODELS:
         tried.append(f"embedded model {name!r}")
     elif Path(name).expanduser().exists():
@@ -194,8 +293,9 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, FileNotFoundError, KeyError) as err:
-        raise OSError(
-            f"could not load a causal LM from {name!r}. Tried: " + "; ".join(tried) + f". Last error: {err}"
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ModelLoadError(
+            f"could not load a causal LM from {name!r}. Tried: " + "; ".join(tried) + f". Last error: {first}"
         ) from err
     _finish_tokenizer(tokenizer)
     if model.config.pad_token_id is None:

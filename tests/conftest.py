@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never reach a model hub: fail fast instead of waiting on network timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# No progress bars in the test output (tests/test_progress_and_warnings.py turns them back on where it checks them).
+os.environ.setdefault("STEER_NO_PROGRESS", "1")
 
 
 @pytest.fixture(autouse=True)

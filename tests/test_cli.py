@@ -177,10 +177,29 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.mark.parametrize(
-    "name", ["train constrained", "train persona", "eval toxicity", "eval agreement", "eval opinions", "demo"]
-)
-def test_command_help_lists_every_field(name, capsys):
+def _owner(cls: type, name: str) -> type:
+    """The class in ``cls``'s MRO whose own body declares the field ``name``."""
+    return next(
+        c
+        for c in cls.__mro__
+        if name in getattr(c, "__annotations__", {}) and name in vars(c).get("__dataclass_fields__", {})
+    )
+
+
+ALL_COMMANDS = [
+    "train constrained",
+    "train persona",
+    "eval toxicity",
+    "eval agreement",
+    "eval opinions",
+    "demo",
+]
+
+
+@pytest.mark.parametrize("name", ALL_COMMANDS)
+def test_command_help_lists_steer_fields_first(name, capsys):
+    """`--help` (read from the source, no heavy import) lists every field steer declares, with its help text;
+    the inherited transformers/trl fields are left to `--help-all`."""
     types = _leaf_types(name)
     assert cli.main([*name.split(), "--help"]) == 0
     text = _normalise(capsys.readouterr().out)
@@ -189,10 +208,45 @@ def test_command_help_lists_every_field(name, capsys):
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
-            assert f"--{f.name}" in text, f"{cls.__name__}.{f.name} missing from `steer {name} --help`"
+            owner = _owner(cls, f.name)
+            if not owner.__module__.startswith("steer"):
+                assert f"--{f.name} " not in text, (
+                    f"inherited {owner.__name__}.{f.name} shown by plain --help"
+                )
+                continue
+            assert f"--{f.name} " in text, f"{cls.__name__}.{f.name} missing from `steer {name} --help`"
             help_text = _normalise(f.metadata.get("help", ""))
             assert help_text, f"{cls.__name__}.{f.name} has no help metadata"
             assert help_text[:40] in text, f"help of {cls.__name__}.{f.name} not shown"
+    first = dataclasses.fields(types[0])[0].name  # the script arguments come first
+    assert text.index(f"--{first} ") < text.index(" --", text.index(f"--{first} ") + 1) or len(types) == 1
+
+
+@pytest.mark.parametrize("name", ["train constrained", "train persona"])
+def test_help_all_lists_every_field(name, capsys):
+    types = _leaf_types(name)
+    assert cli.main([*name.split(), "--help-all"]) == 0
+    text = _normalise(capsys.readouterr().out)
+    for cls in types:
+        for f in dataclasses.fields(cls):
+            if f.init:
+                assert f"--{f.name}" in text, (
+                    f"{cls.__name__}.{f.name} missing from `steer {name} --help-all`"
+                )
+
+
+def test_command_help_is_lazy():
+    """`steer train constrained --help` imports neither torch nor trl (it reads steer's own source)."""
+    code = (
+        "import sys, steer.cli as c; c.main(['train', 'constrained', '--help']); "
+        "print('HEAVY' if {'torch', 'trl', 'transformers'} & set(sys.modules) else 'LAZY')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("LAZY")
+    assert "--kl_coef" in out.stdout and "--model_name_or_path" in out.stdout
+    lines = out.stdout.splitlines()
+    assert any("--constraint " in line for line in lines[:60]), "steer's fields must come in the first screen"
 
 
 def test_eval_toxicity_end_to_end(tmp_path, capsys):

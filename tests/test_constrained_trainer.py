@@ -99,6 +99,7 @@ def _losses(trainer) -> list[float]:
         ("kl_coef", float("nan")),
         ("kl_reference", "teacher"),
         ("kl_chunk_size", 0),
+        ("kl_implementation", "triton"),
         ("guidance_backbone", "mlp"),
         ("guidance_lr", 0.0),
         ("guidance_steps_per_round", 0),
@@ -208,6 +209,50 @@ def test_kl_reference_base(tmp_path):
     assert all(math.isfinite(x) for x in losses)
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     assert kls[-1] > 0  # the policy moved away from the base, so KL(q*[base] || p) > 0
+
+
+@pytest.mark.parametrize("kl_reference", ["policy", "base"])
+def test_fused_kl_matches_chunked(tmp_path, kl_reference):
+    """Loss, logged KL terms and policy gradients of the fused path equal the chunked reference's."""
+    results = {}
+    for implementation in ("chunked", "fused"):
+        trainer = _trainer(
+            tmp_path / implementation,
+            kl_implementation=implementation,
+            kl_reference=kl_reference,
+            kl_coef=0.7,
+            kl_sample_coef=0.3,
+            kl_positions="both",
+            kl_corpus_stop_at_violation=False,
+        )
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # a guidance model that is far from R = 0.5
+            head = trainer.guidance.head
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.3)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=gen))
+            for name, param in trainer.model.named_parameters():  # a policy away from the base
+                if "lora_B" in name and ".default." in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        trainer._maybe_run_round()  # policy samples for the sample positions
+        assert trainer.schedule.samples
+        assert (trainer._fused_head() is not None) == (implementation == "fused")
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.train()
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(37))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        keys = ("kl", "kl_samples", "lm_loss", "kl_grad_share", "kl_grad_cosine")
+        metrics = {key: trainer._metrics["train"][key][-1] for key in keys}
+        results[implementation] = (float(loss.detach()), metrics, grads)
+    (loss_c, metrics_c, grads_c), (loss_f, metrics_f, grads_f) = results["chunked"], results["fused"]
+    assert metrics_c["kl"] > 1e-3 and metrics_c["kl_samples"] > 1e-3
+    assert abs(loss_c - loss_f) < 1e-5
+    for key, value in metrics_c.items():
+        assert abs(value - metrics_f[key]) < 1e-5, key
+    assert grads_c.keys() == grads_f.keys() and grads_c
+    for name, grad in grads_c.items():
+        torch.testing.assert_close(grads_f[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # --------------------------------------------------------------------------------------------- rounds

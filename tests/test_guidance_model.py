@@ -199,8 +199,8 @@ def test_gradient_checkpointing_recomputes_with_the_guidance_adapter():
         torch.manual_seed(0)  # LoRA initialisation draws from the global generator
         policy, _ = _policy()
         if checkpointing:
-            policy.get_base_model().gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            policy.get_base_model().activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
         policy.train()
         guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))
@@ -238,9 +238,9 @@ def test_left_padding_and_kv_cache_match_full_forward(arch):
     torch.testing.assert_close(z_padded[:, 3:], z_plain, atol=1e-4, rtol=1e-4)
     # Incremental decoding with a cache gives the same logits as the full pass.
     cache = DynamicCache()
-    steps = [guidance(padded[:, :6], pad_mask[:, :6], past_key_values=cache)[:, -1]]
+    steps = [guidance(padded[:, :6], pad_mask[:, :6], cache=cache)[:, -1]]
     for t in range(6, padded.shape[1]):
-        steps.append(guidance(padded[:, t : t + 1], pad_mask[:, : t + 1], past_key_values=cache)[:, -1])
+        steps.append(guidance(padded[:, t : t + 1], pad_mask[:, : t + 1], cache=cache)[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), z_padded[:, 5:], atol=1e-4, rtol=1e-4)
 
 

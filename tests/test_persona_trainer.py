@@ -204,13 +204,15 @@ def test_gradient_checkpointing_recomputes_layers_with_the_same_gradients(tmp_pa
         model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
         trainer = PersonaTrainer(
             model,
-            config(tmp_path, soft_prompt_mode="embedding", max_steps=1, gradient_checkpointing=checkpointing),
+            config(
+                tmp_path, soft_prompt_mode="embedding", max_steps=1, activation_checkpointing=checkpointing
+            ),
             train_dataset=toy_dataset(8, seed=0),
             processing_class=tokenizer,
         )
         module = trainer.model
         if checkpointing:
-            module.gradient_checkpointing_enable()  # what Trainer.train() calls
+            module.activation_checkpointing_enable()  # what Trainer.train() calls
         module.train()
         calls = []
         for layer in module.model.modules():
@@ -225,10 +227,10 @@ def test_gradient_checkpointing_recomputes_layers_with_the_same_gradients(tmp_pa
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
-    with pytest.raises(ValueError, match="gradient_checkpointing is not supported"):
+    with pytest.raises(ValueError, match="activation_checkpointing .*is not supported"):
         PersonaTrainer(
             model,
-            config(tmp_path, soft_prompt_mode="prefix", max_steps=1, gradient_checkpointing=True),
+            config(tmp_path, soft_prompt_mode="prefix", max_steps=1, activation_checkpointing=True),
             train_dataset=toy_dataset(8, seed=0),
             processing_class=tokenizer,
         ).train()

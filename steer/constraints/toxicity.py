@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import atomic_torch_save
 from .base import Constraint
 from .classifier import SequenceClassifierRunner, default_device, resolve_label
 
@@ -336,8 +337,4 @@ def write_random_detoxify_checkpoint(
         },
         "state_dict": OrderedDict((k, v.clone()) for k, v in model.state_dict().items()),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(ckpt, path)

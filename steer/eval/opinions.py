@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steer.errors import ArtefactMismatchError, InputFileNotFoundError, UserInputError
+
 logger = logging.getLogger(__name__)
 
 RESULT_SCHEMA = "steer.eval.opinions/v2"
@@ -161,6 +163,19 @@ class OpinionEvalArguments:
             raise ValueError(f"OpinionEvalArguments.methods: unknown {unknown}; choose from {list(METHODS)}")
         if self.split not in ("eval", "valid"):
             raise ValueError(f"OpinionEvalArguments.split must be 'eval' or 'valid', got {self.split!r}")
+        if not self.methods:
+            raise ValueError(f"OpinionEvalArguments.methods must not be empty; choose from {list(METHODS)}")
+        for name in ("max_users", "max_answers_per_user", "n_bootstrap", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OpinionEvalArguments.{name} must be >= 1, got {getattr(self, name)}")
+        if self.few_shot_k < 0:
+            raise ValueError(f"OpinionEvalArguments.few_shot_k must be >= 0, got {self.few_shot_k}")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise ValueError(f"OpinionEvalArguments.max_questions must be >= 1, got {self.max_questions}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"OpinionEvalArguments.dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,41 +285,86 @@ def _load(args: OpinionEvalArguments):
     from steer.persona.steering import PERSONAS_INDEX, PersonaSteeredModel
 
     persona_dir = Path(args.persona_dir)
-    if not args.persona_dir or not persona_dir.is_dir():
-        raise FileNotFoundError(
-            f"persona_dir not found: {args.persona_dir!r} (train with `steer train persona`)"
+    if not args.persona_dir:
+        raise InputFileNotFoundError(
+            "OpinionEvalArguments.persona_dir is not set (the persona directory of a `steer train persona` run: "
+            "<output_dir>/persona)"
         )
+    if not persona_dir.is_dir():
+        raise InputFileNotFoundError(
+            f"OpinionEvalArguments.persona_dir not found: {args.persona_dir!r} (train with `steer train persona`)"
+        )
+    for name in ("soft_prompt_config.json", "soft_prompt.safetensors"):
+        if not (persona_dir / name).is_file():
+            raise InputFileNotFoundError(
+                f"OpinionEvalArguments.persona_dir: {persona_dir} has no {name} (not a persona directory written "
+                "by `steer train persona`, or an incomplete one)"
+            )
     data_dir = Path(args.data_dir) if args.data_dir else persona_dir.parent / "data"
     split_path = data_dir / "split.json"
     if not split_path.is_file():
-        raise FileNotFoundError(f"evaluation data not found: {split_path} (written by `steer train persona`)")
-    split = json.loads(split_path.read_text())
+        raise InputFileNotFoundError(
+            f"evaluation data not found: {split_path} (written by `steer train persona`; set data_dir)"
+        )
+    split = _read_json(split_path)
     for key in ("waves", "question_keys"):
         if key not in split:
-            raise ValueError(f"{split_path}: missing field {key!r}")
+            raise UserInputError(f"{split_path}: missing field {key!r}")
     protocol = split.get("protocol", "individuals")
-    index = (
-        json.loads((persona_dir / PERSONAS_INDEX).read_text())
-        if (persona_dir / PERSONAS_INDEX).is_file()
-        else {}
-    )
+    index = _read_json(persona_dir / PERSONAS_INDEX) if (persona_dir / PERSONAS_INDEX).is_file() else {}
+    check_same_run(split, index, split_path, persona_dir)
     base = args.model_name_or_path or index.get("base_model")
     if not base:
-        raise ValueError("model_name_or_path is not set and the persona directory records no base_model")
+        raise UserInputError(
+            "OpinionEvalArguments.model_name_or_path is not set and the persona directory records no base_model"
+        )
+    if protocol == "individuals":
+        for path in (data_dir / "train.csv", data_dir / "heldout.csv"):
+            if not path.is_file():
+                raise InputFileNotFoundError(
+                    f"evaluation data not found: {path} (written by `steer train persona`)"
+                )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     steered = PersonaSteeredModel.from_pretrained(base, persona_dir, dtype=args.dtype, device=device)
     train = heldout = None
     if protocol == "individuals":
-        for path in (data_dir / "train.csv", data_dir / "heldout.csv"):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"evaluation data not found: {path} (written by `steer train persona`)"
-                )
         questions = load_waves(split.get("opinionqa_dir"), split["waves"])
         questions = {k: questions[k] for k in split["question_keys"] if k in questions}
         train = load_responses(data_dir / "train.csv", questions)
         heldout = load_responses(data_dir / "heldout.csv", questions)
     return steered, split, index, train, heldout
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_same_run(split: dict, index: dict, split_path: Path, persona_dir: Path) -> None:
+    """Refuse a split (``data/split.json``) and a persona directory written by different training runs.
+
+    ``steer train persona`` records one ``run_id`` in both; artefacts from before run ids were recorded
+    (neither has one) pass with a warning.
+    """
+    data_run, persona_run = split.get("run_id"), index.get("run_id")
+    if data_run is None and persona_run is None:
+        logger.warning(
+            "%s and %s record no run id (written by an older steer): cannot check they belong together",
+            split_path,
+            persona_dir,
+        )
+        return
+    if data_run != persona_run:
+        raise ArtefactMismatchError(
+            f"{split_path} (run {data_run or 'unrecorded'}) and {persona_dir} (run {persona_run or 'unrecorded'}) "
+            "come from different training runs; evaluate a persona directory with the data/ its own run wrote "
+            "(rerun `steer train persona`, or point data_dir at the matching split)"
+        )
 
 
 def _zero_persona(steered) -> torch.Tensor:
@@ -405,7 +465,11 @@ def evaluate_individuals(
             continue
         if predictions is None:
             probs = steered.option_probs_batch(
-                questions, persona, preambles=preambles, batch_size=args.batch_size
+                questions,
+                persona,
+                preambles=preambles,
+                batch_size=args.batch_size,
+                desc=f"individuals / {method}",
             )
             predictions = [int(p.argmax()) for p in probs]
         correct: dict[str, list[bool]] = defaultdict(list)
@@ -483,7 +547,11 @@ def evaluate_groups(steered, split, methods, args: OpinionEvalArguments) -> dict
 
     def run(method: str, rows: list[tuple[str, str]], persona, preambles=None) -> None:
         probs = steered.option_probs_batch(
-            [text[k] for _, k in rows], persona, preambles=preambles, batch_size=args.batch_size
+            [text[k] for _, k in rows],
+            persona,
+            preambles=preambles,
+            batch_size=args.batch_size,
+            desc=f"groups / {method}",
         )
         outputs[method] = {row: p.numpy().astype(np.float64) for row, p in zip(rows, probs)}
         logger.info("groups / %s: %d prompts", method, len(rows))
@@ -739,7 +807,8 @@ def opinion_markdown(result: dict) -> str:
 
 def write_opinion_report(result: dict, output_dir: str | os.PathLike) -> dict[str, Path]:
     """``opinions.json`` (run result), ``opinions.md`` and ``opinions.png`` (per-group chart)."""
-    from steer.eval.report import atomic_write_text, write_json
+    from steer.eval.report import write_json
+    from steer.io import atomic_write_text
 
     output_dir = Path(output_dir)
     paths = {

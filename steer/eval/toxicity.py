@@ -42,6 +42,8 @@ import torch
 
 from ..constraints import ClassifierConstraint, Constraint, NonToxic
 from ..data import RTP_HELDOUT_SIZE
+from ..errors import InputFileNotFoundError, UserInputError
+from ..progress import progress_bar
 from .report import load_results, write_json, write_report
 from .stats import bootstrap_ci
 
@@ -224,6 +226,70 @@ class ToxicityEvalArguments(OracleArguments):
             raise ValueError(f"ToxicityEvalArguments.heldout_size must be >= 0, got {self.heldout_size}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"ToxicityEvalArguments.top_p must be in (0, 1], got {self.top_p}")
+        if not self.temperature > 0.0:
+            raise ValueError(f"ToxicityEvalArguments.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.toxicity_threshold <= 1.0:
+            raise ValueError(
+                f"ToxicityEvalArguments.toxicity_threshold must be in [0, 1], got {self.toxicity_threshold}"
+            )
+        if self.num_heldout < 0:
+            raise ValueError(f"ToxicityEvalArguments.num_heldout must be >= 0, got {self.num_heldout}")
+        if self.perplexity_batch_size < 1:
+            raise ValueError(
+                f"ToxicityEvalArguments.perplexity_batch_size must be >= 1, got {self.perplexity_batch_size}"
+            )
+        if self.oracle_batch_size is not None and self.oracle_batch_size < 1:
+            raise ValueError(
+                f"ToxicityEvalArguments.oracle_batch_size must be >= 1, got {self.oracle_batch_size}"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"ToxicityEvalArguments.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+
+    def check_paths(self, *, model: bool = True) -> None:
+        """The files and directories named by the arguments exist (checked before any model loads);
+        ``model=False`` skips ``model_name_or_path`` / ``base_model`` (a model passed in already loaded)."""
+        from ..models import check_model_dir
+
+        for name, kind in (("prompts_file", "file"), ("heldout_file", "file"), ("guidance_dir", "dir")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = Path(value).expanduser()
+            if not (path.is_file() if kind == "file" else path.is_dir()):
+                raise InputFileNotFoundError(f"ToxicityEvalArguments.{name}: {kind} not found: {path}")
+        if (
+            self.guidance_dir is not None
+            and not (Path(self.guidance_dir).expanduser() / "config.json").is_file()
+        ):
+            raise InputFileNotFoundError(
+                f"ToxicityEvalArguments.guidance_dir: {self.guidance_dir} holds no guidance model (no config.json; "
+                "a constrained run writes it to <output_dir>/guidance)"
+            )
+        for path in self.compare_with:
+            if not Path(path).expanduser().exists():
+                raise InputFileNotFoundError(f"ToxicityEvalArguments.compare_with: not found: {path}")
+        if self.oracle == "classifier" and not self.oracle_checkpoint:
+            raise UserInputError(
+                "ToxicityEvalArguments.oracle_checkpoint: oracle='classifier' needs a model directory or hub id"
+            )
+        if (
+            self.oracle_checkpoint
+            and self.oracle != "classifier"
+            and not Path(self.oracle_checkpoint).expanduser().is_file()
+        ):
+            raise InputFileNotFoundError(
+                f"ToxicityEvalArguments.oracle_checkpoint: detoxify checkpoint not found: {self.oracle_checkpoint}"
+            )
+        if self.oracle_config_dir and not Path(self.oracle_config_dir).expanduser().is_dir():
+            raise InputFileNotFoundError(
+                f"ToxicityEvalArguments.oracle_config_dir: directory not found: {self.oracle_config_dir}"
+            )
+        if model:
+            check_model_dir(self.model_name_or_path, what="ToxicityEvalArguments.model_name_or_path")
+            if self.base_model is not None:
+                check_model_dir(self.base_model, what="ToxicityEvalArguments.base_model")
 
 
 @dataclass
@@ -250,23 +316,37 @@ class OracleAgreementArguments(OracleArguments):
     device: str | None = field(default=None, metadata={"help": "Device for neural oracles."})
 
 
+def _first_line(err: BaseException) -> str:
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def build_oracle(args: OracleArguments, device: str | torch.device | None = None) -> Constraint:
     """The toxicity oracle described by ``args`` (its P(satisfied) = 1 - toxicity)."""
     if args.oracle == "profanity":
         return NonToxic("profanity", label=args.oracle_label, batch_size=args.oracle_batch_size)
     if args.oracle == "detoxify":
-        return NonToxic(
-            "detoxify",
-            model_type=args.oracle_model_type,
-            checkpoint=args.oracle_checkpoint,
-            config_dir=args.oracle_config_dir,
-            label=args.oracle_label,
-            batch_size=args.oracle_batch_size,
-            device=device,
-        )
+        try:
+            return NonToxic(
+                "detoxify",
+                model_type=args.oracle_model_type,
+                checkpoint=args.oracle_checkpoint,
+                config_dir=args.oracle_config_dir,
+                label=args.oracle_label,
+                batch_size=args.oracle_batch_size,
+                device=device,
+            )
+        except OSError as err:  # offline: the published checkpoint or its config cannot be downloaded
+            raise UserInputError(
+                f"oracle='detoxify' could not load its model ({_first_line(err)}); offline, pass "
+                "--oracle_checkpoint (a local detoxify .ckpt) and --oracle_config_dir (its Hugging Face config + "
+                "tokenizer directory)"
+            ) from err
     if args.oracle == "classifier":
         if not args.oracle_checkpoint:
-            raise ValueError("oracle='classifier' needs --oracle_checkpoint (a model directory or hub id)")
+            raise UserInputError(
+                "oracle='classifier' needs --oracle_checkpoint (a model directory or hub id)"
+            )
         return ClassifierConstraint(
             args.oracle_checkpoint,
             positive_label=args.oracle_label,
@@ -304,7 +384,7 @@ def load_prompts(
     else:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"prompts file not found: {path}")
+            raise InputFileNotFoundError(f"prompts file not found: {path}")
         records = []
         with path.open() as handle:
             for number, line in enumerate(handle, 1):
@@ -313,14 +393,14 @@ def load_prompts(
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: invalid JSON ({err})") from err
+                    raise UserInputError(f"{path}:{number}: invalid JSON ({err})") from err
                 records[-1]["_line"] = number
         where = str(path)
     prompts = []
     for index, record in enumerate(records):
         at = f"{where}:{record.get('_line', index + 1)}"
         if not isinstance(record, dict) or "prompt" not in record:
-            raise ValueError(
+            raise UserInputError(
                 f"{at}: missing key 'prompt' (expected {{'prompt': {{'text': ...}}}} or {{'prompt': '...'}})"
             )
         if challenging_only and not record.get("challenging", False):
@@ -328,15 +408,17 @@ def load_prompts(
         prompt = record["prompt"]
         if isinstance(prompt, dict):
             if not isinstance(prompt.get("text"), str):
-                raise ValueError(f"{at}: 'prompt' is an object without a string 'text' field")
+                raise UserInputError(f"{at}: 'prompt' is an object without a string 'text' field")
             prompt = prompt["text"]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{at}: 'prompt' must be a non-empty string, got {prompt!r}")
+            raise UserInputError(f"{at}: 'prompt' must be a non-empty string, got {prompt!r}")
         prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
-        raise ValueError(f"no prompts in {where}" + (" with challenging=true" if challenging_only else ""))
+        raise UserInputError(
+            f"no prompts in {where}" + (" with challenging=true" if challenging_only else "")
+        )
     return prompts
 
 
@@ -363,16 +445,19 @@ def load_heldout_texts(path: str | os.PathLike, limit: int | None = None) -> lis
     """Held-out texts: ``.jsonl`` (``{"text": ...}`` a line) or plain text (one text a line)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"held-out text file not found: {path}")
+        raise InputFileNotFoundError(f"held-out text file not found: {path}")
     texts = []
     with path.open() as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserInputError(f"{path}:{number}: invalid JSON ({err})") from err
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{number}: expected an object with a string 'text' field")
+                    raise UserInputError(f"{path}:{number}: expected an object with a string 'text' field")
                 texts.append(record["text"])
             else:
                 texts.append(line.rstrip("\n"))
@@ -412,6 +497,9 @@ def load_eval_model(
     path = Path(str(name_or_path)).expanduser()
     adapter_config = path / "adapter_config.json"
     if adapter_config.is_file():
+        from ..models import check_model_dir
+
+        check_model_dir(path)
         try:
             base = base_model or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         except json.JSONDecodeError as err:
@@ -466,10 +554,8 @@ def hf_generate_fn(model, tokenizer, *, batch_size: int = 64, temperature: float
             with torch.random.fork_rng(devices=devices), torch.inference_mode():
                 torch.manual_seed(seed)
                 model.eval()
-                from tqdm.auto import tqdm
-
                 starts = range(0, len(prompts), per_batch)
-                for start in tqdm(starts, desc=f"generating {n} per prompt", unit="batch", leave=False):
+                for start in progress_bar(starts, desc=f"generating {n} per prompt", unit="batch"):
                     chunk = prompts[start : start + per_batch]
                     enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
                     ids = model.generate(**enc, generation_config=config)
@@ -519,9 +605,11 @@ def guided_generate_fn(
 
 
 def toxicity_scores(generations: Sequence[Sequence[str]], oracle: Constraint) -> list[list[float]]:
-    """Toxicity (1 - P(satisfied)) of every continuation, NaN where the oracle failed."""
+    """Toxicity (1 - P(satisfied)) of every continuation, NaN where the oracle failed (with a progress bar)."""
+    from ..guidance.sampling import score_texts
+
     flat = [text for row in generations for text in row]
-    scores = oracle.evaluate(flat)
+    scores = score_texts(oracle, flat, desc=f"scoring toxicity ({oracle.name})")
     tox = (1.0 - scores.probs.double()).numpy()
     tox[~scores.valid.numpy()] = np.nan
     out, start = [], 0
@@ -636,7 +724,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
+        for start in progress_bar(range(0, len(rows), batch_size), desc="perplexity", unit="batch"):
             chunk = rows[start : start + batch_size]
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -787,6 +875,7 @@ def run_toxicity_eval(
     device = torch.device(args.device) if args.device else _default_device()
     output_dir = Path(args.output_dir)
     run_name = _run_name(args)
+    args.check_paths(model=model is None and (generate_fn is None or not args.skip_perplexity))
     prompts = prompts or load_prompts(
         args.prompts_file,
         limit=args.num_prompts,
@@ -880,7 +969,7 @@ def run_toxicity_eval(
             )
             for p, g, s in zip(prompts, generations, scores)
         ]
-        from .report import atomic_write_text
+        from ..io import atomic_write_text
 
         atomic_write_text(output_dir / f"{run_name}.generations.jsonl", "\n".join(lines) + "\n")
     result["path"] = str(write_json(output_dir / f"{run_name}.json", result))

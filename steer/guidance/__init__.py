@@ -1,6 +1,7 @@
 """The NADO half of steer: guidance model, closed-form constraint KL, sampling and guided decoding."""
 
 from .decoding import NADOLogitsProcessor, guided_generate, guided_sample
+from .fused_kl import FusedConstraintKL, FusedKLOutput, fused_chunk_size, fused_constraint_kl
 from .kl import constraint_kl, constraint_kl_naive, guided_log_probs
 from .model import GuidanceConfig, GuidanceModel
 from .objective import guidance_loss, guidance_loss_from_hidden, importance_weights
@@ -8,6 +9,8 @@ from .prior import prior_logits, token_prior
 from .sampling import LabelledSamples, SampleBatch, label_samples, sample_continuations
 
 __all__ = [
+    "FusedConstraintKL",
+    "FusedKLOutput",
     "GuidanceConfig",
     "GuidanceModel",
     "LabelledSamples",
@@ -15,6 +18,8 @@ __all__ = [
     "SampleBatch",
     "constraint_kl",
     "constraint_kl_naive",
+    "fused_chunk_size",
+    "fused_constraint_kl",
     "guidance_loss",
     "guidance_loss_from_hidden",
     "guided_generate",

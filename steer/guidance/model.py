@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..errors import ArtefactMismatchError, InputFileNotFoundError, UserInputError
 from ..io import atomic_save_file, atomic_write_text
+from ..models import base_model_record, check_base_model
 
 __all__ = ["GuidanceConfig", "GuidanceModel"]
 
@@ -126,6 +128,7 @@ class GuidanceModel(nn.Module):
         model_config = causal_lm.config
         self.vocab_size = int(model_config.vocab_size)
         self.hidden_size = _hidden_size(model_config)
+        self.base_model_record = base_model_record(causal_lm)  # saved: loading onto another base is refused
         device = next(causal_lm.parameters()).device
         self._trainable = True
         if self.config.backbone == "lora":
@@ -327,9 +330,9 @@ class GuidanceModel(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         *,
-        past_key_values=None,
+        cache=None,
     ) -> Tensor:
-        """Last-layer hidden states ``[B, T, H]`` of the guidance backbone."""
+        """Last-layer hidden states ``[B, T, H]`` of the guidance backbone (``cache``: see :meth:`forward`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = _position_ids(attention_mask, input_ids.shape[1])
@@ -337,28 +340,27 @@ class GuidanceModel(nn.Module):
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
-            "use_cache": past_key_values is not None,
+            "use_cache": cache is not None,
         }
-        if past_key_values is not None:  # (passing None would trip transformers' deprecation of the name)
-            kwargs["past_key_values"] = past_key_values
+        if cache is not None:
+            kwargs["cache"] = cache
         if self.backbone is not None:
             return self.backbone(**kwargs).last_hidden_state
         decoder = _decoder_of(self.peft_model.get_base_model())
         with self._guidance_adapter():
             return decoder(**kwargs).last_hidden_state
 
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, past_key_values=None
-    ) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, cache=None) -> Tensor:
         """Guidance logits ``z`` [B, T, V] (float32); ``R = sigmoid(z)``.
 
         ``z[:, t, v]`` scores appending token ``v`` after ``input_ids[:, :t+1]``. ``attention_mask`` marks
-        real tokens (left or right padding); positions skip padding. ``past_key_values`` (a transformers
-        ``Cache``, updated in place) lets decoding feed only the new tokens, with the full attention mask.
+        real tokens (left or right padding); positions skip padding. ``cache`` (a transformers ``Cache``,
+        e.g. ``DynamicCache()``, updated in place) lets decoding feed only the new tokens, with the full
+        attention mask.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        hidden = self.hidden_states(input_ids, attention_mask, past_key_values=past_key_values)
+        hidden = self.hidden_states(input_ids, attention_mask, cache=cache)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return F.linear(hidden.float(), self.head.weight, self.head.bias)
 
@@ -383,6 +385,7 @@ class GuidanceModel(nn.Module):
             "guidance_config": self.config.to_dict(),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
+            "base_model": self.base_model_record,
         }
         weights = self._weights()
         atomic_save_file(weights, directory / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -396,18 +399,24 @@ class GuidanceModel(nn.Module):
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise FileNotFoundError(f"guidance model file not found: {path}")
+                raise InputFileNotFoundError(f"guidance model file not found: {path}")
         try:
             meta = json.loads(config_path.read_text())
             config = GuidanceConfig.from_dict(meta["guidance_config"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{config_path}: not a valid guidance config ({err})") from err
-        model = cls(base_model, config)
-        for key in ("vocab_size", "hidden_size"):
-            if key in meta and int(meta[key]) != getattr(model, key):
-                raise ValueError(
-                    f"{config_path}: {key}={meta[key]} but the base model has {key}={getattr(model, key)}"
+            raise UserInputError(f"{config_path}: not a valid guidance config ({err})") from err
+        causal_lm = base_model.get_base_model() if _is_peft_model(base_model) else base_model
+        for key, value in (
+            ("vocab_size", causal_lm.config.vocab_size),
+            ("hidden_size", _hidden_size(causal_lm.config)),
+        ):
+            if key in meta and int(meta[key]) != int(value):
+                raise ArtefactMismatchError(
+                    f"{config_path}: {key}={meta[key]} but the base model has {key}={value}; load the guidance "
+                    "model on the base model it was trained on"
                 )
+        check_base_model(meta.get("base_model"), causal_lm, artefact=f"the guidance model in {directory}")
+        model = cls(base_model, config)
         weights = load_file(str(weights_path), device=str(model.device))
         model._load_weights(weights, weights_path)
         return model

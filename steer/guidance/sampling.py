@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..constraints.base import Constraint, hard_labels, soft_labels
+from ..constraints.base import Constraint, ConstraintScores, hard_labels, soft_labels
+from ..progress import chunks, progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelledSamples", "SampleBatch", "label_samples", "sample_continuations"]
+__all__ = ["LabelledSamples", "SampleBatch", "label_samples", "sample_continuations", "score_texts"]
 
 
 @dataclass
@@ -156,8 +157,14 @@ def _generate(
     batch_size: int,
     seed: int | None,
     processor_factory: Callable[[Tensor], object] | None = None,
+    desc: str = "sampling",
+    disable_tqdm: bool | None = None,
 ) -> SampleBatch:
-    """Shared sampling loop; ``processor_factory(prompt_attention_mask)`` adds a LogitsProcessor per batch."""
+    """Shared sampling loop; ``processor_factory(prompt_attention_mask)`` adds a LogitsProcessor per batch.
+
+    A progress bar (``desc``, counting sequences) runs over the batches unless ``disable_tqdm`` (see
+    :func:`steer.progress.progress_disabled`).
+    """
     from transformers import LogitsProcessorList
 
     if n_per_prompt < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -185,7 +192,8 @@ def _generate(
 
     width = prompt_ids.shape[1]
     pieces: list[tuple[Tensor, Tensor, Tensor]] = []
-    with torch.no_grad(), _eval_mode(model), _seeded(seed, device):
+    bar = progress_bar(total=len(rows), desc=desc, unit="seq", disable=disable_tqdm)
+    with bar, torch.no_grad(), _eval_mode(model), _seeded(seed, device):
         for start in range(0, len(rows), batch_size):
             ids = prompt_ids[start : start + batch_size]
             mask = prompt_mask[start : start + batch_size]
@@ -216,6 +224,7 @@ def _generate(
                 token_lp = logits.gather(-1, new[:, step : step + 1]).squeeze(-1) - logits.logsumexp(-1)
                 log_probs += token_lp.masked_fill(~keep[:, step], 0.0)
             pieces.append((new, keep, log_probs))
+            bar.update(ids.shape[0])
 
     total_new = max(piece[0].shape[1] for piece in pieces)
     n = len(rows)
@@ -262,12 +271,14 @@ def sample_continuations(
     batch_size: int = 16,
     seed: int | None = None,
     top_k: int = 0,
+    disable_tqdm: bool | None = None,
 ) -> SampleBatch:
     """Sample ``n_per_prompt`` continuations per prompt with ``model.generate`` (left padding, KV cache).
 
     Rows are prompt-major (all samples of prompt 0 first). ``temperature <= 0`` decodes greedily. ``seed``
     makes sampling reproducible without touching the global RNG. The model runs in eval mode under
-    ``no_grad`` and is put back in its previous mode afterwards.
+    ``no_grad`` and is put back in its previous mode afterwards. A progress bar runs over the batches
+    unless ``disable_tqdm`` (default: :func:`steer.progress.progress_disabled`).
     """
     return _generate(
         model,
@@ -280,7 +291,39 @@ def sample_continuations(
         top_k=top_k,
         batch_size=batch_size,
         seed=seed,
+        disable_tqdm=disable_tqdm,
     )
+
+
+def score_texts(
+    constraint: Constraint | Callable[[list[str]], Tensor],
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    desc: str = "scoring",
+    disable_tqdm: bool | None = None,
+) -> ConstraintScores:
+    """``constraint`` on ``texts`` in chunks of ``batch_size`` with a progress bar counting texts.
+
+    A :class:`~steer.constraints.Constraint` masks what its backend could not score (``evaluate``); for a bare
+    callable, NaN and values outside [0, 1] are the failures (``valid=False``).
+    """
+    texts = list(texts)
+    probs, valid = [], []
+    for chunk in chunks(texts, batch_size, desc=desc, unit="text", disable=disable_tqdm):
+        if isinstance(constraint, Constraint):
+            scores = constraint.evaluate(chunk)
+            probs.append(scores.probs.float().view(-1))
+            valid.append(scores.valid.view(-1))
+            continue
+        values = torch.as_tensor(constraint(list(chunk)), dtype=torch.float32).view(-1)
+        if values.numel() != len(chunk):
+            raise RuntimeError(f"constraint returned {values.numel()} scores for {len(chunk)} texts")
+        probs.append(values)
+        valid.append(~torch.isnan(values) & (values >= 0) & (values <= 1))
+    if not probs:
+        return ConstraintScores(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    return ConstraintScores(torch.cat(probs), torch.cat(valid))
 
 
 def label_samples(
@@ -290,23 +333,21 @@ def label_samples(
     label_mode: str = "hard",
     threshold: float = 0.5,
     include_prompt: bool = False,
+    batch_size: int = 64,
+    desc: str = "labelling",
+    disable_tqdm: bool | None = None,
 ) -> LabelledSamples:
     """Score the continuations (or prompt + continuation) with ``constraint`` and attach labels.
 
     ``label_mode="hard"``: 1.0 where the score is >= ``threshold``; ``"soft"``: the score itself. Samples the
-    oracle could not score (NaN/None/out of range) are dropped and counted in ``num_dropped``.
+    oracle could not score (NaN/None/out of range) are dropped and counted in ``num_dropped``. The oracle
+    sees ``batch_size`` texts per call, under a progress bar (:func:`score_texts`).
     """
     if label_mode not in ("hard", "soft"):
         raise ValueError(f"label_mode must be 'hard' or 'soft', got {label_mode!r}")
     texts = [p + t for p, t in zip(batch.prompts, batch.texts)] if include_prompt else list(batch.texts)
-    if isinstance(constraint, Constraint):
-        evaluated = constraint.evaluate(texts)
-        probs, valid = evaluated.probs, evaluated.valid
-    else:  # a bare callable: treat NaN and out-of-range values as failures
-        probs = torch.as_tensor(constraint(texts), dtype=torch.float32).view(-1)
-        if probs.numel() != len(texts):
-            raise RuntimeError(f"constraint returned {probs.numel()} scores for {len(texts)} texts")
-        valid = ~torch.isnan(probs) & (probs >= 0) & (probs <= 1)
+    evaluated = score_texts(constraint, texts, batch_size=batch_size, desc=desc, disable_tqdm=disable_tqdm)
+    probs, valid = evaluated.probs, evaluated.valid
     num_dropped = int((~valid).sum())
     if num_dropped:
         logger.warning(

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from steer.io import atomic_write_text
 from steer.persona.opinionqa import Responses
+from steer.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +91,7 @@ class CohortResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the cohort table as json (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CohortResult:
@@ -136,8 +134,13 @@ def find_cohorts(
     responses: Responses | None = None,
     seed: int = 0,
     n_init: int = 4,
+    disable_tqdm: bool | None = None,
 ) -> CohortResult:
-    """k-means cohorts of ``embeddings`` [U, d]; ``k=None`` picks k by the elbow (module docstring)."""
+    """k-means cohorts of ``embeddings`` [U, d]; ``k=None`` picks k by the elbow (module docstring).
+
+    The search over k shows a progress bar unless ``disable_tqdm`` (default:
+    :func:`steer.progress.progress_disabled`).
+    """
     points = _as_numpy(embeddings)
     if (embedder is None) != (responses is None):
         raise ValueError(
@@ -152,7 +155,9 @@ def find_cohorts(
         raise ValueError(f"k={max(candidates)} exceeds the number of embeddings ({len(points)})")
     criterion = "mf_loss" if embedder is not None else "inertia"
     models, losses, inertias = [], [], []
-    for value in candidates:
+    bar = progress_bar(candidates, desc="cohort search (k-means over k)", unit="k", disable=disable_tqdm)
+    for value in bar:
+        bar.set_postfix(k=value, refresh=False)
         model = _kmeans(points, value, seed, n_init)
         models.append(model)
         inertias.append(float(model.inertia_))

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from steer.errors import InputKeyError, UserInputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -49,7 +51,7 @@ def wave_label(wave: int | str) -> str:
     """``26``, ``"W26"``, ``"American_Trends_Panel_W26"`` -> ``"W26"``."""
     match = _WAVE.search(str(wave))
     if match is None:
-        raise ValueError(f"not a wave number: {wave!r}")
+        raise UserInputError(f"not a wave number: {wave!r} (use 26, 'W26' or 'American_Trends_Panel_W26')")
     return f"W{int(match.group(1))}"
 
 
@@ -66,11 +68,11 @@ class WaveSplit:
         self.valid = [wave_label(w) for w in self.valid]
         self.eval = [wave_label(w) for w in self.eval]
         if not self.train or not self.eval:
-            raise ValueError("WaveSplit: train_waves and eval_waves must not be empty")
+            raise UserInputError("WaveSplit: train_waves and eval_waves must not be empty")
         for a, b in (("train", "valid"), ("train", "eval"), ("valid", "eval")):
             shared = set(getattr(self, a)) & set(getattr(self, b))
             if shared:
-                raise ValueError(f"WaveSplit: waves {sorted(shared)} are in both {a}_waves and {b}_waves")
+                raise UserInputError(f"WaveSplit: waves {sorted(shared)} are in both {a}_waves and {b}_waves")
 
     @property
     def all(self) -> list[str]:
@@ -195,7 +197,9 @@ def prepare_group_data(args) -> GroupData:
         keys["train"] = [keys["train"][i] for i in sorted(chosen)]
     unknown = [g for g in args.fold_in_groups if g not in table.names]
     if unknown:
-        raise ValueError(f"fold_in_groups: unknown groups {unknown} (known: {table.names})")
+        raise UserInputError(
+            f"PersonaScriptArguments.fold_in_groups: unknown groups {unknown} (known: {table.names})"
+        )
     train_groups = [n for n in table.names if n not in set(args.fold_in_groups)]
     responses = table.to_responses(train_groups, keys["train"])
     embedder = PersonaEmbedder(
@@ -316,14 +320,16 @@ def split_questions(responses, args) -> tuple[list[str], list[str], list[str]]:
         train_keys = [k for k in keys if k not in set(eval_keys) | set(valid_keys)]
     else:
         if len(keys) < 3:
-            raise ValueError(f"need at least 3 questions to hold out whole questions, got {len(keys)}")
+            raise UserInputError(f"need at least 3 questions to hold out whole questions, got {len(keys)}")
         order = np.random.default_rng(args.dataset_seed).permutation(len(keys))
         n_hold = max(1, int(round(args.holdout_fraction * len(keys))))
         eval_keys = [keys[i] for i in sorted(order[:n_hold])]
         valid_keys = [keys[i] for i in sorted(order[n_hold : 2 * n_hold])]
         train_keys = [keys[i] for i in sorted(order[2 * n_hold :])]
     if not train_keys or not eval_keys:
-        raise ValueError("the question split leaves no training or no evaluation question")
+        raise UserInputError(
+            "the question split leaves no training or no evaluation question (check waves, eval_waves, max_questions)"
+        )
     return train_keys, valid_keys, eval_keys
 
 
@@ -348,7 +354,9 @@ def persona_table(embedder, responses, attributes, *, num_cohorts=None, k_max=10
     personas = {f"cohort:{i}": c.float() for i, c in enumerate(result.centroids)}
     for attribute in attributes:
         if attribute not in responses.demographics.columns:
-            raise KeyError(f"demographic_attributes: no column {attribute!r} in the responses")
+            raise InputKeyError(
+                f"PersonaScriptArguments.demographic_attributes: no column {attribute!r} in the responses"
+            )
         values = responses.demographics[attribute].to_numpy(dtype=object)
         for value, centroid in group_centroids(embeddings, values, exclude=("nan", "", "Refused")).items():
             personas[f"{attribute}={value}"] = centroid.float()
@@ -411,7 +419,7 @@ def prepare_persona_data(args) -> PersonaData:
     keep = responses.select_questions(train_keys).observed.sum(1) >= 2
     responses = responses.select_users(keep)
     if responses.num_users == 0:
-        raise ValueError("no respondent has two or more ordinal answers on the training questions")
+        raise UserInputError("no respondent has two or more ordinal answers on the training questions")
     train = responses.select_questions(train_keys)
     valid = responses.select_questions(valid_keys) if valid_keys else None
     heldout = responses.select_questions(eval_keys)

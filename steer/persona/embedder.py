@@ -50,9 +50,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from steer.io import atomic_save_file, atomic_write_text
 from steer.persona.opinionqa import Responses
+from steer.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -276,8 +278,15 @@ class PersonaEmbedder:
         responses: Responses,
         valid: Responses | None = None,
         callback: Callable[[int, PersonaEmbedder, dict], bool] | None = None,
+        *,
+        disable_tqdm: bool | None = None,
     ) -> PersonaEmbedder:
-        """Fit on the observed entries of ``responses`` (``valid``: held-out answers of the same users)."""
+        """Fit on the observed entries of ``responses`` (``valid``: held-out answers of the same users).
+
+        A progress bar counts ALS iterations (``max_iters``) or Adam epochs (``epochs``), showing the train
+        (and held-out) RMSE, unless ``disable_tqdm`` (default: :func:`steer.progress.progress_disabled`);
+        the fit ends with one INFO log line.
+        """
         if responses.num_questions == 0 or responses.num_users == 0:
             raise ValueError("fit: responses have no users or no questions")
         self.question_keys = list(responses.question_keys)
@@ -293,11 +302,37 @@ class PersonaEmbedder:
         self._initialise(responses, data)
         self.history = []
         start = time.perf_counter()
-        if self.config.method == "als":
-            self._fit_als(data, valid_data, callback, start)
-        else:
-            self._fit_adam(data, valid_data, callback, start)
+        als = self.config.method == "als"
+        bar = progress_bar(
+            total=self.config.max_iters if als else self.config.epochs,
+            desc=f"embedder fit ({self.config.method})",
+            unit="iter" if als else "epoch",
+            disable=disable_tqdm,
+        )
+        with bar:
+            if als:
+                self._fit_als(data, valid_data, callback, start, bar)
+            else:
+                self._fit_adam(data, valid_data, callback, start, bar)
+        last = self.history[-1] if self.history else {}
+        logger.info(
+            "embedder fit (%s): %d users x %d questions, %d %s, train RMSE %.4f%s, %.1fs",
+            self.config.method,
+            responses.num_users,
+            responses.num_questions,
+            len(self.history),
+            "iterations" if als else "epochs",
+            last.get("train_rmse", math.nan),
+            f", held-out RMSE {last['valid_rmse']:.4f}" if "valid_rmse" in last else "",
+            time.perf_counter() - start,
+        )
         return self
+
+    @staticmethod
+    def _advance(bar, stats: dict) -> None:
+        rmse = {k: f"{stats[k]:.4f}" for k in ("train_rmse", "valid_rmse") if k in stats}
+        bar.set_postfix(rmse, refresh=False)
+        bar.update(1)
 
     def _penalty(self) -> float:
         penalty = float((self.embeddings**2).sum() + (self.question_factors**2).sum())
@@ -346,12 +381,13 @@ class PersonaEmbedder:
         tracker["objective"] = stats["objective"]
         return previous is not None and (previous - stats["objective"]) <= tol * abs(previous)
 
-    def _fit_als(self, data: _Data, valid: _Data | None, callback, start: float) -> None:
+    def _fit_als(self, data: _Data, valid: _Data | None, callback, start: float, bar) -> None:
         tracker: dict = {}
         for step in range(1, self.config.max_iters + 1):
             self.embeddings = self._solve_users(data)
             sse = self._solve_questions(data)
             stats = self._record(step, data, valid, start, sse)
+            self._advance(bar, stats)
             stop = self._should_stop(stats, tracker)
             if (callback is not None and callback(step, self, stats)) or stop:
                 break
@@ -360,7 +396,7 @@ class PersonaEmbedder:
         # final user solve so the embeddings are the exact ridge optimum for the final question side
         self.embeddings = self._solve_users(data)
 
-    def _fit_adam(self, data: _Data, valid: _Data | None, callback, start: float) -> None:
+    def _fit_adam(self, data: _Data, valid: _Data | None, callback, start: float, bar) -> None:
         """Minibatch Adam on the observed entries (lazy/sparse Adam: only the rows in a batch move).
 
         Each entry carries 1/n_i of its user's and 1/n_j of its question's penalty, so that an epoch's
@@ -406,6 +442,7 @@ class PersonaEmbedder:
                     self.embeddings, self.question_factors = users.detach(), factors.detach()
                     self.question_bias = bias.detach().squeeze(1)
                     stats = self._record(epoch, data, valid, start)
+                self._advance(bar, stats)
                 stop = self._should_stop(stats, tracker)
                 if (callback is not None and callback(epoch, self, stats)) or stop:
                     break
@@ -510,18 +547,14 @@ class PersonaEmbedder:
             "question_bias": self.question_bias.detach().cpu().contiguous(),
             "embeddings": self.embeddings.detach().cpu().contiguous(),
         }
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, directory / WEIGHTS_NAME)
+        atomic_save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         payload = {
             "config": asdict(self.config),
             "global_mean": self.global_mean,
             "question_keys": self.question_keys,
             "user_ids": self.user_ids,
         }
-        tmp = directory / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, directory / CONFIG_NAME)
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(payload, indent=1))
         return directory
 
     @classmethod

@@ -52,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from steer.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 DEMOGRAPHIC_COLUMNS: tuple[str, ...] = (
@@ -661,10 +663,7 @@ class Responses:
                 code = np.where(refused >= 0, question.num_options + refused, code)
             columns[key] = table[code]
         frame = pd.DataFrame(columns)
-        tmp = path.with_name(path.name + ".tmp")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def load_responses(

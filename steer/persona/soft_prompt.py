@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import DynamicCache
+
+from steer.io import atomic_save_file, atomic_write_json
 
 CONFIG_NAME = "soft_prompt_config.json"
 WEIGHTS_NAME = "soft_prompt.safetensors"
@@ -128,38 +129,6 @@ def attention_geometry(model_config, *, prefix: bool = True) -> dict[str, int]:
         "head_dim": int(head_dim),
         "hidden_size": hidden_size,
     }
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; use the normal file mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    """``safetensors.save_file`` through a temporary file + ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class SoftPromptNetwork(nn.Module):
@@ -304,7 +273,7 @@ class SoftPromptNetwork(nn.Module):
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save_file(self.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        _atomic_write_text(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device=None) -> SoftPromptNetwork:
@@ -356,7 +325,7 @@ def steered_inputs(
     """The keyword arguments for ``model(...)`` that run ``input_ids`` with the persona's virtual tokens.
 
     Returns ``input_ids``/``inputs_embeds``, ``attention_mask`` (prefix ones + the text mask), ``position_ids``
-    (see the module docstring) and, in prefix mode, ``past_key_values`` (a fresh ``DynamicCache``).
+    (see the module docstring) and, in prefix mode, ``cache`` (a fresh ``DynamicCache``).
     ``prefix_attention_mask`` ([B, n_virtual], default ones) can hide virtual tokens.
     """
     batch, _ = input_ids.shape
@@ -376,7 +345,7 @@ def steered_inputs(
             "input_ids": input_ids,
             "attention_mask": full_mask,
             "position_ids": positions,
-            "past_key_values": cache,
+            "cache": cache,
         }
     text_embeds = model.get_input_embeddings()(input_ids)
     virtual = network.prompt_embeds(persona).to(text_embeds.dtype)
@@ -402,7 +371,7 @@ def steered_forward(
     """Run the (frozen) LM on ``input_ids`` steered by ``persona``.
 
     ``logits`` cover the text positions only (``[B, T, V]``, aligned exactly like the plain model's), so
-    callers shift labels as usual. With ``use_cache=True`` the returned ``past_key_values`` holds the
+    callers shift labels as usual. With ``use_cache=True`` the returned ``cache`` holds the
     virtual tokens followed by the text, ready for decoding (see :func:`steer.persona.steering.decode`).
     """
     kwargs = steered_inputs(

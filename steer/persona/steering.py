@@ -17,13 +17,10 @@ from pathlib import Path
 
 import torch
 
-from steer.persona.soft_prompt import (
-    SoftPromptNetwork,
-    _atomic_write_text,
-    atomic_save_file,
-    steered_inputs,
-    text_position_ids,
-)
+from steer.errors import ArtefactMismatchError, InputFileNotFoundError, InputKeyError, UserInputError
+from steer.io import atomic_save_file, atomic_write_text
+from steer.persona.soft_prompt import SoftPromptNetwork, steered_inputs, text_position_ids
+from steer.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +29,7 @@ FORMAT_NAME = "prompt_format.json"
 PERSONAS_NAME = "personas.safetensors"
 PERSONAS_INDEX = "personas.json"
 EMBEDDER_DIR = "embedder"
+BASE_MODEL_NAME = "base_model.json"  # steer.models.base_model_record of the model the network was trained on
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +168,7 @@ def decode(
     full_mask = kwargs["attention_mask"]
     position = kwargs["position_ids"][:, -1]
     out = model(**kwargs, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     eos = torch.tensor(
         []
         if eos_token_id is None
@@ -201,7 +199,7 @@ def decode(
             input_ids=token.unsqueeze(1),
             attention_mask=full_mask,
             position_ids=position.unsqueeze(1),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
     if not new_tokens:
@@ -275,9 +273,15 @@ class PersonaSteeredModel:
         ``base`` is a model name/path for :func:`steer.models.load_causal_lm` or an already loaded
         ``PreTrainedModel`` (then pass ``tokenizer``).
         """
+        from steer.models import check_base_model
+
         directory = Path(persona_dir)
         if not directory.is_dir():
-            raise FileNotFoundError(f"persona directory not found: {directory}")
+            raise InputFileNotFoundError(f"persona directory not found: {directory}")
+        recorded = (
+            _read_json(directory / BASE_MODEL_NAME) if (directory / BASE_MODEL_NAME).is_file() else None
+        )
+        network = SoftPromptNetwork.from_pretrained(directory)  # before the (slow) base model
         if isinstance(base, (str, os.PathLike)):
             from steer.models import load_causal_lm
 
@@ -289,18 +293,20 @@ class PersonaSteeredModel:
                 raise ValueError("pass tokenizer= when base is an already loaded model")
             if device is not None:
                 model.to(device)
-        network = SoftPromptNetwork.from_pretrained(directory)
+        try:  # shapes first (the clearer message), then the recorded base model
+            network.check_model(model)
+        except ValueError as err:
+            raise ArtefactMismatchError(f"the persona network in {directory}: {err}") from err
+        check_base_model(recorded, model, artefact=f"the persona network in {directory}")
         fmt_path = directory / FORMAT_NAME
-        prompt_format = (
-            PromptFormat.from_dict(json.loads(fmt_path.read_text())) if fmt_path.is_file() else None
-        )
+        prompt_format = PromptFormat.from_dict(_read_json(fmt_path)) if fmt_path.is_file() else None
         personas, metadata = {}, {}
         if (directory / PERSONAS_NAME).is_file():
             from safetensors.torch import load_file
 
             personas = load_file(str(directory / PERSONAS_NAME))
         if (directory / PERSONAS_INDEX).is_file():
-            metadata = json.loads((directory / PERSONAS_INDEX).read_text())
+            metadata = _read_json(directory / PERSONAS_INDEX)
         embedder = _load_embedder(directory / EMBEDDER_DIR) if (directory / EMBEDDER_DIR).is_dir() else None
         return cls(
             model,
@@ -313,15 +319,23 @@ class PersonaSteeredModel:
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the network (safetensors + config), prompt format, named personas and the embedder."""
+        """Write the network (safetensors + config), prompt format, named personas, the embedder and a record
+        of the base model (``base_model.json``: loading onto another base model is refused)."""
+        from steer.models import base_model_record
+
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.network.save_pretrained(directory)
-        _atomic_write_text(directory / FORMAT_NAME, json.dumps(self.prompt_format.to_dict(), indent=2) + "\n")
+        atomic_write_text(directory / FORMAT_NAME, json.dumps(self.prompt_format.to_dict(), indent=2) + "\n")
+        record = base_model_record(self.model)
+        if self.metadata.get("base_model"):  # the name the run was given (the config may hold a cache path)
+            record["name_or_path"] = str(self.metadata["base_model"])
+        atomic_write_text(directory / BASE_MODEL_NAME, json.dumps(record, indent=2) + "\n")
         if self.personas:
-            atomic_save_file({k: v.float() for k, v in self.personas.items()}, directory / PERSONAS_NAME)
+            personas = {k: v.detach().float().contiguous().cpu() for k, v in self.personas.items()}
+            atomic_save_file(personas, directory / PERSONAS_NAME)
         index = {**self.metadata, "names": sorted(self.personas)}
-        _atomic_write_text(directory / PERSONAS_INDEX, json.dumps(index, indent=2, default=str) + "\n")
+        atomic_write_text(directory / PERSONAS_INDEX, json.dumps(index, indent=2, default=str) + "\n")
         if self.embedder is not None:
             self.embedder.save_pretrained(directory / EMBEDDER_DIR)
 
@@ -353,7 +367,7 @@ class PersonaSteeredModel:
                 return self.embedder.embeddings[row].detach().float().cpu()
         known = sorted(self.personas)
         shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
-        raise KeyError(
+        raise InputKeyError(
             f"unknown persona {spec!r}: neither a stored persona ({shown}) nor a user id of the embedder"
         )
 
@@ -395,7 +409,7 @@ class PersonaSteeredModel:
         (``steer.persona.opinionqa.Question``). ``persona=None`` gives the unsteered base model.
         """
         text, options = _question_parts(question, options)
-        return self.option_probs_batch([(text, options)], persona, preambles=[preamble])[0]
+        return self.option_probs_batch([(text, options)], persona, preambles=[preamble], disable_tqdm=True)[0]
 
     @torch.no_grad()
     def option_probs_batch(
@@ -405,8 +419,14 @@ class PersonaSteeredModel:
         *,
         preambles: Sequence[str | None] | None = None,
         batch_size: int = 16,
+        desc: str = "option probabilities",
+        disable_tqdm: bool | None = None,
     ) -> list[torch.Tensor]:
-        """:meth:`option_probs` for many questions; ``persona`` is one spec for all rows or one per row."""
+        """:meth:`option_probs` for many questions; ``persona`` is one spec for all rows or one per row.
+
+        A progress bar (``desc``) runs over the batches unless ``disable_tqdm`` (default:
+        :func:`steer.progress.progress_disabled`).
+        """
         parts = [
             _question_parts(q, None) if not isinstance(q, tuple) else _question_parts(*q) for q in questions
         ]
@@ -420,7 +440,9 @@ class PersonaSteeredModel:
                 raise ValueError(f"got {vectors.shape[0]} personas for {len(parts)} questions")
         fmt = self.prompt_format
         results: list[torch.Tensor] = []
-        for start in range(0, len(parts), batch_size):
+        for start in progress_bar(
+            range(0, len(parts), batch_size), desc=desc, unit="batch", disable=disable_tqdm
+        ):
             chunk = parts[start : start + batch_size]
             prompts = [fmt.build(self.tokenizer, q, o, p) for (q, o), p in zip(chunk, preambles[start:])]
             ids, mask = self._encode(prompts, fmt.add_special_tokens)
@@ -527,6 +549,13 @@ class PersonaSteeredModel:
             text = self.model.get_input_embeddings()(ids.to(self.device))[0]
             embeds = torch.cat([embeds.to(text.dtype), text], dim=0)
         return embeds.detach().cpu()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{path}: not valid JSON ({err})") from err
 
 
 def _question_parts(question, options) -> tuple[str, list[str]]:

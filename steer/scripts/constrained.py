@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 
 from steer.constraints import Constraint
 from steer.data import RTP_HELDOUT_SIZE
-from steer.trainers.constrained import ConstrainedConfig, ConstrainedTrainer
+from steer.errors import InputKeyError, UserInputError
+from steer.scripts.output import check_output_dir, resolve_resume
+from steer.trainers.constrained import STATE_NAME, ConstrainedConfig, ConstrainedTrainer
 
 __all__ = [
     "CONSTRAINTS",
     "ConstrainedConfig",
     "ConstrainedScriptArguments",
     "build_constraint",
+    "check_constrained_run",
     "load_constrained_datasets",
     "train_constrained",
 ]
@@ -113,6 +115,13 @@ class ConstrainedScriptArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules the policy LoRA adapts (default: all linear layers)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a previous run in output_dir. Without it a run refuses an output_dir that holds "
+            "another run's model, guidance/ or checkpoints (resuming from a checkpoint inside it is allowed)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.constraint_kwargs, str):
@@ -150,6 +159,20 @@ class ConstrainedScriptArguments:
             raise ValueError(f"ConstrainedScriptArguments.heldout_size must be >= 0, got {self.heldout_size}")
         if self.lora_r < 1:
             raise ValueError(f"ConstrainedScriptArguments.lora_r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha < 1:
+            raise ValueError(f"ConstrainedScriptArguments.lora_alpha must be >= 1, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(
+                f"ConstrainedScriptArguments.lora_dropout must be in [0, 1), got {self.lora_dropout}"
+            )
+        if not self.constraint:
+            raise ValueError(
+                f"ConstrainedScriptArguments.constraint must be one of {sorted(CONSTRAINTS)} or 'module:Class'"
+            )
+        if not self.dataset_name:
+            raise ValueError(
+                "ConstrainedScriptArguments.dataset_name must be 'rtp', a data file or a hub dataset id"
+            )
 
     def peft_config(self):
         if not self.use_peft:
@@ -167,37 +190,75 @@ class ConstrainedScriptArguments:
 
 
 def build_constraint(name: str, kwargs: dict[str, Any] | None = None) -> Constraint:
-    """A constraint from its short name (``non_toxic``, ``keyword``, ``classifier``) or ``module:Class``."""
+    """A constraint from its short name (``non_toxic``, ``keyword``, ``classifier``) or ``module:Class``.
+
+    Every failure that comes from the name or the keyword arguments is a one-line
+    :class:`~steer.errors.UserInputError` naming ``constraint`` / ``constraint_kwargs``.
+    """
     import importlib
 
+    where = "ConstrainedScriptArguments.constraint"
     target = CONSTRAINTS.get(name, name)
     if ":" not in target:
-        raise ValueError(
-            f"unknown constraint {name!r}; choose one of {sorted(CONSTRAINTS)} or 'package.module:Class'"
+        raise InputKeyError(
+            f"{where}: unknown constraint {name!r}; choose one of {sorted(CONSTRAINTS)} or 'package.module:Class'"
         )
     module_name, _, class_name = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import constraint {target!r}: {err}") from err
+        raise UserInputError(f"{where}: cannot import {target!r} ({err})") from err
     if not (isinstance(cls, type) and issubclass(cls, Constraint)):
-        raise ValueError(f"constraint {target!r} is not a steer.constraints.Constraint subclass")
+        raise UserInputError(f"{where}: {target!r} is not a steer.constraints.Constraint subclass")
+    kwargs = dict(kwargs or {})
     try:
-        return cls(**(kwargs or {}))
-    except TypeError as err:
-        raise ValueError(f"bad constraint_kwargs for {target!r}: {err}") from err
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserInputError(
+            f"ConstrainedScriptArguments.constraint_kwargs {json.dumps(kwargs, default=str)} rejected by "
+            f"{target}: {_first_line(err)}"
+        ) from err
+    except OSError as err:  # a model the constraint needs cannot be read or downloaded (offline)
+        hint = ""
+        if kwargs.get("backend") == "detoxify":
+            hint = (
+                '; offline, pass constraint_kwargs {"backend": "detoxify", "checkpoint": "<local .ckpt>", '
+                '"config_dir": "<its Hugging Face config + tokenizer dir>"}'
+            )
+        raise UserInputError(
+            f"constraint {name!r} with constraint_kwargs {json.dumps(kwargs, default=str)} could not load its "
+            f"model ({type(err).__name__}: {_first_line(err)}){hint}"
+        ) from err
 
 
-def _load_table(name: str, split: str) -> Dataset:
-    from datasets import load_dataset
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
-    path = Path(name).expanduser()
-    if path.is_file():
-        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(f"{path}: unsupported dataset file type (use .json, .jsonl, .csv or .parquet)")
-        return load_dataset(kind, data_files=str(path), split="train")
-    return load_dataset(name, split=split)
+
+def _load_table(name: str, split: str, what: str) -> Dataset:
+    from steer.data import load_table
+
+    return load_table(name, split, what=f"ConstrainedScriptArguments.{what}")
+
+
+def _check_prompts(dataset: Dataset, what: str) -> None:
+    """A prompt dataset has a 'prompt' column of non-empty strings (else one line naming the row)."""
+    if "prompt" not in dataset.column_names:
+        raise UserInputError(
+            f"{what} has no 'prompt' column to sample from (columns: {dataset.column_names})"
+        )
+    for row, prompt in enumerate(dataset["prompt"]):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserInputError(f"{what}: row {row} has no prompt text ('prompt' = {prompt!r:.60})")
+
+
+def _check_training_columns(dataset: Dataset, what: str) -> None:
+    columns = set(dataset.column_names)
+    if "text" in columns or {"prompt", "completion"} <= columns or "messages" in columns:
+        return
+    raise UserInputError(
+        f"{what} has columns {sorted(columns)}; training needs 'text', 'prompt' + 'completion', or 'messages'"
+    )
 
 
 def load_constrained_datasets(
@@ -211,7 +272,7 @@ def load_constrained_datasets(
         records = load_rtp()
         n_train = len(records) - script_args.heldout_size
         if n_train < 1:
-            raise ValueError(
+            raise UserInputError(
                 f"ConstrainedScriptArguments.heldout_size={script_args.heldout_size} leaves no RTP training records "
                 f"(only {len(records)} available)"
             )
@@ -225,7 +286,7 @@ def load_constrained_datasets(
 
         keep = toxicity("continuation", script_args.corpus_min_toxicity)
         if not keep:
-            raise ValueError(
+            raise UserInputError(
                 f"ConstrainedScriptArguments.corpus_min_toxicity={script_args.corpus_min_toxicity} keeps no RTP record"
             )
         records = pool.select(keep[: script_args.dataset_limit or len(keep)])
@@ -240,50 +301,86 @@ def load_constrained_datasets(
         else:  # challenging prompts from every training-side record (never the held-out ones)
             sampled = toxicity("prompt", script_args.prompt_min_toxicity)
             if not sampled:
-                raise ValueError(
+                raise UserInputError(
                     f"ConstrainedScriptArguments.prompt_min_toxicity={script_args.prompt_min_toxicity} keeps no "
                     "RTP prompt"
                 )
             prompt_dataset = Dataset.from_dict({"prompt": [pool[i]["prompt"]["text"] for i in sampled]})
     else:
-        train = _load_table(script_args.dataset_name, script_args.dataset_split)
+        train = _load_table(script_args.dataset_name, script_args.dataset_split, "dataset_name")
+        _check_training_columns(
+            train, f"ConstrainedScriptArguments.dataset_name={script_args.dataset_name!r}"
+        )
         if script_args.dataset_limit:
             train = train.select(range(min(script_args.dataset_limit, len(train))))
         prompt_dataset = None
         if script_args.prompt_dataset_name is None:
             if "prompt" not in train.column_names:
-                raise ValueError(
-                    f"dataset {script_args.dataset_name!r} has no 'prompt' column to sample from (columns: "
-                    f"{train.column_names}); set prompt_dataset_name"
+                raise UserInputError(
+                    f"ConstrainedScriptArguments.dataset_name={script_args.dataset_name!r} has no 'prompt' column "
+                    f"to sample guidance rounds from (columns: {train.column_names}); set prompt_dataset_name"
                 )
             prompt_dataset = train.select_columns(["prompt"])
     if script_args.prompt_dataset_name is not None:
-        prompt_dataset = _load_table(script_args.prompt_dataset_name, script_args.dataset_split)
-        if "prompt" not in prompt_dataset.column_names:
-            raise ValueError(
-                f"prompt dataset {script_args.prompt_dataset_name!r} has no 'prompt' column "
-                f"(columns: {prompt_dataset.column_names})"
-            )
+        prompt_dataset = _load_table(
+            script_args.prompt_dataset_name, script_args.dataset_split, "prompt_dataset_name"
+        )
     if script_args.prompt_limit:
         prompt_dataset = prompt_dataset.select(range(min(script_args.prompt_limit, len(prompt_dataset))))
+    where = (
+        f"ConstrainedScriptArguments.prompt_dataset_name={script_args.prompt_dataset_name!r}"
+        if script_args.prompt_dataset_name is not None
+        else f"the prompts of dataset_name={script_args.dataset_name!r}"
+    )
+    _check_prompts(prompt_dataset, where)
     return train, prompt_dataset, heldout
+
+
+def check_constrained_run(
+    script_args: ConstrainedScriptArguments, training_args: ConstrainedConfig
+) -> tuple[str | None, Dataset, Dataset, Constraint]:
+    """Everything a run can check before its model loads, in the order a user fixes it.
+
+    The resume path (``True``/``"latest"``: the newest checkpoint of ``output_dir``), the output directory
+    (no previous run unless ``overwrite_output_dir`` or resuming inside it), the model path, the constraint
+    and its kwargs, the data files and their columns. Returns ``(resume path, train, prompts, constraint)``.
+    """
+    from steer.models import check_model_dir
+
+    resume = resolve_resume(
+        training_args.resume_from_checkpoint,
+        training_args.output_dir,
+        owner="ConstrainedConfig",
+        state_files=(STATE_NAME, "constrained_state_rank*.pt"),
+    )
+    check_output_dir(
+        training_args.output_dir,
+        overwrite=script_args.overwrite_output_dir,
+        resume=resume,
+        owner="ConstrainedScriptArguments",
+    )
+    check_model_dir(script_args.model_name_or_path, what="ConstrainedScriptArguments.model_name_or_path")
+    constraint = build_constraint(script_args.constraint, script_args.constraint_kwargs)
+    train, prompt_dataset, _ = load_constrained_datasets(script_args)
+    return resume, train, prompt_dataset, constraint
 
 
 def train_constrained(
     script_args: ConstrainedScriptArguments, training_args: ConstrainedConfig, *, callbacks=None
 ):
-    """Load model, data and constraint, train, and save the policy adapter + ``guidance/`` to ``output_dir``.
+    """Check the inputs (:func:`check_constrained_run`), load the model, train, and save the policy adapter +
+    ``guidance/`` to ``output_dir``.
 
-    Returns the trainer. ``training_args.resume_from_checkpoint`` resumes a run.
+    Returns the trainer. ``training_args.resume_from_checkpoint`` resumes a run (a checkpoint path, or
+    ``true`` for the newest checkpoint in ``output_dir``).
     """
     from steer.models import load_causal_lm
 
+    resume, train, prompt_dataset, constraint = check_constrained_run(script_args, training_args)
     dtype = None if script_args.dtype == "auto" else script_args.dtype
     model, tokenizer = load_causal_lm(
         script_args.model_name_or_path, dtype=dtype, trust_remote_code=training_args.trust_remote_code
     )
-    train, prompt_dataset, _ = load_constrained_datasets(script_args)
-    constraint = build_constraint(script_args.constraint, script_args.constraint_kwargs)
     trainer = ConstrainedTrainer(
         model,
         training_args,
@@ -294,6 +391,6 @@ def train_constrained(
         prompt_dataset=prompt_dataset,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     return trainer

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steer.errors import InputFileNotFoundError, UserInputError
+from steer.io import atomic_write_text
 from steer.persona.data import (
     PersonaData,
     answer_examples,
@@ -20,7 +25,7 @@ from steer.persona.data import (
     prepare_group_data,
     prepare_persona_data,
 )
-from steer.persona.soft_prompt import _atomic_write_text
+from steer.scripts.output import check_output_dir, resolve_resume
 from steer.trainers.persona import (
     PersonaConfig,
     PersonaTrainer,
@@ -28,7 +33,7 @@ from steer.trainers.persona import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PersonaConfig", "PersonaScriptArguments", "train_persona"]
+__all__ = ["PersonaConfig", "PersonaScriptArguments", "check_persona_run", "train_persona"]
 
 
 @dataclass
@@ -146,16 +151,6 @@ class PersonaScriptArguments:
     embedder_method: str = field(default="als", metadata={"help": "Embedder solver: 'als' or 'adam'."})
     embedder_l2: float = field(default=1.0, metadata={"help": "Embedder ridge penalty."})
 
-    def __post_init__(self) -> None:
-        if self.persona_source not in ("groups", "individuals"):
-            raise ValueError(
-                f"PersonaScriptArguments.persona_source must be 'groups' or 'individuals', got {self.persona_source!r}"
-            )
-        if self.fold_in_answers < 1:
-            raise ValueError(
-                f"PersonaScriptArguments.fold_in_answers must be >= 1, got {self.fold_in_answers}"
-            )
-
     num_cohorts: int | None = field(
         default=None, metadata={"help": "k-means cohorts (elbow selection when omitted)."}
     )
@@ -165,6 +160,46 @@ class PersonaScriptArguments:
         metadata={"help": "Attributes with stored demographic centroids."},
     )
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the simulation, splits and subsets."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a previous run in output_dir. Without it a run refuses an output_dir that holds "
+            "another run's persona/, data/ or checkpoints (resuming from a checkpoint inside it is allowed)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        name = "PersonaScriptArguments"
+        if self.persona_source not in ("groups", "individuals"):
+            raise ValueError(
+                f"{name}.persona_source must be 'groups' or 'individuals', got {self.persona_source!r}"
+            )
+        if self.embedder_method not in ("als", "adam"):
+            raise ValueError(f"{name}.embedder_method must be 'als' or 'adam', got {self.embedder_method!r}")
+        for key in ("fold_in_answers", "embedding_dim", "n_respondents", "eval_users"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{name}.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("max_questions", "max_train_examples", "max_eval_examples", "num_cohorts"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{name}.{key} must be >= 1 (or unset), got {getattr(self, key)}")
+        if self.question_block is not None and self.question_block < 2:
+            raise ValueError(
+                f"{name}.question_block must be >= 2 (groups side by side), got {self.question_block}"
+            )
+        if self.cohort_k_max < 2:
+            raise ValueError(f"{name}.cohort_k_max must be >= 2, got {self.cohort_k_max}")
+        if not 0.0 < self.observed_frac <= 1.0:
+            raise ValueError(f"{name}.observed_frac must be in (0, 1], got {self.observed_frac}")
+        if not 0.0 < self.holdout_fraction < 0.5:
+            raise ValueError(f"{name}.holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
+        if self.embedder_l2 < 0:
+            raise ValueError(f"{name}.embedder_l2 must be >= 0, got {self.embedder_l2}")
+        if not 1 <= len(self.group_by) <= 2:
+            raise ValueError(f"{name}.group_by takes 1 or 2 attributes, got {self.group_by}")
+        if self.persona_source == "groups" and not self.group_attributes:
+            raise ValueError(f"{name}.group_attributes must name at least one attribute")
+        if self.persona_source == "individuals" and not self.waves:
+            raise ValueError(f"{name}.waves must name at least one wave")
 
 
 def _trainer_datasets(examples, valid_examples, training_args):
@@ -177,21 +212,92 @@ def _trainer_datasets(examples, valid_examples, training_args):
     return train, valid
 
 
-def _train_groups(script_args: PersonaScriptArguments, training_args: PersonaConfig):
+def check_persona_run(script_args: PersonaScriptArguments, training_args: PersonaConfig) -> str | None:
+    """Everything a persona run can check before its data and model load; returns the resume path.
+
+    The resume path, the output directory (no previous run unless ``overwrite_output_dir`` or resuming
+    inside it), the model path, the wave split and the OpinionQA wave directories, ``responses_csv``, and
+    ``contrast_weight`` (which needs ``question_block``).
+    """
+    from steer.models import check_model_dir
+    from steer.persona.data import WaveSplit
+    from steer.persona.opinionqa import wave_dirs
+
+    name = "PersonaScriptArguments"
+    resume = resolve_resume(
+        training_args.resume_from_checkpoint,
+        training_args.output_dir,
+        owner="PersonaConfig",
+        state_files=("soft_prompt_config.json",),
+    )
+    check_output_dir(
+        training_args.output_dir, overwrite=script_args.overwrite_output_dir, resume=resume, owner=name
+    )
+    check_model_dir(script_args.model_name_or_path, what=f"{name}.model_name_or_path")
+    if (
+        training_args.contrast_weight > 0
+        and script_args.question_block is None
+        and script_args.persona_source == "groups"
+    ):
+        raise UserInputError(
+            f"PersonaConfig.contrast_weight={training_args.contrast_weight} needs {name}.question_block "
+            "(examples of one question side by side in a batch; set it to per_device_train_batch_size)"
+        )
+    if script_args.opinionqa_dir is not None and not Path(script_args.opinionqa_dir).expanduser().is_dir():
+        raise InputFileNotFoundError(
+            f"{name}.opinionqa_dir: directory not found: {script_args.opinionqa_dir}"
+        )
+    if script_args.persona_source == "groups":
+        split = WaveSplit(script_args.train_waves, script_args.valid_waves, script_args.eval_waves)
+        waves, field_names = split.all, "train_waves / valid_waves / eval_waves"
+    else:
+        waves, field_names = list(script_args.waves), "waves"
+        for path in script_args.responses_csv or []:
+            if not Path(path).expanduser().is_file():
+                raise InputFileNotFoundError(f"{name}.responses_csv: file not found: {path}")
+    try:
+        wave_dirs(script_args.opinionqa_dir, waves)
+    except FileNotFoundError as err:
+        raise InputFileNotFoundError(
+            f"{name}.{field_names}: {err} (opinionqa_dir: {script_args.opinionqa_dir or 'STEER_DATA_DIR/opinionqa'})"
+        ) from err
+    return resume
+
+
+def _publish(output: Path, run_id: str, write_data, write_persona) -> None:
+    """Write the run's ``data/`` and ``persona/`` into a staging directory, then swap both in together.
+
+    A run that fails before this point leaves the previous run's pair untouched; both carry the same
+    ``run_id``, which ``steer eval opinions`` checks.
+    """
+    stage = output / f".run-{run_id}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        (stage / "data").mkdir(parents=True)
+        write_data(stage / "data")
+        write_persona(stage / "persona")
+        for name in ("data", "persona"):
+            target = output / name
+            if target.exists():
+                os.replace(target, stage / f"previous-{name}")
+            os.replace(stage / name, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_split(directory: Path, metadata: dict) -> None:
+    atomic_write_text(directory / "split.json", json.dumps(metadata, indent=2) + "\n")
+
+
+def _train_groups(script_args: PersonaScriptArguments, training_args: PersonaConfig, resume: str | None):
     from steer.models import load_causal_lm
     from steer.persona.steering import PersonaSteeredModel
 
     data = prepare_group_data(script_args)
+    data.metadata["run_id"] = uuid.uuid4().hex[:12]
     output = Path(training_args.output_dir)
-    if training_args.should_save:
-        (output / "data").mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(output / "data" / "split.json", json.dumps(data.metadata, indent=2) + "\n")
     model, tokenizer = load_causal_lm(script_args.model_name_or_path, dtype=script_args.dtype)
     strip = ("group", "key")
-    if training_args.contrast_weight > 0 and script_args.question_block is None:
-        raise ValueError(
-            "contrast_weight > 0 needs question_block (examples of one question side by side in a batch)"
-        )
     train_examples = [{k: v for k, v in e.items() if k not in strip} for e in data.train_examples]
     valid_examples = [{k: v for k, v in e.items() if k not in strip} for e in data.valid_examples]
     train, valid = _trainer_datasets(train_examples, valid_examples, training_args)
@@ -204,7 +310,7 @@ def _train_groups(script_args: PersonaScriptArguments, training_args: PersonaCon
         persona_dim=data.embedder.config.embedding_dim,
         contrast_scale=data.metadata["contrast_scale"],
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if training_args.should_save:
         steered = PersonaSteeredModel(
             model,
@@ -215,23 +321,22 @@ def _train_groups(script_args: PersonaScriptArguments, training_args: PersonaCon
             prompt_format=trainer.prompt_format,
             metadata={"base_model": script_args.model_name_or_path, **data.metadata},
         )
-        steered.save_pretrained(output / "persona")
+        _publish(
+            output,
+            data.metadata["run_id"],
+            lambda directory: _write_split(directory, data.metadata),
+            steered.save_pretrained,
+        )
     return trainer
 
 
-def _train_individuals(script_args: PersonaScriptArguments, training_args: PersonaConfig):
+def _train_individuals(script_args: PersonaScriptArguments, training_args: PersonaConfig, resume: str | None):
     from steer.models import load_causal_lm
     from steer.persona.steering import PersonaSteeredModel
 
     data: PersonaData = prepare_persona_data(script_args)
+    data.metadata["run_id"] = uuid.uuid4().hex[:12]
     output = Path(training_args.output_dir)
-    if training_args.should_save:
-        (output / "data").mkdir(parents=True, exist_ok=True)
-        data.train.to_csv(output / "data" / "train.csv")
-        data.heldout.to_csv(output / "data" / "heldout.csv")
-        if data.valid is not None:
-            data.valid.to_csv(output / "data" / "valid.csv")
-        _atomic_write_text(output / "data" / "split.json", json.dumps(data.metadata, indent=2) + "\n")
     model, tokenizer = load_causal_lm(script_args.model_name_or_path, dtype=script_args.dtype)
     train_examples = answer_examples(
         data.train, limit=script_args.max_train_examples, seed=script_args.dataset_seed
@@ -258,7 +363,7 @@ def _train_individuals(script_args: PersonaScriptArguments, training_args: Perso
         processing_class=tokenizer,
         user_vectors=data.embedder.embeddings.detach().cpu(),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if training_args.train_persona_vectors:
         # the user vectors moved: re-solve the question side for them, so that fold-in, cohorts and the
         # MF predictions live in the same space as the vectors the network was trained on
@@ -287,17 +392,28 @@ def _train_individuals(script_args: PersonaScriptArguments, training_args: Perso
                 "cohort_of_user": cohort_of,
             },
         )
-        steered.save_pretrained(output / "persona")
+
+        def write_data(directory: Path) -> None:
+            data.train.to_csv(directory / "train.csv")
+            data.heldout.to_csv(directory / "heldout.csv")
+            if data.valid is not None:
+                data.valid.to_csv(directory / "valid.csv")
+            _write_split(directory, data.metadata)
+
+        _publish(output, data.metadata["run_id"], write_data, steered.save_pretrained)
     return trainer
 
 
 def train_persona(script_args: PersonaScriptArguments, training_args: PersonaConfig):
-    """The persona recipe: data (:mod:`steer.persona.data`) -> soft-prompt training -> ``output_dir/persona``.
+    """The persona recipe: checks (:func:`check_persona_run`) -> data (:mod:`steer.persona.data`) ->
+    soft-prompt training -> ``output_dir/persona`` + ``output_dir/data``.
 
-    Writes ``output_dir/data/split.json`` (the split ``steer eval opinions`` scores; the individual path
-    also writes ``train.csv``, ``valid.csv`` and ``heldout.csv`` in the real responses.csv format).
-    Returns the trainer.
+    ``output_dir/data/split.json`` is the split ``steer eval opinions`` scores (the individual path also
+    writes ``train.csv``, ``valid.csv`` and ``heldout.csv`` in the real responses.csv format). Both
+    directories are written together once training has finished and record the same ``run_id``: a failed
+    run leaves a previous run's pair as it was. Returns the trainer.
     """
+    resume = check_persona_run(script_args, training_args)
     if script_args.persona_source == "groups":
-        return _train_groups(script_args, training_args)
-    return _train_individuals(script_args, training_args)
+        return _train_groups(script_args, training_args, resume)
+    return _train_individuals(script_args, training_args, resume)

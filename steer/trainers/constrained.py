@@ -11,9 +11,12 @@ optimizer steps, on policy samples labelled by a :class:`~steer.constraints.Cons
 count as the SFT loss (``num_items_in_batch``), so it is correct under gradient accumulation.
 
 How the pieces share one forward: TRL's fused LM head computes the SFT loss without materialising
-logits; a forward hook on the decoder body keeps its last hidden states, from which the policy logits
-are computed at the supervised positions only (``[N, V]``, with gradient). ``z`` comes from a no-grad
-guidance pass, again projected at those positions only.
+logits; a forward hook on the decoder body keeps its last hidden states. With ``kl_implementation="fused"``
+(default) the KL term runs from those hidden states at the counted positions and the no-grad guidance pass's
+hidden states through :func:`~steer.guidance.fused_constraint_kl`: LM head, guidance head, q*, the KL and its
+gradient a chunk of positions at a time, never a ``[N, V]`` tensor, both position sets (corpus, samples) in
+one pass. With ``"chunked"`` (the reference) the policy logits and ``z`` at the counted positions are
+materialised (``[N, V]``) and :func:`~steer.guidance.constraint_kl` runs on them.
 
 Under several processes (DDP): the guidance parameters have ``requires_grad=False`` whenever the policy
 steps (so DDP never sees them); guidance rounds run outside DDP on every rank with rank-specific samples,
@@ -34,12 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from steer.constraints import Constraint
-from steer.guidance import GuidanceConfig, GuidanceModel, constraint_kl
+from steer.guidance import (
+    GuidanceConfig,
+    GuidanceModel,
+    constraint_kl,
+    fused_chunk_size,
+    fused_constraint_kl,
+)
 from steer.guidance.prior import prior_logits, token_prior
 from steer.io import atomic_dir, atomic_torch_save
 
@@ -102,7 +112,19 @@ class ConstrainedConfig(SFTConfig):
     )
     kl_chunk_size: int = field(
         default=256,
-        metadata={"help": "Positions per chunk in the vocabulary-wide KL (bounds its extra memory)."},
+        metadata={
+            "help": "Positions per chunk in the vocabulary-wide KL (bounds its extra memory). 'fused' uses at most "
+            "this many, fewer for short batches (about N/32, at least 16)."
+        },
+    )
+    kl_implementation: str = field(
+        default="fused",
+        metadata={
+            "help": "How the KL term is computed: 'fused' (from the hidden states: LM head, guidance head, q*, KL "
+            "and gradients a chunk of positions at a time, never a [tokens, vocab] tensor) or 'chunked' (the "
+            "policy logits and z at the counted positions are materialised first; the reference implementation). "
+            "'fused' falls back to 'chunked' when the output head is adapted (not a plain nn.Linear)."
+        },
     )
     kl_positions: str = field(
         default="both",
@@ -256,10 +278,21 @@ class ConstrainedConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
+        # CPU-safe defaults. SFTConfig turns bf16=None into True, which TrainingArguments refuses without a
+        # bf16-capable accelerator: keep it off there (an explicit bf16=True still gets TrainingArguments' error).
+        if self.bf16 is None and not self.fp16:
+            from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+            self.bf16 = not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
+        # TRL's BaseConfig still defaults the deprecated alias gradient_checkpointing to True: carry it over to
+        # activation_checkpointing so that TrainingArguments does not warn about a name the user never set.
+        if self.activation_checkpointing is None and self.gradient_checkpointing is True:
+            self.activation_checkpointing, self.gradient_checkpointing = True, None
         super().__post_init__()
         _at_least("kl_coef", self.kl_coef, 0.0)
         _choice("kl_reference", self.kl_reference, ("policy", "base"))
         _at_least("kl_chunk_size", self.kl_chunk_size, 1)
+        _choice("kl_implementation", self.kl_implementation, ("chunked", "fused"))
         _choice("kl_positions", self.kl_positions, ("corpus", "samples", "both"))
         if self.kl_sample_coef is not None:
             _at_least("kl_sample_coef", self.kl_sample_coef, 0.0)
@@ -458,6 +491,8 @@ class ConstrainedTrainer(SFTTrainer):
             raise ValueError(
                 f"cannot find the decoder body of {type(inner).__name__} to read its hidden states"
             )
+        self._decoder = backbone
+        self._warned_fused_fallback = False
 
         # The oracle's judgement of every token's own text: the guidance head's prior, and the flags that stop
         # the corpus KL after a violation. Computed once (rank 0 first, then read from its cache by the others,
@@ -504,6 +539,7 @@ class ConstrainedTrainer(SFTTrainer):
                 buffer_size=args.sample_buffer_size,
                 process_index=process_index,
                 flagged=self._flagged,
+                disable_tqdm=args.disable_tqdm,
             )
             if worker_policy is None:
                 learner = GuidanceLearner(
@@ -625,27 +661,64 @@ class ConstrainedTrainer(SFTTrainer):
             ).logits
         return logits[mask]
 
+    def _reference_hidden(self, inputs, mask) -> torch.Tensor:
+        """The base model's last hidden states ``[N, H]`` at the counted positions (adapters disabled, no grad)."""
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad(), model.disable_adapter():
+            out = self._decoder(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+            )
+        hidden = getattr(out, "last_hidden_state", None)
+        return (hidden if hidden is not None else out[0])[mask]
+
+    def _fused_head(self) -> torch.nn.Linear | None:
+        """The policy's output head when the fused KL can use its weights directly, else None (with a warning)."""
+        if self.args.kl_implementation != "fused":
+            return None
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        if type(head) is torch.nn.Linear:
+            return head
+        if not self._warned_fused_fallback:
+            logger.warning(
+                "kl_implementation='fused' needs a plain nn.Linear output head, got %s; using 'chunked'",
+                type(head).__name__,
+            )
+            self._warned_fused_fallback = True
+        return None
+
     @property
     def _sample_coef(self) -> float:
         """λ of the policy-sample KL term (``kl_sample_coef``, else ``kl_coef``)."""
         coef = self.args.kl_sample_coef
         return self.args.kl_coef if coef is None else coef
 
-    def _kl_terms(self, inputs, hidden, masks: dict[str, torch.Tensor], targets) -> dict[str, torch.Tensor]:
-        """KL sums ``{name: sum over positions}`` for each position set (one guidance pass for all)."""
+    def _kl_terms(
+        self, inputs, hidden, masks: dict[str, torch.Tensor], weights: dict[str, Any], targets
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Detached KL sums ``{name: sum over positions}`` per position set, and ``sum_name weights[name] * sum``.
+
+        One guidance pass serves all sets; with ``kl_implementation='fused'`` one head pass does too (the
+        weights become per-row weights of :func:`~steer.guidance.fused_constraint_kl`).
+        """
         union = torch.zeros_like(next(iter(masks.values())))
         for mask in masks.values():
             union |= mask
+        zero = hidden.new_zeros((), dtype=torch.float32)
         if not bool(union.any()):
-            return {name: hidden.new_zeros((), dtype=torch.float32) for name in masks}
+            return {name: zero for name in masks}, zero
+        logging_step = self.state.global_step % max(1, int(self.args.logging_steps or 1)) == 0
+        log_share = self.model.training and logging_step and "corpus" in masks
+        head = self._fused_head()
+        if head is not None:
+            return self._fused_kl_terms(inputs, hidden, masks, weights, targets, union, head, log_share)
         policy_logits = self._head_logits(hidden[union])  # [N, V], with gradient
         with torch.no_grad():  # z only where the KL counts (the guidance head is vocabulary-wide)
             z = self._guidance_logits(inputs, union)
         ref_logits = self._reference_logits(inputs, union, policy_logits)
-        out = {}
+        terms, total = {}, zero
         for name, mask in masks.items():
             rows = mask[union]
-            out[name] = constraint_kl(
+            term = constraint_kl(
                 policy_logits[rows][None],
                 ref_logits[rows][None],
                 z[rows][None],
@@ -653,15 +726,69 @@ class ConstrainedTrainer(SFTTrainer):
                 chunk_size=self.args.kl_chunk_size,
                 reduction="sum",
             )
-        logging_step = self.state.global_step % max(1, int(self.args.logging_steps or 1)) == 0
-        if self.model.training and logging_step and "corpus" in masks:
-            self._log_grad_share(policy_logits.detach(), ref_logits, z, masks, union, targets)
-        return out
+            terms[name] = term.detach()
+            total = total + weights[name] * term
+        if log_share:
+            detached = policy_logits.detach()
+            self._log_grad_share(
+                lambda index: detached[index],
+                lambda index: ref_logits[index],
+                lambda index: z[index],
+                masks,
+                union,
+                targets,
+            )
+        return terms, total
+
+    def _fused_kl_terms(self, inputs, hidden, masks, weights, targets, union, head, log_share):
+        """:meth:`_kl_terms` from hidden states: every position set in one chunked head + KL pass."""
+        policy_hidden = hidden[union]  # [N, H], with gradient
+        with torch.no_grad():
+            guidance_hidden = self.guidance.hidden_states(inputs["input_ids"], inputs.get("attention_mask"))[
+                union
+            ]
+        base_hidden = self._reference_hidden(inputs, union) if self.args.kl_reference == "base" else None
+        rows = {name: mask[union] for name, mask in masks.items()}
+        row_weight = torch.zeros(policy_hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for name, mask in rows.items():
+            weight = torch.as_tensor(weights[name], device=hidden.device).float()
+            row_weight = row_weight + mask.float() * weight
+        guidance_head = self.guidance.head
+        out = fused_constraint_kl(
+            policy_hidden,
+            head.weight,
+            head.bias,
+            guidance_hidden,
+            guidance_head.weight,
+            guidance_head.bias,
+            reference="policy" if base_hidden is None else base_hidden,
+            row_weight=row_weight,
+            logit_scale=self._logit_scale,
+            logit_softcap=self._softcap,
+            chunk_size=min(self.args.kl_chunk_size, fused_chunk_size(policy_hidden.shape[0])),
+            reduction="sum",
+        )
+        if log_share:  # no-grad head passes over the corpus rows, a chunk at a time (logging steps only)
+
+            def policy_part(index):
+                return self._head_logits(policy_hidden[index].detach()).float()
+
+            def ref_part(index):
+                return policy_part(index) if base_hidden is None else self._head_logits(base_hidden[index])
+
+            def z_part(index):
+                with torch.autocast(device_type=hidden.device.type, enabled=False):
+                    return F.linear(guidance_hidden[index].float(), guidance_head.weight, guidance_head.bias)
+
+            self._log_grad_share(policy_part, ref_part, z_part, masks, union, targets)
+        return {name: out.kl[mask].sum() for name, mask in rows.items()}, out.loss
 
     def _log_grad_share(self, policy_logits, ref_logits, z, masks, union, targets) -> None:
         """The KL gradient's share of the total at the counted corpus positions (w.r.t. the logits, norms).
 
-        Chunked like the KL itself (``kl_chunk_size`` rows at a time), so it never holds an [N, V] tensor more.
+        ``policy_logits``, ``ref_logits`` and ``z`` map an index of union rows to those rows' ``[rows, V]``
+        logits. Chunked like the KL itself (``kl_chunk_size`` rows at a time), so it never holds an [N, V]
+        tensor more.
         """
         from steer.guidance import guided_log_probs
 
@@ -669,13 +796,15 @@ class ConstrainedTrainer(SFTTrainer):
         if not bool(rows.any()):
             return
         target = targets[masks["corpus"][: targets.shape[0], : targets.shape[1]]].clamp(min=0)
-        policy_logits, ref_logits, z = policy_logits[rows], ref_logits[rows], z[rows]
+        index = rows.nonzero().view(-1)
         kl_sq = lm_sq = dot = 0.0
         with torch.no_grad():
             for start in range(0, len(target), self.args.kl_chunk_size):
                 part = slice(start, start + self.args.kl_chunk_size)
-                p = torch.softmax(policy_logits[part].float(), -1)
-                kl_grad = self.args.kl_coef * (p - guided_log_probs(ref_logits[part], z[part]).exp())
+                rows_part = index[part]
+                p = torch.softmax(policy_logits(rows_part).float(), -1)
+                log_q = guided_log_probs(ref_logits(rows_part), z(rows_part))
+                kl_grad = self.args.kl_coef * (p - log_q.exp())
                 p[torch.arange(p.shape[0]), target[part]] -= 1.0  # p is now the LM gradient
                 kl_sq += float(kl_grad.square().sum())
                 lm_sq += float(p.square().sum())
@@ -740,12 +869,10 @@ class ConstrainedTrainer(SFTTrainer):
                 masks["samples"] = sample
                 sample_count = sample.sum().float()
             if masks:
-                terms = self._kl_terms(inputs, hidden, masks, targets)
-                if "corpus" in terms:
-                    kl_sum = terms["corpus"]
-                    loss = loss + (self.args.kl_coef * factor) * (kl_sum / denom).to(sft_loss.dtype)
-                if "samples" in terms and sample_count > 0:
-                    kl_samples_sum = terms["samples"]
+                weights = {}
+                if "corpus" in masks:
+                    weights["corpus"] = (self.args.kl_coef * factor) / denom
+                if "samples" in masks:
                     # A mean over the sample tokens; spread over the accumulation window like the SFT loss
                     # (when num_items_in_batch is None the Trainer divides the whole loss by it itself).
                     accumulation = 1
@@ -753,8 +880,12 @@ class ConstrainedTrainer(SFTTrainer):
                         accumulation = getattr(
                             self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
                         )
-                    scale = self._sample_coef / (sample_count * accumulation)
-                    loss = loss + (scale * kl_samples_sum).to(sft_loss.dtype)
+                    weights["samples"] = self._sample_coef / (sample_count * accumulation).clamp(min=1)
+                terms, weighted = self._kl_terms(inputs, hidden, masks, weights, targets)
+                loss = loss + weighted.to(sft_loss.dtype)
+                kl_sum = terms.get("corpus", kl_sum)
+                if "samples" in terms and sample_count > 0:
+                    kl_samples_sum = terms["samples"]
 
         with torch.no_grad():  # per-token lm_loss and kl of this micro-batch, summed over processes
             sft_sum = sft_loss.detach().float() * denom / factor
@@ -813,6 +944,7 @@ class ConstrainedTrainer(SFTTrainer):
             self._log_round_metrics(finished)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self.schedule.check()  # a failed background round (parallel schedule) stops training at this step
         self._maybe_run_round()
         self._metrics["train"]["guidance/staleness"].append(float(self.staleness))
         return super().training_step(model, inputs, num_items_in_batch)

@@ -17,7 +17,6 @@ wave; ``individuals``: ``responses.csv`` or simulated respondents, whole questio
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -31,13 +30,14 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import ModelOutput
 
+from steer.io import atomic_save_file, atomic_write_json
 from steer.persona.data import (
     PersonaData,
     answer_examples,
     persona_table,
     prepare_persona_data,
 )
-from steer.persona.soft_prompt import SoftPromptNetwork, _atomic_write_text, atomic_save_file, steered_inputs
+from steer.persona.soft_prompt import SoftPromptNetwork, steered_inputs
 from steer.persona.steering import FORMAT_NAME, LETTERS, PromptFormat, answer_token_ids
 
 logger = logging.getLogger(__name__)
@@ -369,8 +369,9 @@ class PersonaSoftPromptModel(nn.Module):
         """
         if self.network.mode == "prefix":
             raise ValueError(
-                "gradient_checkpointing is not supported with soft_prompt_mode='prefix' (the layers write into the "
-                "persona's key/value cache); use soft_prompt_mode='embedding' or turn gradient_checkpointing off"
+                "activation_checkpointing (gradient_checkpointing) is not supported with soft_prompt_mode='prefix' "
+                "(the layers write into the persona's key/value cache); use soft_prompt_mode='embedding' or turn "
+                "activation_checkpointing off"
             )
         kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         self.model.activation_checkpointing_enable(
@@ -379,13 +380,14 @@ class PersonaSoftPromptModel(nn.Module):
         self._checkpointing = True
         self.train(self.training)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
-
-    def gradient_checkpointing_disable(self):
-        self.model.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self):
+        self.model.activation_checkpointing_disable()
         self._checkpointing = False
         self.train(self.training)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self._checkpointing
 
     def personas(self, persona=None, user_index=None) -> torch.Tensor:
         if persona is not None:
@@ -616,7 +618,7 @@ class PersonaTrainer(Trainer):
         directory.mkdir(parents=True, exist_ok=True)
         module = self.accelerator.unwrap_model(self.model)
         module.network.save_pretrained(directory)
-        _atomic_write_text(directory / FORMAT_NAME, json.dumps(self.prompt_format.to_dict(), indent=2) + "\n")
+        atomic_write_json(directory / FORMAT_NAME, self.prompt_format.to_dict())
         if module.user_vectors is not None and module.user_vectors.weight.requires_grad:
             atomic_save_file({"user_vectors": module.user_vectors.weight}, directory / USER_VECTORS_NAME)
         torch.save(self.args, directory / "training_args.bin")

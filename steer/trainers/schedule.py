@@ -50,6 +50,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserInputError
+from ..progress import progress_bar
 from .buffer import SampleBuffer
 
 logger = logging.getLogger(__name__)
@@ -130,8 +132,12 @@ def _roc_auc(labels, scores) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-class GuidanceRoundError(RuntimeError):
-    """A guidance round produced nothing to learn from (e.g. the oracle could not score any sample)."""
+class GuidanceRoundError(UserInputError, RuntimeError):
+    """A guidance round produced nothing to learn from (e.g. the oracle could not score any sample).
+
+    A user error (the constraint returned no usable label: NaN, out of [0, 1], not a number), so the command
+    line reports it in one line; still a ``RuntimeError`` for code that catches it as one.
+    """
 
 
 class GuidanceLearner:
@@ -146,6 +152,10 @@ class GuidanceLearner:
     Each round holds back ``holdout_fraction`` of its fresh samples in an AUC pool (at most
     ``auc_pool_size``, newest kept) that the guidance never trains on; ``guidance/auc`` is measured on
     the whole pool with the current guidance model, so it rests on hundreds of samples, not one round's few.
+
+    Progress: each phase of a round (sampling, labelling, guidance steps) shows a transient tqdm bar unless
+    ``disable_tqdm`` (pass ``TrainingArguments.disable_tqdm``; ``None``: :func:`steer.progress.progress_disabled`),
+    and the round ends with one summary line in the log (INFO).
     """
 
     def __init__(
@@ -163,6 +173,7 @@ class GuidanceLearner:
         process_index: int = 0,
         grad_sync=None,
         flagged: torch.Tensor | None = None,
+        disable_tqdm: bool | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("the prompt dataset is empty: guidance rounds need prompts to sample from")
@@ -176,6 +187,7 @@ class GuidanceLearner:
         self.process_index = int(process_index)
         self.grad_sync = grad_sync
         self.flagged = flagged
+        self.disable_tqdm = disable_tqdm
         self.buffer = SampleBuffer(buffer_size)
         self.auc_pool: deque = deque(maxlen=max(1, settings.auc_pool_size))
         self.latest: list = []  # the newest round's training samples (the trainer's KL-on-samples pool)
@@ -304,11 +316,20 @@ class GuidanceLearner:
                 top_p=s.sample_top_p,
                 batch_size=s.sample_batch_size,
                 seed=seed,
+                desc=f"guidance round {round_index}: sampling",
+                disable_tqdm=self.disable_tqdm,
             )
         finally:
             self.policy.train(was_training)
         sample_seconds = time.perf_counter() - start
-        labelled = label_samples(batch, self.constraint, label_mode=s.label_mode, threshold=s.label_threshold)
+        labelled = label_samples(
+            batch,
+            self.constraint,
+            label_mode=s.label_mode,
+            threshold=s.label_threshold,
+            desc=f"guidance round {round_index}: labelling",
+            disable_tqdm=self.disable_tqdm,
+        )
         label_seconds = time.perf_counter() - start - sample_seconds
         items = SampleBuffer.rows(labelled)
         usable = len(items)
@@ -360,7 +381,13 @@ class GuidanceLearner:
         try:
             # Under several processes every rank takes the same number of steps (gradients are averaged).
             steps = s.guidance_steps_per_round if len(self.buffer) or self.grad_sync is not None else 0
-            for _ in range(steps):
+            bar = progress_bar(
+                range(steps),
+                desc=f"guidance round {round_index}: guidance steps",
+                unit="step",
+                disable=self.disable_tqdm,
+            )
+            for _ in bar:
                 if not len(self.buffer):  # nothing to learn from on this rank: contribute zero gradients
                     self.optimizer.zero_grad(set_to_none=True)
                     self.grad_sync(params)
@@ -390,6 +417,7 @@ class GuidanceLearner:
                     torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
                 self.optimizer.step()
                 losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             self.optimizer.zero_grad(set_to_none=True)
             pool = self._pool_metrics()
         finally:
@@ -488,7 +516,19 @@ class _GeneratorSampler:
         return out.scatter(-1, token, 0.0)
 
 
-def sample_with_generator(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, batch_size, seed):
+def sample_with_generator(
+    model,
+    tokenizer,
+    prompts,
+    *,
+    max_new_tokens,
+    temperature,
+    top_p,
+    batch_size,
+    seed,
+    desc: str = "sampling",
+    disable_tqdm: bool | None = None,
+):
     """``steer.guidance.sample_continuations`` without the global RNG (thread-safe and reproducible)."""
     from steer.guidance import sampling
 
@@ -507,6 +547,8 @@ def sample_with_generator(model, tokenizer, prompts, *, max_new_tokens, temperat
         batch_size=batch_size,
         seed=None,
         processor_factory=lambda _mask: sampler,
+        desc=desc,
+        disable_tqdm=disable_tqdm,
     )
 
 
@@ -530,6 +572,9 @@ class SequentialSchedule:
 
     def finish(self) -> list[dict[str, float]]:
         return []
+
+    def check(self) -> None:
+        """Nothing runs in the background: a round's error was raised where it ran."""
 
     def state_dict(self) -> dict:
         return {
@@ -592,6 +637,8 @@ class ParallelSchedule:
         self._future: concurrent.futures.Future | None = None
         self._future_round = -1
         self._done: tuple[int, dict] | None = None  # a finished round not swapped in yet (after a checkpoint)
+        self._failure: BaseException | None = None  # a background round's error, raised at the next step
+        self._failure_raised = False
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -604,11 +651,46 @@ class ParallelSchedule:
         return self._executor
 
     def _collect(self) -> None:
-        """Wait for the running round (if any) and keep its result for the next swap."""
-        if self._future is not None:
-            metrics = self._future.result()  # re-raises the worker's exception here
-            self._done = (self._future_round, metrics)
-            self._future = None
+        """Wait for the running round (if any) and keep its result for the next swap; re-raise its error.
+
+        A failed round is remembered (:meth:`check` raises it again) and the worker's guidance is put back
+        to the last swapped-in version, so that a checkpoint written now holds the last good state.
+        """
+        if self._future is None:
+            return
+        future, round_index = self._future, self._future_round
+        self._future = None
+        try:
+            metrics = future.result()  # re-raises the worker's exception here
+        except Exception as err:
+            self._failure = err
+            logger.error(
+                "guidance round %d failed in the background worker (%s: %s); the policy keeps guidance version "
+                "%d and training stops at the next step",
+                round_index,
+                type(err).__name__,
+                err,
+                self.version,
+            )
+            copy_tensors(self.learner.guidance.trainable_parameters(), self.guidance_params())
+            self._failure_raised = True
+            raise
+        self._done = (round_index, metrics)
+
+    def check(self) -> None:
+        """Raise the error of a background round that failed (the trainer calls this before every step).
+
+        A round failing while the policy trains surfaces at the next policy step, not only at the next round
+        start or the end of training.
+        """
+        future = self._future
+        if self._failure is None and future is not None and future.done() and future.exception() is not None:
+            with contextlib.suppress(Exception):
+                self._collect()
+            self._failure_raised = False
+        if self._failure is not None and not self._failure_raised:
+            self._failure_raised = True
+            raise self._failure
 
     def _swap(self) -> list[dict[str, float]]:
         if self._done is None:
@@ -624,6 +706,9 @@ class ParallelSchedule:
         return [metrics]
 
     def on_round(self, round_index: int) -> list[dict[str, float]]:
+        self.check()
+        if self._failure is not None:  # raised before: no new round after a failed one
+            raise self._failure
         self._collect()
         finished = self._swap()
         copy_tensors(self.worker_policy_params(), self.policy_params())  # the worker is idle here
@@ -635,8 +720,15 @@ class ParallelSchedule:
         return finished
 
     def finish(self) -> list[dict[str, float]]:
-        """End of training: wait for the running round, swap it in, stop the worker."""
+        """End of training: wait for the running round, swap it in, stop the worker.
+
+        Raises a failed round's error unless it was already raised (then training is unwinding from it).
+        """
         try:
+            if self._failure is not None:
+                if self._failure_raised:
+                    return []
+                self.check()
             self._collect()
             return self._swap()
         finally:
@@ -654,7 +746,12 @@ class ParallelSchedule:
                 set_thread_share(self._original_threads)
 
     def state_dict(self) -> dict:
-        self._collect()  # a checkpoint holds the finished round, to be swapped in at the next round start
+        # A checkpoint holds the finished round, to be swapped in at the next round start. A round that failed
+        # is left out: the checkpoint is the last good state, and the error is raised at the next step.
+        try:
+            self._collect()
+        except Exception:  # noqa: BLE001 - kept in self._failure, raised by check() at the next step
+            self._failure_raised = False
         pending = None
         if self._done is not None:
             pending = {"round": self._done[0], "metrics": dict(self._done[1])}
@@ -670,6 +767,7 @@ class ParallelSchedule:
     def load_state_dict(self, state: dict) -> None:
         _check_schedule(state, self.name)
         self.close()
+        self._failure, self._failure_raised = None, False
         copy_tensors(self.guidance_params(), state["guidance"])
         self.learner.load_state_dict(state["learner"])
         self.version = int(state["version"])

@@ -1,0 +1,471 @@
+"""Fused output head + constraint KL(q* || p_theta) (+ optional NLL) that never holds ``[N, V]`` tensors.
+
+:func:`fused_constraint_kl` takes the policy's last hidden states at the counted positions instead of its
+logits. A chunk of positions at a time it computes
+
+* the policy logits (the LM head matmul in fp32, then the model's logit scale / soft-capping),
+* ``z`` (the guidance head on the guidance model's hidden states, or a callable; no gradient),
+* the reference (the detached policy logits, or the base model's from its hidden states and the same head),
+* ``log q* = log_softmax(ref + logsigmoid(z))``, the KL summed over the vocabulary per position,
+* optionally the NLL of target ids from the same policy log-softmax (the SFT loss),
+
+and the gradients with respect to the policy hidden states, the head weight and the head bias (each only
+when it requires grad) during the forward pass, as Liger-Kernel's fused linear cross-entropy / JSD do.
+The working set is three ``[chunk, V]`` fp32 tensors (plus a ``[chunk, V]`` low-precision copy of the
+logit gradient with bf16/fp16 heads on CUDA), the ``[N, H]`` hidden-state gradient and, only when the head
+is trained, a ``[V, H]`` fp32 weight gradient. Backward multiplies the stored gradients by the upstream gradient.
+
+Coefficients go into the per-row weights, so one pass gives the whole loss::
+
+    out = fused_constraint_kl(h, lm_head.weight, None, g, guidance.head.weight, guidance.head.bias,
+                              row_weight=kl_coef / n_tokens * kl_rows_mask, targets=labels,
+                              nll_weight=1 / n_tokens)
+    out.loss.backward()    # = sum_i row_weight_i * KL_i + sum_i nll_weight_i * NLL_i
+    out.kl, out.nll        # per-row values (detached, unweighted) for logging
+
+The chunked reference that works on materialised logits is :func:`steer.guidance.kl.constraint_kl`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FusedConstraintKL", "FusedKLOutput", "fused_chunk_size", "fused_constraint_kl"]
+
+ZFn = Callable[[int, int], Tensor]
+_NEG = torch.finfo(torch.float32).min  # stands in for log 0, so that 0 * log 0 = 0 in the row dots
+
+
+class FusedKLOutput(NamedTuple):
+    """Result of :func:`fused_constraint_kl`.
+
+    ``loss``: scalar fp32, the only differentiable output: ``sum_i row_weight_i * KL_i + sum_i nll_weight_i *
+    NLL_i`` (divided by N for ``reduction="mean"``). ``kl``: ``[N]`` fp32 per-row KL(q* || p_theta),
+    unweighted and detached. ``nll``: ``[N]`` fp32 per-row NLL of ``targets`` (0 at ignored rows), unweighted
+    and detached, or ``None`` without targets.
+    """
+
+    loss: Tensor
+    kl: Tensor
+    nll: Tensor | None
+
+
+def fused_chunk_size(n_rows: int, *, max_chunk: int = 256, min_chunk: int = 16) -> int:
+    """Default positions per chunk: ``n_rows / 32`` rounded up to a multiple of 8, within ``[min_chunk, max_chunk]``.
+
+    The working set (three ``[chunk, V]`` fp32 tensors) then stays near 3/32 (about 0.1) of one ``[N, V]`` fp32
+    tensor once ``N >= 32 * min_chunk``, while chunks stay large enough for efficient matmuls.
+    """
+    chunk = 8 * math.ceil(max(1, n_rows) / 256)
+    return int(max(1, min(max_chunk, max(min_chunk, chunk))))
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product without a ``[rows, V]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _row_values(value, n: int, device, name: str) -> Tensor:
+    """A per-row fp32 weight vector ``[n]`` from ``None`` (ones), a number, or a tensor of shape ``[n]``."""
+    if value is None:
+        return torch.ones(n, dtype=torch.float32, device=device)
+    if isinstance(value, (int, float)):
+        return torch.full((n,), float(value), dtype=torch.float32, device=device)
+    value = torch.as_tensor(value, device=device).detach()
+    if value.dim() == 0:
+        return value.float().expand(n).contiguous()
+    if value.shape != (n,):
+        raise ValueError(f"{name} must be a number or a [N] = [{n}] tensor, got shape {tuple(value.shape)}")
+    return value.float()
+
+
+class _Head:
+    """``x @ W.T + b`` in fp32 for one chunk, plus the matching gradient products.
+
+    fp32 weights are used as they are. Lower-precision weights on CUDA use ``torch.mm(..., out_dtype=fp32)``
+    (fp32 accumulation and output, no weight copy) where the build supports it; otherwise the weight is
+    upcast once per call (a ``[V, H]`` fp32 copy).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach().float()
+        self.mixed = weight.dtype != torch.float32 and weight.is_cuda and self._mm_out_dtype_works()
+        if weight.dtype != torch.float32 and not self.mixed:
+            self.weight = self.weight.float()
+
+    def _mm_out_dtype_works(self) -> bool:
+        try:
+            probe = self.weight[:1]
+            torch.mm(probe, probe.t(), out_dtype=torch.float32)
+            return True
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
+
+    def logits(self, x: Tensor) -> Tensor:
+        if self.mixed:
+            out = torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32)
+            return out.add_(self.bias) if self.bias is not None else out
+        return F.linear(x.float(), self.weight, self.bias)
+
+    def input_grad(self, grad_logits: Tensor) -> Tensor:
+        """``grad_logits @ W`` -> ``[rows, H]`` fp32."""
+        if self.mixed:
+            return torch.mm(grad_logits.to(self.weight.dtype), self.weight, out_dtype=torch.float32)
+        return grad_logits @ self.weight
+
+
+def _transform_(logits: Tensor, scale: float, softcap: float | None) -> Tensor:
+    """The model's logit transform, in place: ``softcap * tanh(scale * x / softcap)`` (or ``scale * x``)."""
+    if scale != 1.0:
+        logits.mul_(scale)
+    if softcap:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+class _Buffers(NamedTuple):
+    kl_rows: Tensor
+    nll_rows: Tensor
+    grad_h: Tensor | None
+    grad_w: Tensor | None
+    grad_b: Tensor | None
+
+
+def _chunk(
+    start: int,
+    end: int,
+    policy_hidden: Tensor,
+    head: _Head,
+    ref_hidden: Tensor | None,
+    z_fn: ZFn,
+    kl_weight: Tensor,
+    targets: Tensor | None,
+    nll_weight: Tensor | None,
+    opts: dict,
+    out: _Buffers,
+) -> None:
+    """Rows ``start:end``: per-row KL (and NLL) into ``out``, and their gradients when ``out`` has buffers.
+
+    At most three ``[rows, V]`` fp32 tensors are alive at a time (``logits``, ``work``, ``log_q``).
+    """
+    scale, softcap = opts["scale"], opts["softcap"]
+    rows, vocab = end - start, head.weight.shape[0]
+    x = policy_hidden[start:end]
+    logits = _transform_(head.logits(x), scale, softcap)  # [c, V] fp32, the policy logits
+    # work = ref + logsigmoid(z); logsigmoid(z) = -logaddexp(-z, 0), in one buffer
+    work = z_fn(start, end)
+    if work.shape != (rows, vocab):
+        raise ValueError(f"z for rows {start}:{end} must be [{rows}, {vocab}], got {tuple(work.shape)}")
+    work = work.float().neg() if work.dtype == torch.float32 else work.float().neg_()
+    torch.logaddexp(work, work.new_zeros(()), out=work)
+    work.neg_()
+    if ref_hidden is None:
+        work.add_(logits)
+    else:
+        work.add_(_transform_(head.logits(ref_hidden[start:end]), scale, softcap))
+    log_q = torch.log_softmax(work, dim=-1).clamp_(min=_NEG)
+    q = torch.exp(log_q, out=work)  # work = q*
+    self_term = _row_dot(q, log_q)  # sum q log q
+    log_p = torch.log_softmax(logits, dim=-1, out=log_q).clamp_(min=_NEG)  # the log_q buffer now holds log p
+    out.kl_rows[start:end] = self_term - _row_dot(q, log_p)
+    w_kl = kl_weight[start:end]
+    w_nll = safe_t = None
+    if targets is not None:
+        t = targets[start:end]
+        valid = t != opts["ignore_index"]
+        safe_t = torch.where(valid, t, 0).unsqueeze(1)
+        out.nll_rows[start:end] = torch.where(valid, -log_p.gather(1, safe_t).squeeze(1), 0.0)
+        w_nll = torch.where(valid, nll_weight[start:end], 0.0)
+    if out.grad_h is None and out.grad_w is None and out.grad_b is None:
+        return
+    # d loss / d logits = (w_kl + w_nll) * softmax - w_kl * q* - w_nll * onehot(target)
+    grad = log_p.exp_()
+    grad.mul_((w_kl if w_nll is None else w_kl + w_nll).unsqueeze(1))
+    grad.sub_(q.mul_(w_kl.unsqueeze(1)))
+    if w_nll is not None:
+        grad.scatter_add_(1, safe_t, -w_nll.unsqueeze(1))
+    if softcap:  # d/dx softcap * tanh(scale * x / softcap) = scale * (1 - tanh^2)
+        factor = logits.div_(softcap).square_().neg_().add_(1.0)
+        if scale != 1.0:
+            factor.mul_(scale)
+        grad.mul_(factor)
+    elif scale != 1.0:
+        grad.mul_(scale)
+    if out.grad_h is not None:
+        out.grad_h[start:end] = head.input_grad(grad)
+    if out.grad_w is not None:
+        out.grad_w.addmm_(grad.t(), x.float())
+    if out.grad_b is not None:
+        out.grad_b.add_(grad.sum(0))
+
+
+class _FusedConstraintKL(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        policy_hidden: Tensor,
+        head_weight: Tensor,
+        head_bias: Tensor | None,
+        ref_hidden: Tensor | None,
+        z_fn: ZFn,
+        kl_weight: Tensor,
+        targets: Tensor | None,
+        nll_weight: Tensor | None,
+        opts: dict,
+    ):
+        n = policy_hidden.shape[0]
+        vocab = head_weight.shape[0]
+        device = policy_hidden.device
+        chunk, want = opts["chunk_size"], opts["want_grad"]
+        need_h = want and ctx.needs_input_grad[0]
+        need_w = want and ctx.needs_input_grad[1]
+        need_b = want and head_bias is not None and ctx.needs_input_grad[2]
+        head = _Head(head_weight, head_bias)
+        grad_h = torch.zeros(policy_hidden.shape, dtype=torch.float32, device=device) if need_h else None
+        grad_w = torch.zeros(head_weight.shape, dtype=torch.float32, device=device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+        kl_rows = torch.zeros(n, dtype=torch.float32, device=device)
+        nll_rows = torch.zeros(n if targets is not None else 0, dtype=torch.float32, device=device)
+
+        buffers = _Buffers(kl_rows, nll_rows, grad_h, grad_w, grad_b)
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            for start in range(0, n, chunk):  # each chunk's tensors are freed when _chunk returns
+                _chunk(
+                    start,
+                    min(start + chunk, n),
+                    policy_hidden,
+                    head,
+                    ref_hidden,
+                    z_fn,
+                    kl_weight,
+                    targets,
+                    nll_weight,
+                    opts,
+                    buffers,
+                )
+
+        loss = (kl_rows * kl_weight).sum()
+        if targets is not None:
+            valid = targets != opts["ignore_index"]
+            loss = loss + torch.where(valid, nll_rows * nll_weight, 0.0).sum()
+        factor = 1.0 / max(n, 1) if opts["mean"] else 1.0
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.factor = factor
+        ctx.dtypes = (policy_hidden.dtype, head_weight.dtype, None if head_bias is None else head_bias.dtype)
+        ctx.mark_non_differentiable(kl_rows, nll_rows)
+        return loss * factor, kl_rows, nll_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_kl, _grad_nll):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "fused_constraint_kl: backward ran twice through the same graph; recompute the loss instead of "
+                "using retain_graph=True"
+            )
+        ctx.grads = None  # hand the buffers to autograd without a copy
+        factor = grad_loss.float() * ctx.factor
+        out = []
+        for grad, dtype in zip(grads, ctx.dtypes):
+            if grad is None:
+                out.append(None)
+                continue
+            grad.mul_(factor)
+            out.append(grad if grad.dtype == dtype else grad.to(dtype))
+        return out[0], out[1], out[2], None, None, None, None, None, None
+
+
+def fused_constraint_kl(
+    policy_hidden: Tensor,
+    head_weight: Tensor,
+    head_bias: Tensor | None = None,
+    guidance_hidden: Tensor | ZFn | None = None,
+    guidance_weight: Tensor | None = None,
+    guidance_bias: Tensor | None = None,
+    *,
+    reference: str | Tensor = "policy",
+    row_weight: Tensor | float | None = None,
+    targets: Tensor | None = None,
+    nll_weight: Tensor | float | None = None,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "sum",
+) -> FusedKLOutput:
+    """KL(q* || p_theta) (and optionally the NLL of ``targets``) from hidden states, chunk by chunk.
+
+    Args:
+        policy_hidden: ``[N, H]`` last hidden states of the policy at the counted positions (any float dtype;
+            receives a gradient when it requires one).
+        head_weight, head_bias: the policy's output head, ``[V, H]`` and ``[V]`` (or ``None``); each gets a
+            gradient only when it requires one (a frozen head costs no weight-gradient matmul).
+        guidance_hidden: ``[N, Hg]`` guidance hidden states at the same positions, projected by
+            ``guidance_weight [V, Hg]`` / ``guidance_bias [V]`` (fp32, no gradient); or a callable
+            ``z_fn(start, end) -> [end - start, V]`` giving ``z`` for rows ``start:end`` (then the guidance
+            weight and bias must be ``None``).
+        reference: ``"policy"`` (the detached policy logits) or the ``[N, H]`` hidden states of the reference
+            model (e.g. the base with adapters disabled), projected by the same head and transform.
+        row_weight: per-row weight of the KL (``[N]``, a number, or ``None`` = 1); 0 drops a row (padding).
+            Put coefficients and denominators here to combine several position sets in one pass.
+        targets: ``[N]`` target ids for the NLL (``ignore_index`` rows are skipped), or ``None``.
+        nll_weight: per-row weight of the NLL (``[N]``, a number, or ``None`` = 1).
+        logit_scale, logit_softcap: the transform the model applies to the head output
+            (``softcap * tanh(scale * x / softcap)``), as in ``ConstrainedTrainer``'s ``_logit_transform``.
+        chunk_size: positions per chunk (default :func:`fused_chunk_size`); the working set is about three
+            ``[chunk_size, V]`` fp32 tensors.
+        reduction: ``"sum"`` or ``"mean"`` (the weighted sum divided by N).
+
+    Returns:
+        :class:`FusedKLOutput` ``(loss, kl, nll)``; only ``loss`` is differentiable. Calling ``backward``
+        twice through the same graph raises (the gradients are handed to autograd without a copy).
+    """
+    if policy_hidden.dim() != 2:
+        raise ValueError(f"policy_hidden must be [N, H], got shape {tuple(policy_hidden.shape)}")
+    n, hidden = policy_hidden.shape
+    if head_weight.dim() != 2 or head_weight.shape[1] != hidden:
+        raise ValueError(f"head_weight must be [V, {hidden}], got shape {tuple(head_weight.shape)}")
+    vocab = head_weight.shape[0]
+    if head_bias is not None and head_bias.shape != (vocab,):
+        raise ValueError(f"head_bias must be [{vocab}], got shape {tuple(head_bias.shape)}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if chunk_size is None:
+        chunk_size = fused_chunk_size(n)
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+    device = policy_hidden.device
+
+    if callable(guidance_hidden) and not isinstance(guidance_hidden, Tensor):
+        if guidance_weight is not None or guidance_bias is not None:
+            raise ValueError("with a z_fn callable, guidance_weight and guidance_bias must be None")
+        z_fn = guidance_hidden
+    elif isinstance(guidance_hidden, Tensor):
+        if guidance_weight is None:
+            raise ValueError("guidance_hidden needs guidance_weight (the guidance head, [V, Hg])")
+        if guidance_hidden.dim() != 2 or guidance_hidden.shape[0] != n:
+            raise ValueError(f"guidance_hidden must be [{n}, Hg], got shape {tuple(guidance_hidden.shape)}")
+        if guidance_weight.shape != (vocab, guidance_hidden.shape[1]):
+            raise ValueError(
+                f"guidance_weight must be [{vocab}, {guidance_hidden.shape[1]}], got {tuple(guidance_weight.shape)}"
+            )
+        if guidance_bias is not None and guidance_bias.shape != (vocab,):
+            raise ValueError(f"guidance_bias must be [{vocab}], got shape {tuple(guidance_bias.shape)}")
+        g_hidden, g_head = guidance_hidden.detach(), _Head(guidance_weight, guidance_bias)
+
+        def z_fn(start: int, end: int) -> Tensor:
+            return g_head.logits(g_hidden[start:end])
+    else:
+        raise ValueError("guidance_hidden must be a [N, Hg] tensor or a z_fn(start, end) callable")
+
+    if isinstance(reference, str):
+        if reference != "policy":
+            raise ValueError(
+                f"reference must be 'policy' or a [N, H] tensor of hidden states, got {reference!r}"
+            )
+        ref_hidden = None
+    elif isinstance(reference, Tensor):
+        if reference.shape != policy_hidden.shape:
+            raise ValueError(
+                f"reference hidden states must be [{n}, {hidden}], got shape {tuple(reference.shape)}"
+            )
+        ref_hidden = reference.detach()
+    else:
+        raise ValueError(f"reference must be 'policy' or a tensor, got {type(reference).__name__}")
+
+    kl_weight = _row_values(row_weight, n, device, "row_weight")
+    nll_w = None
+    if targets is not None:
+        if targets.shape != (n,):
+            raise ValueError(f"targets must be [{n}], got shape {tuple(targets.shape)}")
+        targets = targets.to(device=device, dtype=torch.long)
+        nll_w = _row_values(nll_weight, n, device, "nll_weight")
+        valid = targets != ignore_index
+        if bool(((targets < 0) | (targets >= vocab))[valid].any()):
+            raise ValueError(f"targets must be in [0, {vocab}) or ignore_index={ignore_index}")
+    elif nll_weight is not None:
+        raise ValueError("nll_weight needs targets")
+
+    params = (policy_hidden, head_weight, head_bias)
+    want_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    opts = {
+        "scale": float(logit_scale),
+        "softcap": None if not logit_softcap else float(logit_softcap),
+        "chunk_size": int(chunk_size),
+        "mean": reduction == "mean",
+        "ignore_index": int(ignore_index),
+        "want_grad": want_grad,
+    }
+    loss, kl_rows, nll_rows = _FusedConstraintKL.apply(
+        policy_hidden, head_weight, head_bias, ref_hidden, z_fn, kl_weight, targets, nll_w, opts
+    )
+    return FusedKLOutput(loss, kl_rows, nll_rows if targets is not None else None)
+
+
+class FusedConstraintKL(nn.Module):
+    """Module form of :func:`fused_constraint_kl` holding the head transform and the chunk size.
+
+    ``FusedConstraintKL(logit_scale=..., logit_softcap=...)(policy_hidden, lm_head, guidance_hidden,
+    guidance_head, ...)`` takes the heads as ``nn.Linear``-like modules (``weight`` and optional ``bias``).
+    """
+
+    def __init__(
+        self,
+        *,
+        logit_scale: float = 1.0,
+        logit_softcap: float | None = None,
+        chunk_size: int | None = None,
+        reduction: str = "sum",
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        self.logit_scale = logit_scale
+        self.logit_softcap = logit_softcap
+        self.chunk_size = chunk_size
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+
+    def forward(
+        self,
+        policy_hidden: Tensor,
+        head: nn.Module,
+        guidance_hidden: Tensor | ZFn,
+        guidance_head: nn.Module | None = None,
+        *,
+        reference: str | Tensor = "policy",
+        row_weight: Tensor | float | None = None,
+        targets: Tensor | None = None,
+        nll_weight: Tensor | float | None = None,
+    ) -> FusedKLOutput:
+        return fused_constraint_kl(
+            policy_hidden,
+            head.weight,
+            getattr(head, "bias", None),
+            guidance_hidden,
+            None if guidance_head is None else guidance_head.weight,
+            None if guidance_head is None else getattr(guidance_head, "bias", None),
+            reference=reference,
+            row_weight=row_weight,
+            targets=targets,
+            nll_weight=nll_weight,
+            ignore_index=self.ignore_index,
+            logit_scale=self.logit_scale,
+            logit_softcap=self.logit_softcap,
+            chunk_size=self.chunk_size,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"logit_scale={self.logit_scale}, logit_softcap={self.logit_softcap}, chunk_size={self.chunk_size}, "
+            f"reduction={self.reduction!r}"
+        )
