@@ -594,9 +594,11 @@ def parameter_digest(modules: Iterable[Any], *, max_values: int | None = None) -
     For an ``nn.Module``: its parameters that require grad or belong to an adapter (``lora_``), sorted by
     name. For an object with ``trainable_parameters()`` (the guidance model, whose parameters are frozen
     between rounds): exactly those. Used after distributed training to check that all ranks agree.
-    Returns ``("", 0)`` when there are more than ``max_values`` values.
+    Returns ``("", 0)`` when there are more than ``max_values`` values. FSDP2-sharded parameters (``DTensor``)
+    are gathered first, so under FSDP2 it is a collective: every rank calls it with the same modules.
     """
     import torch
+    from torch.distributed.tensor import DTensor
 
     groups = []
     for module in modules:
@@ -618,7 +620,10 @@ def parameter_digest(modules: Iterable[Any], *, max_values: int | None = None) -
     for index, named in enumerate(groups):
         for name, param in named:
             digest.update(f"{index}:{name}:{tuple(param.shape)}".encode())
-            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            value = param.detach()
+            if isinstance(value, DTensor):  # FSDP2 shard: digest the whole value (an all-gather)
+                value = value.full_tensor()
+            digest.update(value.to("cpu", torch.float32).contiguous().numpy().tobytes())
             count += param.numel()
     return digest.hexdigest(), count
 
@@ -653,8 +658,12 @@ def _log_replica_digest(command: Command, training_args, result: Any) -> None:
     modules = _result_modules(result)
     if not modules:
         return
-    kind = str(getattr(training_args.distributed_state.distributed_type, "value", ""))
-    if kind in SHARDED_TYPES:  # each rank holds only its shard: local digests differ by design
+    # the trainer's AcceleratorState knows FSDP (training_args.distributed_state, a PartialState, does not)
+    state = getattr(getattr(result, "accelerator", None), "state", None) or training_args.distributed_state
+    kind = str(getattr(state.distributed_type, "value", ""))
+    # DeepSpeed / Megatron: each rank holds only its shard, local digests differ; FSDP (steer's trainers run
+    # FSDP2 only): parameter_digest gathers the shards, so every rank digests the full weights
+    if kind in SHARDED_TYPES and kind != "FSDP":
         return
     digest, count = parameter_digest(modules, max_values=MAX_DIGEST_VALUES)
     if not count:

@@ -20,7 +20,7 @@ GPU_CONFIGS = {
 
 def test_all_configs_present():
     names = {p.name for p in CONFIG_DIR.glob("*.yaml")}
-    assert names == set(GPU_CONFIGS) | {"multi_cpu.yaml"}
+    assert names == set(GPU_CONFIGS) | {"multi_cpu.yaml", "fsdp2_cpu.yaml"}  # fsdp2_cpu: tests/test_fsdp2.py
 
 
 @pytest.mark.parametrize("name", sorted(GPU_CONFIGS))

@@ -76,6 +76,25 @@ def test_bad_method_is_a_clear_error():
         run_opinion_eval(OpinionEvalArguments(persona_dir="/nonexistent/persona"))
 
 
+def test_split_parts_score_their_own_questions():
+    from steer.eval.opinions import eval_question_keys
+
+    split = {
+        "train_question_keys": ["A_W26"],
+        "valid_question_keys": ["B_W43"],
+        "eval_question_keys": ["C_W49"],
+    }
+    assert [eval_question_keys(split, part) for part in ("train", "valid", "eval")] == [
+        ["A_W26"],
+        ["B_W43"],
+        ["C_W49"],
+    ]
+    with pytest.raises(ValueError, match="no valid questions"):
+        eval_question_keys({"eval_question_keys": ["C_W49"]}, "valid")
+    with pytest.raises(ValueError, match="split must be 'eval', 'valid' or 'train'"):
+        OpinionEvalArguments(persona_dir="x", split="test")
+
+
 @pytest.mark.parametrize("name", ["config.yaml", "config_full.yaml"])
 def test_recipe_configs_parse(name):
     from steer.cli import COMMANDS, parse_command_args

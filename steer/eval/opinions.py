@@ -147,7 +147,9 @@ class OpinionEvalArguments:
         default="eval",
         metadata={
             "help": "'eval': score the evaluation questions (the reported numbers); 'valid': score the validation "
-            "questions instead (for choices such as settings or checkpoints, never for reporting)."
+            "questions instead (for choices such as settings or checkpoints, never for reporting); 'train': the "
+            "training questions (a diagnostic of fit, e.g. persona specificity where the network learned it; never "
+            "evidence of steering)."
         },
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts per forward pass."})
@@ -161,8 +163,10 @@ class OpinionEvalArguments:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"OpinionEvalArguments.methods: unknown {unknown}; choose from {list(METHODS)}")
-        if self.split not in ("eval", "valid"):
-            raise ValueError(f"OpinionEvalArguments.split must be 'eval' or 'valid', got {self.split!r}")
+        if self.split not in ("eval", "valid", "train"):
+            raise ValueError(
+                f"OpinionEvalArguments.split must be 'eval', 'valid' or 'train', got {self.split!r}"
+            )
         if not self.methods:
             raise ValueError(f"OpinionEvalArguments.methods must not be empty; choose from {list(METHODS)}")
         for name in ("max_users", "max_answers_per_user", "n_bootstrap", "batch_size"):
@@ -268,10 +272,10 @@ def _stem(key: str) -> str:
 
 def eval_question_keys(split: dict, part: str = "eval") -> list[str]:
     """The scored questions of a split (``eval_question_keys``; older splits: every question, logged)."""
-    if part == "valid":
-        keys = split.get("valid_question_keys")
+    if part in ("valid", "train"):
+        keys = split.get(f"{part}_question_keys")
         if not keys:
-            raise ValueError("split.json has no validation questions (valid_question_keys)")
+            raise ValueError(f"split.json has no {part} questions ({part}_question_keys)")
         return list(keys)
     keys = split.get("eval_question_keys")
     if keys is None:
@@ -520,7 +524,7 @@ def evaluate_groups(steered, split, methods, args: OpinionEvalArguments) -> dict
     train_keys = set(split.get("train_question_keys") or [])
     keys = [k for k in eval_question_keys(split, args.split) if k in table.probs]
     leaked = sorted(set(keys) & train_keys)
-    if leaked:
+    if leaked and args.split != "train":
         raise ValueError(f"split.json scores questions that training used: {leaked[:5]}")
     if args.max_questions is not None and len(keys) > args.max_questions:
         rng = np.random.default_rng(args.seed)
@@ -687,7 +691,7 @@ def evaluate_groups(steered, split, methods, args: OpinionEvalArguments) -> dict
         "fold_in": {g: split.get("fold_in", {}).get(g, {}) for g in scored if g not in groups},
         "num_questions": len(keys),
         "question_keys": keys,
-        "eval_waves": split.get("eval_waves") if args.split == "eval" else split.get("valid_waves"),
+        "eval_waves": split.get(f"{args.split}_waves"),
         "split": args.split,
         "train_twins": len(twins),
         "methods": results,
@@ -740,8 +744,11 @@ def opinion_markdown(result: dict) -> str:
         names = groups["groups"] + groups.get("fold_in_groups", [])
         lines.append(
             f"Representativeness 1 - WD/(max-min) toward each {groups['attribute']} group against the real Pew "
-            f"distributions on {groups['num_questions']} unseen questions (evaluation waves "
-            f"{groups.get('eval_waves')}); mean [95% bootstrap interval over questions]. "
+            f"distributions on {groups['num_questions']} "
+            + {"eval": "unseen questions (evaluation waves ", "valid": "validation questions (waves "}.get(
+                groups.get("split", "eval"), "TRAINING questions, a diagnostic of fit only (waves "
+            )
+            + f"{groups.get('eval_waves')}); mean [95% bootstrap interval over questions]. "
             f"Folded-in groups: {groups.get('fold_in_groups') or 'none'}.\n"
         )
         rows = []

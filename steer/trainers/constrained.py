@@ -43,6 +43,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from steer.constraints import Constraint
+from steer.errors import UserInputError
 from steer.guidance import (
     GuidanceConfig,
     GuidanceModel,
@@ -53,6 +54,7 @@ from steer.guidance import (
 from steer.guidance.prior import prior_logits, token_prior
 from steer.io import atomic_dir, atomic_torch_save
 
+from . import sharding
 from .buffer import SampleBuffer
 from .curves import CurvesCallback
 from .schedule import GuidanceLearner, ParallelSchedule, RoundSettings, SequentialSchedule, round_seed
@@ -570,6 +572,68 @@ class ConstrainedTrainer(SFTTrainer):
         self.add_callback(CurvesCallback())
         # After the worker copy: a deep copy would otherwise carry this hook (and the trainer) along.
         self._hook = backbone.register_forward_hook(self._capture_hidden)
+        if self.is_fsdp_enabled:
+            self._setup_fsdp2()
+
+    # ------------------------------------------------------------------ FSDP2 (see steer.trainers.sharding)
+    # The policy (base weights + policy LoRA) is sharded by FSDP2: each decoder layer, the input embedding
+    # and the output head are their own units, the rest belongs to the root (the PEFT model). The guidance
+    # model's trained weights (its LoRA adapter on the same base, its head) are REPLICATED (FSDP2
+    # ``ignored_params``): they train in the rounds, outside the policy's forward, with their own optimizer
+    # and an explicit gradient all-reduce, exactly as under DDP. Reads outside the wrapped forward:
+    #   - guidance rounds (sampling with generate, labelling, guidance training) run inside
+    #     ``sharding.unsharded(model)``: every unit all-gathered once, none resharded until the round ends;
+    #   - the KL's guidance pass and base-reference pass run between the training forward and its backward,
+    #     through the decoder's own units (each all-gathers in its forward hook; the root's parameters are
+    #     still unsharded then);
+    #   - the fused KL reads the output head's weight after an explicit ``unshard()`` of its unit;
+    #   - saving: the Trainer's FSDP path gathers a full state dict on every rank (``save_model``) for
+    #     ``_save``; resuming: accelerate loads ``pytorch_model_fsdp.bin`` / ``optimizer.bin`` into the shards,
+    #     the guidance weights and rounds come from ``constrained_state_rank*.pt`` as under DDP.
+    # The parallel schedule (a thread on a deep copy of the policy) is refused under FSDP2.
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        sharding.refuse_cpu_deepspeed(self.accelerator)
+        if sharding.promote_cpu_fsdp(self.accelerator):
+            self.is_fsdp_enabled = True
+        if sharding.is_fsdp(self.accelerator):
+            sharding.require_fsdp2(self.accelerator, "ConstrainedTrainer")
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            # not checked on a DeepSpeed machine: ZeRO-3 partitions the weights these paths read outside the
+            # engine's forward (rounds, guidance pass, fused KL), and it has no unsharded() counterpart here
+            raise UserInputError(
+                "ConstrainedTrainer does not support DeepSpeed ZeRO-3 (partitioned weights are read outside the "
+                "engine's forward: guidance rounds, the guidance pass and the fused KL); use "
+                "accelerate_configs/fsdp2.yaml (FSDP2, sharded) or accelerate_configs/zero2.yaml"
+            )
+
+    def _setup_fsdp2(self) -> None:
+        if isinstance(self.schedule, ParallelSchedule):
+            raise UserInputError(
+                "ConstrainedConfig.schedule='parallel' is not supported under FSDP2 (its worker thread runs on a "
+                "deep copy of the sharded policy); use schedule='sequential'"
+            )
+        plugin = self.accelerator.state.fsdp_plugin
+        ignored = [self.guidance.head]
+        if self.guidance.backbone is not None:
+            ignored.append(self.guidance.backbone)
+        else:
+            name = self.guidance.config.adapter_name
+            ignored += [
+                module
+                for path, module in self.model.named_modules()
+                if path.split(".")[-1] == name and path.split(".")[-2:-1] in (["lora_A"], ["lora_B"])
+            ]
+        plugin.ignored_modules = ignored
+        # accelerate's rank-0-loads path (meta device + broadcast into shards) cannot hold replicated guidance
+        # weights; FSDP2 (unlike DDP) does not sync initial weights either: every rank takes rank 0's policy
+        # (base + adapters; ranks > 0 may even have loaded it without weights) and guidance model
+        plugin.cpu_ram_efficient_loading = False
+        sharding.broadcast_module(self.model)
+        sharding.broadcast_module(self.guidance)
+        for module in ignored:  # FSDP2 places what it shards, not the replicated guidance weights
+            module.to(self.args.device)
 
     # ------------------------------------------------------------------ the loss
     def _capture_hidden(self, module, args, output) -> None:
@@ -676,7 +740,11 @@ class ConstrainedTrainer(SFTTrainer):
         if self.args.kl_implementation != "fused":
             return None
         head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        if type(head) is torch.nn.Linear:
+        kind = type(head)
+        if self.is_fsdp_enabled and sharding.fsdp_units(head):
+            head.unshard()  # FSDP2: the head's unit (every rank, in step); a no-op after the policy forward
+            kind = kind.__bases__[-1]  # fully_shard's class FSDP<cls>(FSDPModule, cls)
+        if kind is torch.nn.Linear:
             return head
         if not self._warned_fused_fallback:
             logger.warning(
@@ -936,7 +1004,10 @@ class ConstrainedTrainer(SFTTrainer):
             round_index = self.rounds_started
             self.rounds_started += 1
             if isinstance(self.schedule, SequentialSchedule):
-                with _isolated_rng(round_seed(self.args.seed, round_index, self.accelerator.process_index)):
+                # FSDP2: the whole policy unsharded for the round (no-op otherwise); every rank runs it
+                seed = round_seed(self.args.seed, round_index, self.accelerator.process_index)
+                whole = sharding.unsharded(self.model) if self.is_fsdp_enabled else contextlib.nullcontext()
+                with whole, _isolated_rng(seed):
                     finished = self.schedule.on_round(round_index)
             else:
                 finished = self.schedule.on_round(round_index)

@@ -39,6 +39,7 @@ from steer.persona.data import (
 )
 from steer.persona.soft_prompt import SoftPromptNetwork, steered_inputs
 from steer.persona.steering import FORMAT_NAME, LETTERS, PromptFormat, answer_token_ids
+from steer.trainers import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -501,14 +502,18 @@ class PersonaTrainer(Trainer):
             raise ValueError("PersonaTrainer needs processing_class= (the tokenizer)")
         if network is None:
             persona_dim = persona_dim or _infer_persona_dim(user_vectors, train_dataset)
-            network = SoftPromptNetwork(
-                persona_dim,
-                args.num_virtual_tokens,
-                args.soft_prompt_mode,
-                args.soft_prompt_hidden,
-                model_config=model.config,
-                init_std=args.soft_prompt_init_std,
-            )
+            # initialised from args.seed alone, not from whatever the data preparation and model loading left in
+            # the global RNG: a 1-process, DDP or FSDP2 launch of the same run starts from the same network
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                network = SoftPromptNetwork(
+                    persona_dim,
+                    args.num_virtual_tokens,
+                    args.soft_prompt_mode,
+                    args.soft_prompt_hidden,
+                    model_config=model.config,
+                    init_std=args.soft_prompt_init_std,
+                )
         self.prompt_format = args.prompt_format
         wrapped = PersonaSoftPromptModel(
             model,
@@ -541,7 +546,52 @@ class PersonaTrainer(Trainer):
 
     @property
     def network(self) -> SoftPromptNetwork:
+        """The soft-prompt network; under FSDP2, after ``train()``, a plain gathered copy (see ``_gather_trained``)."""
+        gathered = getattr(self, "_gathered", None)
+        if gathered is not None:
+            return gathered[0]
         return self.model.network
+
+    # -------------------------------------------------------------- FSDP2 (see steer.trainers.sharding)
+    # The frozen LM is REPLICATED on every rank (FSDP2 ``ignored_params``): it has no gradients or optimizer
+    # state, and a replicated LM keeps export, evaluation and ``PersonaSteeredModel`` plain, rank-local code.
+    # FSDP2 shards the trained parts only (soft-prompt network, user vectors) and reduce-scatters their
+    # gradients. Outside the wrapped forward they are read through explicit gathers: checkpoints get the
+    # full state dict from ``save_model``; ``train()`` ends with ``_gather_trained`` (all ranks), after
+    # which ``network`` / ``user_vectors`` are plain full copies on every rank.
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        sharding.refuse_cpu_deepspeed(self.accelerator)
+        if sharding.promote_cpu_fsdp(self.accelerator):
+            self.is_fsdp_enabled = True
+        if not sharding.is_fsdp(self.accelerator):
+            return
+        sharding.require_fsdp2(self.accelerator, "PersonaTrainer")
+        plugin = self.accelerator.state.fsdp_plugin
+        plugin.ignored_modules = [self.model.model]  # the frozen LM stays whole on every rank
+        # accelerate's rank-0-loads path (meta device + broadcast into shards) cannot hold an unsharded LM
+        plugin.cpu_ram_efficient_loading = False
+        # FSDP2 (unlike DDP) does not sync the initial weights: every rank starts from rank 0's network and LM
+        # (with FSDP_CPU_RAM_EFFICIENT_LOADING, ranks > 0 even loaded the LM without its weights)
+        sharding.broadcast_module(self.model)
+        self.model.model.to(self.args.device)  # FSDP2 places what it shards, not the ignored LM
+
+    def _gather_trained(self) -> None:
+        """All ranks: full copies of the sharded network (+ trained user vectors) for code outside training."""
+        module = self.accelerator.unwrap_model(self.model)
+        network = SoftPromptNetwork.from_config(module.network.config)
+        network.load_state_dict(sharding.full_state_dict(module.network))
+        vectors = None
+        if module.user_vectors is not None:
+            vectors = sharding.full_tensor(module.user_vectors.weight.detach()).cpu().clone()
+        self._gathered = (network.to(self.args.device).train(module.network.training), vectors)
+
+    def train(self, *args, **kwargs):
+        self._gathered = None
+        result = super().train(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            self._gather_trained()
+        return result
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.contrast_weight > 0:
@@ -610,6 +660,16 @@ class PersonaTrainer(Trainer):
         self._metrics[mode].clear()
 
     # -------------------------------------------------------------- checkpoints: only the trained weights
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        # FSDP2: every rank gathers the trained parts (not the frozen LM); rank 0 writes them in _save
+        module = self.accelerator.unwrap_model(self.model)
+        state = {f"network.{k}": v for k, v in sharding.full_state_dict(module.network).items()}
+        if module.user_vectors is not None:
+            state["user_vectors.weight"] = sharding.full_state_dict(module.user_vectors)["weight"]
+        self._save(output_dir, state_dict=state)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -617,10 +677,26 @@ class PersonaTrainer(Trainer):
         directory = Path(output_dir)
         directory.mkdir(parents=True, exist_ok=True)
         module = self.accelerator.unwrap_model(self.model)
-        module.network.save_pretrained(directory)
+        network, vectors = module.network, module.user_vectors
+        if self.is_fsdp_enabled:  # FSDP2: sharded parameters; save_model gathered their full values
+            if state_dict is None:
+                raise ValueError(
+                    "PersonaTrainer._save under FSDP needs the gathered state_dict (use save_model)"
+                )
+            network = SoftPromptNetwork.from_config(module.network.config)
+            prefix = "network."
+            network.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            )
+            if vectors is not None:
+                vectors = nn.Embedding.from_pretrained(
+                    state_dict["user_vectors.weight"].detach().cpu().clone()
+                )
+                vectors.weight.requires_grad_(module.user_vectors.weight.requires_grad)
+        network.save_pretrained(directory)
         atomic_write_json(directory / FORMAT_NAME, self.prompt_format.to_dict())
-        if module.user_vectors is not None and module.user_vectors.weight.requires_grad:
-            atomic_save_file({"user_vectors": module.user_vectors.weight}, directory / USER_VECTORS_NAME)
+        if vectors is not None and vectors.weight.requires_grad:
+            atomic_save_file({"user_vectors": vectors.weight}, directory / USER_VECTORS_NAME)
         torch.save(self.args, directory / "training_args.bin")
 
     def _load_trained_weights(self, checkpoint: str | os.PathLike) -> None:
@@ -632,7 +708,8 @@ class PersonaTrainer(Trainer):
                 f"checkpoint {directory} holds a soft-prompt network {loaded.config} that does not match the "
                 f"trainer's {module.network.config}"
             )
-        module.network.load_state_dict(loaded.state_dict())
+        # load_full_state_dict: plain parameters take the values, FSDP2-sharded ones their own slice
+        sharding.load_full_state_dict(module.network, loaded.state_dict())
         vectors = directory / USER_VECTORS_NAME
         if vectors.is_file() and module.user_vectors is not None:
             weight = load_file(str(vectors))["user_vectors"]
@@ -640,8 +717,7 @@ class PersonaTrainer(Trainer):
                 raise ValueError(
                     f"{vectors}: shape {tuple(weight.shape)} != {tuple(module.user_vectors.weight.shape)}"
                 )
-            with torch.no_grad():
-                module.user_vectors.weight.copy_(weight)
+            sharding.load_full_state_dict(module.user_vectors, {"weight": weight})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_trained_weights(resume_from_checkpoint)
@@ -652,6 +728,9 @@ class PersonaTrainer(Trainer):
 
     @property
     def user_vectors(self) -> torch.Tensor | None:
+        gathered = getattr(self, "_gathered", None)
+        if gathered is not None:  # FSDP2, after train(): the gathered full table
+            return gathered[1]
         module = self.accelerator.unwrap_model(self.model)
         return None if module.user_vectors is None else module.user_vectors.weight.detach().cpu()
 

@@ -1,0 +1,232 @@
+"""FSDP2 support shared by the trainers: CPU ranks, full weights in and out of sharded parameters.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``, what ``accelerate_configs/fsdp2*.yaml`` select) every
+parameter of a shard unit is a ``DTensor`` holding 1/world of the values; the unit all-gathers them in its
+forward pre-hook and frees them again after the forward. Anything that reads a parameter *outside* the
+wrapped module's forward (exporting, copying weights, a digest) must gather it explicitly: the helpers here
+are those explicit steps. Every helper that gathers or scatters is a collective: all ranks call it, in the
+same order.
+
+:func:`promote_cpu_fsdp` exists because accelerate 1.15 silently ignores FSDP when the ranks run on CPU
+(``AcceleratorState`` switches to FSDP only for GPU-like distributed types, so a CPU run with an FSDP config
+trains as plain DDP over gloo). torch's FSDP2 itself runs on CPU over gloo, so the trainers promote the
+state to FSDP there, with the plugin accelerate's launcher described in the environment (``FSDP_*``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "full_state_dict",
+    "fsdp_units",
+    "full_tensor",
+    "is_fsdp",
+    "load_full_state_dict",
+    "promote_cpu_fsdp",
+    "refuse_cpu_deepspeed",
+    "require_fsdp2",
+    "unsharded",
+]
+
+
+def _fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def promote_cpu_fsdp(accelerator) -> bool:
+    """Make ``accelerator`` run FSDP2 on CPU ranks when the launcher asked for FSDP; True when it changed.
+
+    accelerate's launcher sets ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables for an FSDP config, but
+    with ``use_cpu`` (gloo) its state stays ``MULTI_CPU`` and the model would be wrapped in DDP. Here the
+    (shared) ``AcceleratorState`` and ``PartialState`` are switched to ``DistributedType.FSDP`` (gloo, CPU
+    devices and the process group stay as set up) with a plugin built from those variables. Only FSDP2
+    (``fsdp_version: 2``) is supported on CPU.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not _fsdp_requested():
+        return False
+    plugin = getattr(state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise UserInputError(
+            f"FSDP on CPU ranks needs FSDP2 (fsdp_version: 2 in the accelerate config), got fsdp_version="
+            f"{plugin.fsdp_version}; see accelerate_configs/fsdp2_cpu.yaml"
+        )
+    # Both singletons: every later ``AcceleratorState()`` re-copies PartialState's fields over its own, which
+    # would silently turn the run back into MULTI_CPU (and ``accelerator.is_fsdp2`` false) mid-training.
+    PartialState().distributed_type = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    logger.info("FSDP2 on CPU ranks (gloo): accelerate's MULTI_CPU state promoted to FSDP")
+    return True
+
+
+def refuse_cpu_deepspeed(accelerator) -> None:
+    """Raise when the launcher asked for DeepSpeed but the ranks run on CPU (accelerate would drop it silently).
+
+    accelerate 1.15 enables DeepSpeed only for GPU-like ranks: with ``use_cpu`` (gloo) a ZeRO config trains
+    as plain DDP without a word. DeepSpeed itself runs ZeRO-3 on CPU (``DS_ACCELERATOR=cpu``, gloo), but
+    steer does not promote accelerate's state to it (unlike FSDP2, see :func:`promote_cpu_fsdp`).
+    """
+    from accelerate.utils import DistributedType
+
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    if use_deepspeed and accelerator.state.distributed_type == DistributedType.MULTI_CPU:
+        raise UserInputError(
+            "DeepSpeed was requested (accelerate config with distributed_type: DEEPSPEED) but the ranks run on "
+            "CPU, where accelerate 1.15 silently falls back to DDP; on a CPU machine launch with "
+            "accelerate_configs/fsdp2_cpu.yaml (sharded) or accelerate_configs/multi_cpu.yaml (DDP)"
+        )
+
+
+def is_fsdp(accelerator) -> bool:
+    """True when ``accelerator`` shards the model with FSDP (either version)."""
+    return (
+        getattr(accelerator, "is_fsdp2", False) or getattr(accelerator.state, "fsdp_plugin", None) is not None
+    )
+
+
+def require_fsdp2(accelerator, trainer_name: str) -> None:
+    """Raise a one-line error when ``accelerator`` runs FSDP1 (steer's trainers support FSDP2 only)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and plugin.fsdp_version != 2:
+        raise UserInputError(
+            f"{trainer_name} supports FSDP2 only (fsdp_version: 2 in the accelerate config), got fsdp_version="
+            f"{plugin.fsdp_version}"
+        )
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a (possibly sharded) tensor: ``DTensor.full_tensor()`` (an all-gather) or itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(module: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """``{name: full value}`` of ``module``'s parameters (all, or ``names``), detached, on CPU. Collective."""
+    params = dict(module.named_parameters())
+    wanted = sorted(params) if names is None else list(names)
+    return {name: full_tensor(params[name].detach()).to("cpu").clone() for name in wanted}
+
+
+def load_full_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy full values into ``module``'s (possibly sharded) parameters, in place, without communication.
+
+    Every rank holds the same ``state`` (e.g. read from a checkpoint): a sharded parameter keeps its own
+    slice (``distribute_tensor(..., src_data_rank=None)`` slices locally), a plain one takes the whole value.
+    Raises ``KeyError``/``ValueError`` on an unknown name or a shape mismatch.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in params:
+                raise KeyError(f"{type(module).__name__} has no parameter {name!r}")
+            param = params[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+            if isinstance(param, DTensor):
+                value = value.to(param.to_local().device, param.dtype)
+                local = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(local.to_local())
+            else:
+                param.copy_(value.to(param.device, param.dtype))
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Give every rank rank 0's parameters and persistent buffers of ``module`` (in place). Collective.
+
+    Meant for a model not yet placed (FSDP2 moves what it shards): ranks whose copy was created without
+    weights (``meta`` tensors, as transformers does on ranks > 0 when ``FSDP_CPU_RAM_EFFICIENT_LOADING`` is
+    set) get real storage on CPU first, like rank 0's; tied weights are re-tied.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers()):
+        module.to_empty(device="cpu")
+        if callable(getattr(module, "tie_weights", None)):
+            module.tie_weights()
+    seen: set[int] = set()
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            # CPU tensors (a model not yet placed: FSDP moves it when sharding) over gloo, also on NCCL ranks
+            cpu_group = tensor.device.type == "cpu" and dist.get_backend() != "gloo"
+            dist.broadcast(tensor.data, src=0, group=_cpu_group() if cpu_group else None)
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """A gloo group over all ranks for CPU tensors (created once; a collective)."""
+    global _CPU_GROUP
+    import torch.distributed as dist
+
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def fsdp_units(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 shard units inside ``module`` (itself included), outermost first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded(module: nn.Module):
+    """Hold every FSDP2 unit of ``module`` unsharded (full, plain parameters) inside the block. Collective.
+
+    For work outside the wrapped forward that calls submodules directly or in a data-dependent number of
+    forwards (sampling with ``generate``, a second adapter's passes): one all-gather per unit on entry, none
+    inside (the units neither reshard after forward nor after backward there), one free on exit. Every rank
+    enters and leaves the block together. Gradients of sharded parameters computed inside the block are not
+    reduced: only train plain (replicated) parameters in it. No-op without FSDP2 units.
+    """
+    units = fsdp_units(module)
+    if not units:
+        yield
+        return
+    # FSDP2 makes the first unit to run a forward the root: settle it on the outermost unit first (a unit
+    # called directly inside the block before the root's first forward would otherwise claim the role).
+    units[0]._get_fsdp_state()._lazy_init()
+    saved = []  # each unit's reshard settings, put back on exit
+    for unit in units:
+        state = unit._get_fsdp_state()
+        groups = [(g.post_forward_mesh_info, g.reshard_after_backward) for g in state._fsdp_param_groups]
+        saved.append((getattr(state, "_auto_reshard_after_forward", None), groups))
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.set_reshard_after_backward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, (auto, groups) in zip(units, saved):
+            state = unit._get_fsdp_state()
+            if auto is not None:
+                state._auto_reshard_after_forward = auto
+            for group, (mesh_info, after_backward) in zip(state._fsdp_param_groups, groups):
+                group.post_forward_mesh_info = mesh_info
+                group.reshard_after_backward = after_backward
+            unit.reshard()
