@@ -21,7 +21,8 @@ materialised (``[N, V]``) and :func:`~steer.guidance.constraint_kl` runs on them
 Under several processes (DDP): the guidance parameters have ``requires_grad=False`` whenever the policy
 steps (so DDP never sees them); guidance rounds run outside DDP on every rank with rank-specific samples,
 and the guidance gradients are all-reduced (sequential schedule) or the swapped-in guidance weights are
-averaged on the main thread (parallel schedule: the worker never runs collectives). Checkpoints hold one
+averaged on the main thread (parallel and process schedules: the worker never runs collectives; with
+``schedule="process"`` every rank owns one worker process). Checkpoints hold one
 ``constrained_state_rank{i}.pt`` per rank (each rank's sample buffer).
 """
 
@@ -57,6 +58,7 @@ from steer.io import atomic_dir, atomic_torch_save
 from . import sharding
 from .buffer import SampleBuffer
 from .curves import CurvesCallback
+from .process_schedule import ProcessSchedule, worker_copy
 from .schedule import GuidanceLearner, ParallelSchedule, RoundSettings, SequentialSchedule, round_seed
 
 logger = logging.getLogger(__name__)
@@ -258,20 +260,37 @@ class ConstrainedConfig(SFTConfig):
         default="sequential",
         metadata={
             "help": "'sequential': each round runs before the policy steps that use it. 'parallel': round k+1 "
-            "runs in a background worker (own model copy: one extra set of base weights) while the policy "
-            "trains with round k's guidance (staleness 1, logged as guidance/staleness)."
+            "runs in a background thread (own model copy: one extra set of base weights) while the policy "
+            "trains with round k's guidance (staleness 1, logged as guidance/staleness). 'process': the same "
+            "versions, with rounds in a worker process (own interpreter and, on a GPU, own CUDA context; the "
+            "frozen base weights shared with the policy, trainable weights exchanged at every round)."
         },
     )
     parallel_synchronised: bool = field(
         default=False,
         metadata={
-            "help": "'parallel' schedule only: wait for every round at once (reproduces 'sequential'; for tests)."
+            "help": "'parallel'/'process' schedules: wait for every round at once (reproduces 'sequential'; for "
+            "tests)."
         },
     )
     parallel_worker_threads: int | None = field(
         default=None,
         metadata={
-            "help": "'parallel' schedule on CPU: intra-op threads of the worker (None: half the cores)."
+            "help": "'parallel'/'process' schedules on CPU: intra-op threads of the worker (None: half the "
+            "trainer's threads; the trainer keeps the rest while the worker runs)."
+        },
+    )
+    guidance_process_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "'process' schedule: the device the worker computes on (e.g. 'cuda:1'; None: the policy's)."
+        },
+    )
+    guidance_process_timeout: float = field(
+        default=3600.0,
+        metadata={
+            "help": "'process' schedule: seconds to wait for the worker's answer (a round, a state) before "
+            "stopping it and failing."
         },
     )
     sample_buffer_size: int = field(
@@ -337,7 +356,8 @@ class ConstrainedConfig(SFTConfig):
                 f"ConstrainedConfig.label_threshold must be in [0, 1], got {self.label_threshold}"
             )
         _at_least("consistency_coef", self.consistency_coef, 0.0)
-        _choice("schedule", self.schedule, ("sequential", "parallel"))
+        _choice("schedule", self.schedule, ("sequential", "parallel", "process"))
+        _at_least("guidance_process_timeout", self.guidance_process_timeout, 0.0, strict=True)
         if self.parallel_worker_threads is not None:
             _at_least("parallel_worker_threads", self.parallel_worker_threads, 1)
         _at_least("sample_buffer_size", self.sample_buffer_size, 1)
@@ -526,6 +546,10 @@ class ConstrainedTrainer(SFTTrainer):
                 # The worker's own model: a copy made before any guidance adapter exists on the policy.
                 worker_policy = copy.deepcopy(policy)
                 _unpatch_forward(worker_policy)
+            elif args.schedule == "process":
+                # The same, its frozen base tensors shared with the policy (one physical copy once shipped).
+                worker_policy = worker_copy(policy)
+                _unpatch_forward(worker_policy)
             self.guidance = GuidanceModel(policy, args.guidance_config())
             self.guidance.set_trainable(False)
             if args.guidance_prior == "token" and self._prior is not None:
@@ -548,6 +572,23 @@ class ConstrainedTrainer(SFTTrainer):
                     policy, self.guidance, grad_sync=_grad_sync if num_processes > 1 else None, **common
                 )
                 self.schedule = SequentialSchedule(learner)
+            elif args.schedule == "process":
+                worker_guidance = GuidanceModel(worker_policy, args.guidance_config())
+                worker_guidance.set_trainable(False)
+                _copy_params(worker_guidance.trainable_parameters(), self.guidance.trainable_parameters())
+                learner = GuidanceLearner(worker_policy, worker_guidance, **common)
+                names = sorted(trainable)
+                self.schedule = ProcessSchedule(
+                    learner,
+                    policy_params=lambda: _params(policy, names),
+                    policy_names=names,
+                    guidance_params=self.guidance.trainable_parameters,
+                    synchronised=args.parallel_synchronised,
+                    worker_threads=args.parallel_worker_threads,
+                    sync_weights=_average_weights if num_processes > 1 else None,
+                    device=args.guidance_process_device,
+                    timeout=args.guidance_process_timeout,
+                )
             else:
                 worker_guidance = GuidanceModel(worker_policy, args.guidance_config())
                 worker_guidance.set_trainable(False)
@@ -566,6 +607,7 @@ class ConstrainedTrainer(SFTTrainer):
                     worker_threads=args.parallel_worker_threads,
                     sync_weights=_average_weights if num_processes > 1 else None,
                 )
+        self._pad_token_id = learner.pad_token_id
         self.rounds_started = 0
         self.round_history: list[dict[str, float]] = []  # one record per finished round (all ranks averaged)
         self._sample_draws: dict[int, int] = {}
@@ -590,7 +632,7 @@ class ConstrainedTrainer(SFTTrainer):
     #   - saving: the Trainer's FSDP path gathers a full state dict on every rank (``save_model``) for
     #     ``_save``; resuming: accelerate loads ``pytorch_model_fsdp.bin`` / ``optimizer.bin`` into the shards,
     #     the guidance weights and rounds come from ``constrained_state_rank*.pt`` as under DDP.
-    # The parallel schedule (a thread on a deep copy of the policy) is refused under FSDP2.
+    # The parallel and process schedules (a worker on a copy of the policy) are refused under FSDP2.
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         sharding.refuse_cpu_deepspeed(self.accelerator)
@@ -609,10 +651,10 @@ class ConstrainedTrainer(SFTTrainer):
             )
 
     def _setup_fsdp2(self) -> None:
-        if isinstance(self.schedule, ParallelSchedule):
+        if isinstance(self.schedule, (ParallelSchedule, ProcessSchedule)):
             raise UserInputError(
-                "ConstrainedConfig.schedule='parallel' is not supported under FSDP2 (its worker thread runs on a "
-                "deep copy of the sharded policy); use schedule='sequential'"
+                f"ConstrainedConfig.schedule={self.args.schedule!r} is not supported under FSDP2 (its worker runs "
+                "on a copy of the sharded policy); use schedule='sequential'"
             )
         plugin = self.accelerator.state.fsdp_plugin
         ignored = [self.guidance.head]
@@ -688,7 +730,7 @@ class ConstrainedTrainer(SFTTrainer):
         seed = round_seed(self.args.seed + 7919, step * 64 + draw, self.accelerator.process_index)
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
         items = [pool[i] for i in order[: self.args.kl_sample_batch_size].tolist()]
-        return SampleBuffer.collate(items, self.schedule.learner.pad_token_id)
+        return SampleBuffer.collate(items, self._pad_token_id)
 
     @staticmethod
     def _append_rows(inputs: dict, rows: dict, pad_token_id: int) -> dict:
@@ -896,7 +938,7 @@ class ConstrainedTrainer(SFTTrainer):
         if use_kl and mode == "train" and self.args.kl_positions != "corpus" and self._sample_coef > 0:
             rows = self._sample_rows()
             if rows is not None:
-                inputs = self._append_rows(inputs, rows, self.schedule.learner.pad_token_id)
+                inputs = self._append_rows(inputs, rows, self._pad_token_id)
         self._captured = [] if use_kl else None
         try:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -1015,7 +1057,7 @@ class ConstrainedTrainer(SFTTrainer):
             self._log_round_metrics(finished)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.schedule.check()  # a failed background round (parallel schedule) stops training at this step
+        self.schedule.check()  # a failed background round (parallel/process) stops training at this step
         self._maybe_run_round()
         self._metrics["train"]["guidance/staleness"].append(float(self.staleness))
         return super().training_step(model, inputs, num_items_in_batch)
