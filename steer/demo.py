@@ -114,6 +114,7 @@ def _recipe(args: DemoArguments, output_dir: Path, kl_coef: float, **changes):
         report_to=[],
         seed=args.seed,
         kl_coef=kl_coef,
+        kl_positions="corpus",  # as the detox recipe: chosen on a validation split (README)
         guidance_interval=args.guidance_interval,
         guidance_steps_per_round=16,
         guidance_batch_size=16,

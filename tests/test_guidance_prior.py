@@ -247,6 +247,19 @@ def test_kl_sample_coef_weights_the_sample_term_alone(tmp_path):
         _trainer(tmp_path, kl_sample_coef=-1.0)
 
 
+def test_a_zero_sample_coef_is_the_corpus_only_kl(tmp_path):
+    """kl_positions both + kl_sample_coef 0 (how the shipped recipe was selected) = kl_positions corpus."""
+    losses = []
+    for overrides in ({"kl_positions": "both", "kl_sample_coef": 0.0}, {"kl_positions": "corpus"}):
+        trainer = _trainer(tmp_path, **overrides)
+        trainer._maybe_run_round()
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.train()
+        losses.append(float(trainer.compute_loss(trainer.model, dict(batch)).detach()))
+        assert trainer._metrics["train"]["kl"][-1] > 0 and "kl_samples" not in trainer._metrics["train"]
+    assert losses[0] == losses[1]
+
+
 def test_a_round_without_usable_labels_fails_loudly(tmp_path):
     policy, tokenizer = tiny_causal_lm("llama", seed=0)
     policy = get_peft_model(policy, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -5,7 +5,7 @@ with one ``ConstrainedConfig`` field changed, evaluated on the same held-out RTP
 intervals. The demo itself supplies the base, plain-SFT and full-method columns (run it first with the same
 ``--output_dir``). Results: ``<output_dir>/ablations.json`` and ``ablations.md``.
 
-    python recipes/detox/ablations.py --output_dir outputs/demo [--variants no_prior,corpus_only,...]
+    python recipes/detox/ablations.py --output_dir outputs/demo [--variants no_prior,with_samples,...]
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 VARIANTS = {
-    "full": {},  # the method as shipped (at --kl_coef)
+    "full": {},  # the method as shipped (at --kl_coef): the KL on corpus positions
     "no_prior": {"guidance_prior": "label_mean"},  # the head starts at the warm-up satisfaction rate
-    "corpus_only": {"kl_positions": "corpus"},  # the KL never sees the policy's own samples
+    "with_samples": {"kl_positions": "both"},  # the KL also on the policy's own samples
     "samples_only": {"kl_positions": "samples"},  # no KL on the corpus positions
     "no_stop_at_violation": {"kl_corpus_stop_at_violation": False},
     "hard_labels": {"label_mode": "hard"},
