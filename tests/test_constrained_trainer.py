@@ -213,7 +213,8 @@ def test_kl_reference_base(tmp_path):
 
 @pytest.mark.parametrize("kl_reference", ["policy", "base"])
 def test_fused_kl_matches_chunked(tmp_path, kl_reference):
-    """Loss, logged KL terms and policy gradients of the fused path equal the chunked reference's."""
+    """Loss, logged KL terms, TRL's SFT metrics and policy gradients of the fused path (SFT NLL and KL from one
+    head pass) equal the chunked reference's (TRL's SFT loss, then the KL on materialised logits)."""
     results = {}
     for implementation in ("chunked", "fused"):
         trainer = _trainer(
@@ -242,7 +243,16 @@ def test_fused_kl_matches_chunked(tmp_path, kl_reference):
         loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(37))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        keys = ("kl", "kl_samples", "lm_loss", "kl_grad_share", "kl_grad_cosine")
+        assert trainer._shares_head(batch, False) == (implementation == "fused")  # one head pass for SFT + KL
+        keys = (
+            "kl",
+            "kl_samples",
+            "lm_loss",
+            "kl_grad_share",
+            "kl_grad_cosine",
+            "entropy",
+            "mean_token_accuracy",
+        )
         metrics = {key: trainer._metrics["train"][key][-1] for key in keys}
         results[implementation] = (float(loss.detach()), metrics, grads)
     (loss_c, metrics_c, grads_c), (loss_f, metrics_f, grads_f) = results["chunked"], results["fused"]

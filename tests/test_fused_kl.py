@@ -275,6 +275,28 @@ def test_nll_only_matches_cross_entropy_gradient():
         torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (1.7, 4.0)])
+def test_entropy_and_top1_equal_the_materialised_ones(grad, scale, softcap):
+    """The SFT metrics (TRL's entropy and token accuracy) come out of the same pass, with and without grad."""
+    t = _setup()
+    logits0, _, _ = _materialised(t, *_leaves(t), scale=scale, softcap=softcap)
+    targets = logits0.argmax(-1).clone()
+    targets[[1, 4]] = (targets[[1, 4]] + 1) % 37  # two misses
+    targets[[2, 7]] = -100
+    h, w, b = _leaves(t)
+    with torch.set_grad_enabled(grad):
+        out = _fused(t, h, w, b, targets=targets, chunk_size=3, logit_scale=scale, logit_softcap=softcap)
+    log_p = torch.log_softmax(logits0.detach(), -1)
+    entropy = torch.where(targets != -100, -(log_p.exp() * log_p).sum(-1), 0.0)
+    torch.testing.assert_close(out.entropy, entropy, **TOL)
+    expected = (logits0.argmax(-1) == targets) & (targets != -100)
+    assert out.is_top1.dtype == torch.bool and torch.equal(out.is_top1, expected)
+    assert int(out.is_top1.sum()) == 7
+    no_targets = _fused(t, *_leaves(t), chunk_size=3)
+    assert no_targets.entropy is None and no_targets.is_top1 is None
+
+
 # ------------------------------------------------------------------------------------------ which grads
 class _Recorder(TorchDispatchMode):
     """Records the numel and shape of every new tensor an aten op returns (views and detach excluded)."""

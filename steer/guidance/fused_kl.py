@@ -7,7 +7,9 @@ logits. A chunk of positions at a time it computes
 * ``z`` (the guidance head on the guidance model's hidden states, or a callable; no gradient),
 * the reference (the detached policy logits, or the base model's from its hidden states and the same head),
 * ``log q* = log_softmax(ref + logsigmoid(z))``, the KL summed over the vocabulary per position,
-* optionally the NLL of target ids from the same policy log-softmax (the SFT loss),
+* optionally the NLL of target ids from the same policy log-softmax (the SFT loss), with the policy's
+  entropy and whether its top-1 token is the target (the metrics TRL's SFT loss logs), so one head pass
+  serves the whole constrained loss,
 
 and the gradients with respect to the policy hidden states, the head weight and the head bias (each only
 when it requires grad) during the forward pass, as Liger-Kernel's fused linear cross-entropy / JSD do.
@@ -22,6 +24,7 @@ Coefficients go into the per-row weights, so one pass gives the whole loss::
                               nll_weight=1 / n_tokens)
     out.loss.backward()    # = sum_i row_weight_i * KL_i + sum_i nll_weight_i * NLL_i
     out.kl, out.nll        # per-row values (detached, unweighted) for logging
+    out.entropy, out.is_top1   # with targets: per-row policy entropy and top-1 == target
 
 The chunked reference that works on materialised logits is :func:`steer.guidance.kl.constraint_kl`.
 """
@@ -48,12 +51,16 @@ class FusedKLOutput(NamedTuple):
     ``loss``: scalar fp32, the only differentiable output: ``sum_i row_weight_i * KL_i + sum_i nll_weight_i *
     NLL_i`` (divided by N for ``reduction="mean"``). ``kl``: ``[N]`` fp32 per-row KL(q* || p_theta),
     unweighted and detached. ``nll``: ``[N]`` fp32 per-row NLL of ``targets`` (0 at ignored rows), unweighted
-    and detached, or ``None`` without targets.
+    and detached, or ``None`` without targets. ``entropy`` (``[N]`` fp32, the policy's entropy in nats, 0 at
+    ignored rows) and ``is_top1`` (``[N]`` bool: the policy's most likely token is the target; False at ignored
+    rows): with targets only, else ``None``.
     """
 
     loss: Tensor
     kl: Tensor
     nll: Tensor | None
+    entropy: Tensor | None = None
+    is_top1: Tensor | None = None
 
 
 def fused_chunk_size(n_rows: int, *, max_chunk: int = 256, min_chunk: int = 16) -> int:
@@ -133,6 +140,8 @@ def _transform_(logits: Tensor, scale: float, softcap: float | None) -> Tensor:
 class _Buffers(NamedTuple):
     kl_rows: Tensor
     nll_rows: Tensor
+    entropy_rows: Tensor
+    top1_rows: Tensor
     grad_h: Tensor | None
     grad_w: Tensor | None
     grad_b: Tensor | None
@@ -176,17 +185,25 @@ def _chunk(
     log_p = torch.log_softmax(logits, dim=-1, out=log_q).clamp_(min=_NEG)  # the log_q buffer now holds log p
     out.kl_rows[start:end] = self_term - _row_dot(q, log_p)
     w_kl = kl_weight[start:end]
-    w_nll = safe_t = None
+    w_nll = safe_t = lse = valid = None
     if targets is not None:
         t = targets[start:end]
         valid = t != opts["ignore_index"]
         safe_t = torch.where(valid, t, 0).unsqueeze(1)
         out.nll_rows[start:end] = torch.where(valid, -log_p.gather(1, safe_t).squeeze(1), 0.0)
         w_nll = torch.where(valid, nll_weight[start:end], 0.0)
-    if out.grad_h is None and out.grad_w is None and out.grad_b is None:
+        top = logits.argmax(-1, keepdim=True)
+        out.top1_rows[start:end] = (top.squeeze(1) == t) & valid
+        lse = (logits.gather(1, top) - log_p.gather(1, top)).squeeze(1)  # log p is unclamped at the top token
+    no_grad = out.grad_h is None and out.grad_w is None and out.grad_b is None
+    if no_grad and lse is None:
+        return
+    grad = log_p.exp_()  # the log_q buffer now holds p
+    if lse is not None:  # H(p) = logsumexp(logits) - sum_v p_v * logits_v
+        out.entropy_rows[start:end] = torch.where(valid, lse - _row_dot(grad, logits), 0.0)
+    if no_grad:
         return
     # d loss / d logits = (w_kl + w_nll) * softmax - w_kl * q* - w_nll * onehot(target)
-    grad = log_p.exp_()
     grad.mul_((w_kl if w_nll is None else w_kl + w_nll).unsqueeze(1))
     grad.sub_(q.mul_(w_kl.unsqueeze(1)))
     if w_nll is not None:
@@ -232,9 +249,12 @@ class _FusedConstraintKL(torch.autograd.Function):
         grad_w = torch.zeros(head_weight.shape, dtype=torch.float32, device=device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
         kl_rows = torch.zeros(n, dtype=torch.float32, device=device)
-        nll_rows = torch.zeros(n if targets is not None else 0, dtype=torch.float32, device=device)
+        stat_rows = n if targets is not None else 0
+        nll_rows = torch.zeros(stat_rows, dtype=torch.float32, device=device)
+        entropy_rows = torch.zeros(stat_rows, dtype=torch.float32, device=device)
+        top1_rows = torch.zeros(stat_rows, dtype=torch.bool, device=device)
 
-        buffers = _Buffers(kl_rows, nll_rows, grad_h, grad_w, grad_b)
+        buffers = _Buffers(kl_rows, nll_rows, entropy_rows, top1_rows, grad_h, grad_w, grad_b)
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             for start in range(0, n, chunk):  # each chunk's tensors are freed when _chunk returns
                 _chunk(
@@ -259,11 +279,11 @@ class _FusedConstraintKL(torch.autograd.Function):
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.factor = factor
         ctx.dtypes = (policy_hidden.dtype, head_weight.dtype, None if head_bias is None else head_bias.dtype)
-        ctx.mark_non_differentiable(kl_rows, nll_rows)
-        return loss * factor, kl_rows, nll_rows
+        ctx.mark_non_differentiable(kl_rows, nll_rows, entropy_rows, top1_rows)
+        return loss * factor, kl_rows, nll_rows, entropy_rows, top1_rows
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_kl, _grad_nll):
+    def backward(ctx, grad_loss: Tensor, *_grad_stats):
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -324,7 +344,7 @@ def fused_constraint_kl(
         reduction: ``"sum"`` or ``"mean"`` (the weighted sum divided by N).
 
     Returns:
-        :class:`FusedKLOutput` ``(loss, kl, nll)``; only ``loss`` is differentiable. Calling ``backward``
+        :class:`FusedKLOutput` ``(loss, kl, nll, entropy, is_top1)``; only ``loss`` is differentiable. Calling ``backward``
         twice through the same graph raises (the gradients are handed to autograd without a copy).
     """
     if policy_hidden.dim() != 2:
@@ -405,10 +425,12 @@ def fused_constraint_kl(
         "ignore_index": int(ignore_index),
         "want_grad": want_grad,
     }
-    loss, kl_rows, nll_rows = _FusedConstraintKL.apply(
+    loss, kl_rows, nll_rows, entropy_rows, top1_rows = _FusedConstraintKL.apply(
         policy_hidden, head_weight, head_bias, ref_hidden, z_fn, kl_weight, targets, nll_w, opts
     )
-    return FusedKLOutput(loss, kl_rows, nll_rows if targets is not None else None)
+    if targets is None:
+        return FusedKLOutput(loss, kl_rows, None)
+    return FusedKLOutput(loss, kl_rows, nll_rows, entropy_rows, top1_rows)
 
 
 class FusedConstraintKL(nn.Module):

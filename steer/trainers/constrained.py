@@ -10,12 +10,15 @@ optimizer steps, on policy samples labelled by a :class:`~steer.constraints.Cons
 (see :mod:`steer.trainers.schedule`). The KL is summed over positions and divided by the same token
 count as the SFT loss (``num_items_in_batch``), so it is correct under gradient accumulation.
 
-How the pieces share one forward: TRL's fused LM head computes the SFT loss without materialising
-logits; a forward hook on the decoder body keeps its last hidden states. With ``kl_implementation="fused"``
-(default) the KL term runs from those hidden states at the counted positions and the no-grad guidance pass's
-hidden states through :func:`~steer.guidance.fused_constraint_kl`: LM head, guidance head, q*, the KL and its
-gradient a chunk of positions at a time, never a ``[N, V]`` tensor, both position sets (corpus, samples) in
-one pass. With ``"chunked"`` (the reference) the policy logits and ``z`` at the counted positions are
+How the pieces share one forward: a forward hook on the decoder body keeps its last hidden states. With
+``kl_implementation="fused"`` (default) the policy's forward stops at the body (``logits_to_keep=1``) and one
+call of :func:`~steer.guidance.fused_constraint_kl` does the rest from those hidden states and the no-grad
+guidance pass's: a chunk of positions at a time the LM head, the SFT NLL (and TRL's entropy / token-accuracy
+metrics), the guidance head, q*, the KL and their gradients, never a ``[N, V]`` tensor, the head computed once
+for the SFT loss and every KL position set (corpus, samples). Where TRL's own loss is needed (label smoothing,
+``loss_type`` other than 'nll', a ``compute_loss_func``, MoE aux loss, sequence/context parallelism, a model
+without ``logits_to_keep``) TRL's fused LM head computes the SFT loss and the fused KL runs after it. With
+``"chunked"`` (the reference) TRL computes the SFT loss, the policy logits and ``z`` at the counted positions are
 materialised (``[N, V]``) and :func:`~steer.guidance.constraint_kl` runs on them.
 
 Under several processes (DDP): the guidance parameters have ``requires_grad=False`` whenever the policy
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -125,9 +129,11 @@ class ConstrainedConfig(SFTConfig):
         default="fused",
         metadata={
             "help": "How the KL term is computed: 'fused' (from the hidden states: LM head, guidance head, q*, KL "
-            "and gradients a chunk of positions at a time, never a [tokens, vocab] tensor) or 'chunked' (the "
-            "policy logits and z at the counted positions are materialised first; the reference implementation). "
-            "'fused' falls back to 'chunked' when the output head is adapted (not a plain nn.Linear)."
+            "and gradients a chunk of positions at a time, never a [tokens, vocab] tensor; the SFT NLL comes out "
+            "of the same head pass unless TRL's own loss is needed, e.g. label smoothing) or 'chunked' (TRL "
+            "computes the SFT loss, then the policy logits and z at the counted positions are materialised; the "
+            "reference implementation). 'fused' falls back to 'chunked' when the output head is adapted (not a "
+            "plain nn.Linear)."
         },
     )
     kl_positions: str = field(
@@ -515,6 +521,8 @@ class ConstrainedTrainer(SFTTrainer):
             )
         self._decoder = backbone
         self._warned_fused_fallback = False
+        forward_params = inspect.signature(type(inner).forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in forward_params
 
         # The oracle's judgement of every token's own text: the guidance head's prior, and the flags that stop
         # the corpus KL after a violation. Computed once (rank 0 first, then read from its cache by the others,
@@ -777,16 +785,22 @@ class ConstrainedTrainer(SFTTrainer):
         hidden = getattr(out, "last_hidden_state", None)
         return (hidden if hidden is not None else out[0])[mask]
 
+    def _head_is_linear(self) -> bool:
+        """Whether the policy's output head is a plain ``nn.Linear`` (under FSDP2: its wrapped class is)."""
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        kind = type(head)
+        if self.is_fsdp_enabled and sharding.fsdp_units(head):
+            kind = kind.__bases__[-1]  # fully_shard's class FSDP<cls>(FSDPModule, cls)
+        return kind is torch.nn.Linear
+
     def _fused_head(self) -> torch.nn.Linear | None:
         """The policy's output head when the fused KL can use its weights directly, else None (with a warning)."""
         if self.args.kl_implementation != "fused":
             return None
         head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        kind = type(head)
-        if self.is_fsdp_enabled and sharding.fsdp_units(head):
-            head.unshard()  # FSDP2: the head's unit (every rank, in step); a no-op after the policy forward
-            kind = kind.__bases__[-1]  # fully_shard's class FSDP<cls>(FSDPModule, cls)
-        if kind is torch.nn.Linear:
+        if self._head_is_linear():
+            if self.is_fsdp_enabled and sharding.fsdp_units(head):
+                head.unshard()  # FSDP2: the head's unit (every rank, in step); a no-op after the policy forward
             return head
         if not self._warned_fused_fallback:
             logger.warning(
@@ -796,6 +810,61 @@ class ConstrainedTrainer(SFTTrainer):
             self._warned_fused_fallback = True
         return None
 
+    def _shares_head(self, inputs, return_outputs: bool) -> bool:
+        """Whether this call computes the SFT loss inside the fused KL pass (one head pass, see the module doc).
+
+        Otherwise TRL's ``compute_loss`` computes it (its fused LM head), e.g. for label smoothing, a
+        ``loss_type`` other than 'nll', a ``compute_loss_func``, an MoE aux loss or sequence/context parallelism.
+        """
+        if self.args.kl_coef <= 0 or self.args.kl_implementation != "fused" or return_outputs:
+            return False
+        if self.compute_loss_func is not None or self.label_smoother is not None:
+            return False
+        if getattr(self.args, "loss_type", "nll") != "nll" or getattr(self, "aux_loss_enabled", False):
+            return False
+        if "labels" not in inputs or "shift_labels" in inputs or not self._accepts_logits_to_keep:
+            return False
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if parallelism is not None and (
+            getattr(parallelism, "sp_enabled", False) or getattr(parallelism, "cp_enabled", False)
+        ):
+            return False
+        return self._head_is_linear()
+
+    def _body_forward(self, model, inputs) -> torch.Tensor:
+        """The policy's last hidden states ``[B, T, H]`` from its (wrapped) forward, the head on one position only."""
+        kwargs = {key: value for key, value in inputs.items() if key != "labels"}
+        self._captured = []
+        try:
+            model(**kwargs, use_cache=False, logits_to_keep=1)
+            if not self._captured:
+                raise RuntimeError(
+                    "ConstrainedTrainer could not read the policy's hidden states for the KL term"
+                )
+            return self._captured[0]
+        finally:
+            self._captured = None
+
+    def _log_sft_metrics(self, mode: str, inputs, supervised, entropy, is_top1) -> None:
+        """TRL's SFT metrics (entropy, mean_token_accuracy, num_tokens) from the shared head pass."""
+        stats = torch.stack([supervised.sum().float(), entropy.sum().float(), is_top1.sum().float()]).view(
+            1, 3
+        )
+        num_valid, entropy_sum, num_correct = self.accelerator.gather_for_metrics(stats).view(-1, 3).sum(0)
+        num_valid = float(num_valid)
+        self._metrics[mode]["entropy"].append(float(entropy_sum) / num_valid if num_valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(
+            float(num_correct) / num_valid if num_valid > 0 else 0.0
+        )
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            else:
+                width = torch.tensor(inputs["input_ids"].size(1), device=inputs["input_ids"].device)
+                tokens = self.accelerator.gather_for_metrics(width).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
     @property
     def _sample_coef(self) -> float:
         """λ of the policy-sample KL term (``kl_sample_coef``, else ``kl_coef``)."""
@@ -803,24 +872,30 @@ class ConstrainedTrainer(SFTTrainer):
         return self.args.kl_coef if coef is None else coef
 
     def _kl_terms(
-        self, inputs, hidden, masks: dict[str, torch.Tensor], weights: dict[str, Any], targets
+        self, inputs, hidden, masks: dict[str, torch.Tensor], weights: dict[str, Any], targets, nll=None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Detached KL sums ``{name: sum over positions}`` per position set, and ``sum_name weights[name] * sum``.
 
         One guidance pass serves all sets; with ``kl_implementation='fused'`` one head pass does too (the
-        weights become per-row weights of :func:`~steer.guidance.fused_constraint_kl`).
+        weights become per-row weights of :func:`~steer.guidance.fused_constraint_kl`). ``nll`` = ``(mask
+        [B, T], targets [B, T], weight)`` (fused only) adds the SFT NLL to the same pass: ``terms`` then also
+        holds ``"nll"``, ``"entropy"`` and ``"is_top1"`` (sums over the NLL positions).
         """
-        union = torch.zeros_like(next(iter(masks.values())))
+        union = torch.zeros_like(hidden[..., 0], dtype=torch.bool)
         for mask in masks.values():
             union |= mask
+        if nll is not None:
+            union |= nll[0]
         zero = hidden.new_zeros((), dtype=torch.float32)
-        if not bool(union.any()):
+        if not bool(union.any()) and nll is None:
             return {name: zero for name in masks}, zero
         logging_step = self.state.global_step % max(1, int(self.args.logging_steps or 1)) == 0
         log_share = self.model.training and logging_step and "corpus" in masks
         head = self._fused_head()
         if head is not None:
-            return self._fused_kl_terms(inputs, hidden, masks, weights, targets, union, head, log_share)
+            return self._fused_kl_terms(inputs, hidden, masks, weights, targets, union, head, log_share, nll)
+        if nll is not None:
+            raise RuntimeError("the SFT NLL shares the head pass only on the fused path")
         policy_logits = self._head_logits(hidden[union])  # [N, V], with gradient
         with torch.no_grad():  # z only where the KL counts (the guidance head is vocabulary-wide)
             z = self._guidance_logits(inputs, union)
@@ -850,19 +925,24 @@ class ConstrainedTrainer(SFTTrainer):
             )
         return terms, total
 
-    def _fused_kl_terms(self, inputs, hidden, masks, weights, targets, union, head, log_share):
-        """:meth:`_kl_terms` from hidden states: every position set in one chunked head + KL pass."""
+    def _fused_kl_terms(self, inputs, hidden, masks, weights, targets, union, head, log_share, nll=None):
+        """:meth:`_kl_terms` from hidden states: every position set (and the NLL) in one chunked head + KL pass."""
         policy_hidden = hidden[union]  # [N, H], with gradient
         with torch.no_grad():
-            guidance_hidden = self.guidance.hidden_states(inputs["input_ids"], inputs.get("attention_mask"))[
-                union
-            ]
+            guidance_hidden = self._guidance_hidden(inputs, union)
         base_hidden = self._reference_hidden(inputs, union) if self.args.kl_reference == "base" else None
         rows = {name: mask[union] for name, mask in masks.items()}
         row_weight = torch.zeros(policy_hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for name, mask in rows.items():
             weight = torch.as_tensor(weights[name], device=hidden.device).float()
             row_weight = row_weight + mask.float() * weight
+        nll_kwargs = {}
+        if nll is not None:
+            nll_mask, nll_targets, nll_weight = nll
+            nll_kwargs = {
+                "targets": torch.where(nll_mask, nll_targets, -100)[union],
+                "nll_weight": torch.as_tensor(nll_weight, device=hidden.device).float(),
+            }
         guidance_head = self.guidance.head
         out = fused_constraint_kl(
             policy_hidden,
@@ -877,6 +957,7 @@ class ConstrainedTrainer(SFTTrainer):
             logit_softcap=self._softcap,
             chunk_size=min(self.args.kl_chunk_size, fused_chunk_size(policy_hidden.shape[0])),
             reduction="sum",
+            **nll_kwargs,
         )
         if log_share:  # no-grad head passes over the corpus rows, a chunk at a time (logging steps only)
 
@@ -891,7 +972,26 @@ class ConstrainedTrainer(SFTTrainer):
                     return F.linear(guidance_hidden[index].float(), guidance_head.weight, guidance_head.bias)
 
             self._log_grad_share(policy_part, ref_part, z_part, masks, union, targets)
-        return {name: out.kl[mask].sum() for name, mask in rows.items()}, out.loss
+        terms = {name: out.kl[mask].sum() for name, mask in rows.items()}
+        if nll is not None:
+            terms.update(nll=out.nll.sum(), entropy=out.entropy.sum(), is_top1=out.is_top1.sum())
+        return terms, out.loss
+
+    def _guidance_hidden(self, inputs, union: torch.Tensor) -> torch.Tensor:
+        """The guidance model's last hidden states ``[N, Hg]`` at the ``union`` positions (no grad).
+
+        Its backbone runs only on the rows with a counted position and up to the last counted column: a causal
+        model's hidden state at ``t`` does not depend on later tokens, so the cut changes no value.
+        """
+        rows = union.any(1)
+        if not bool(rows.any()):
+            return torch.zeros(0, self.guidance.head.weight.shape[1], device=union.device)
+        width = int(union.any(0).nonzero().max()) + 1
+        mask = inputs.get("attention_mask")
+        hidden = self.guidance.hidden_states(
+            inputs["input_ids"][rows, :width], None if mask is None else mask[rows, :width]
+        )
+        return hidden[union[rows, :width]]
 
     def _log_grad_share(self, policy_logits, ref_logits, z, masks, union, targets) -> None:
         """The KL gradient's share of the total at the counted corpus positions (w.r.t. the logits, norms).
@@ -939,26 +1039,31 @@ class ConstrainedTrainer(SFTTrainer):
             rows = self._sample_rows()
             if rows is not None:
                 inputs = self._append_rows(inputs, rows, self._pad_token_id)
-        self._captured = [] if use_kl else None
-        try:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            hidden = self._captured[0] if use_kl and self._captured else None
-        finally:
-            self._captured = None
-        sft_loss = result[0] if return_outputs else result
+        shared = self._shares_head(inputs, return_outputs)
+        if shared:  # the SFT loss comes out of the fused KL pass below
+            hidden = self._body_forward(model, inputs)
+            result = sft_loss = None
+            device = hidden.device
+        else:
+            self._captured = [] if use_kl else None
+            try:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                hidden = self._captured[0] if use_kl and self._captured else None
+            finally:
+                self._captured = None
+            sft_loss = result[0] if return_outputs else result
+            device = sft_loss.device
         count = supervised.sum()
-        denom = torch.as_tensor(
-            count if num_items_in_batch is None else num_items_in_batch, device=sft_loss.device
-        )
+        denom = torch.as_tensor(count if num_items_in_batch is None else num_items_in_batch, device=device)
         denom = denom.clamp(min=1)
         factor = 1
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             factor = self.accelerator.num_processes // self.get_tp_size()  # as SFTTrainer scales its loss
 
         loss = sft_loss
-        kl_sum = torch.zeros((), device=sft_loss.device)
-        kl_samples_sum = torch.zeros((), device=sft_loss.device)
-        sample_count = torch.zeros((), device=sft_loss.device)
+        kl_sum = torch.zeros((), device=device)
+        kl_samples_sum = torch.zeros((), device=device)
+        sample_count = torch.zeros((), device=device)
         if use_kl:
             if hidden is None:
                 raise RuntimeError(
@@ -978,7 +1083,14 @@ class ConstrainedTrainer(SFTTrainer):
                 ]  # position t predicts continuation token t+1
                 masks["samples"] = sample
                 sample_count = sample.sum().float()
-            if masks:
+            nll = None
+            if shared:  # the corpus rows' SFT targets, on the (possibly widened) batch
+                nll_mask = torch.zeros(total, hidden.shape[1], dtype=torch.bool, device=hidden.device)
+                nll_mask[:n_corpus, : supervised.shape[1]] = supervised
+                nll_targets = torch.full_like(nll_mask, -100, dtype=torch.long)
+                nll_targets[:n_corpus, : targets.shape[1]] = targets
+                nll = (nll_mask, nll_targets, factor / denom)
+            if masks or shared:
                 weights = {}
                 if "corpus" in masks:
                     weights["corpus"] = (self.args.kl_coef * factor) / denom
@@ -991,8 +1103,13 @@ class ConstrainedTrainer(SFTTrainer):
                             self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
                         )
                     weights["samples"] = self._sample_coef / (sample_count * accumulation).clamp(min=1)
-                terms, weighted = self._kl_terms(inputs, hidden, masks, weights, targets)
-                loss = loss + weighted.to(sft_loss.dtype)
+                terms, weighted = self._kl_terms(inputs, hidden, masks, weights, targets, nll)
+                if shared:
+                    loss = weighted
+                    sft_loss = (terms["nll"] * factor / denom).detach()
+                    self._log_sft_metrics(mode, inputs, supervised, terms["entropy"], terms["is_top1"])
+                else:
+                    loss = loss + weighted.to(sft_loss.dtype)
                 kl_sum = terms.get("corpus", kl_sum)
                 if "samples" in terms and sample_count > 0:
                     kl_samples_sum = terms["samples"]

@@ -48,7 +48,14 @@ import torch
 
 from ..errors import UserInputError
 from .buffer import SampleBuffer
-from .schedule import GuidanceLearner, GuidanceRoundError, _check_schedule, copy_tensors, set_thread_share
+from .schedule import (
+    BackgroundSchedule,
+    GuidanceLearner,
+    GuidanceRoundError,
+    _check_schedule,
+    copy_tensors,
+    set_thread_share,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +186,7 @@ def _shutdown(process, conn, graceful: bool, stop_timeout: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the schedule
-class ProcessSchedule:
+class ProcessSchedule(BackgroundSchedule):
     """Round ``k`` runs in a worker process while the policy trains on version ``k-1`` (staleness 1).
 
     ``learner``: the rounds' :class:`GuidanceLearner`, built on :func:`worker_copy` of the policy (it is sent
@@ -221,28 +228,17 @@ class ProcessSchedule:
         self.policy_params = policy_params
         self.policy_names = list(policy_names)
         self.guidance_params = guidance_params
-        self.synchronised = synchronised
-        self.sync_weights = sync_weights
+        self._init_background(
+            synchronised=synchronised, worker_threads=worker_threads, sync_weights=sync_weights
+        )
         self.device = None if device is None else str(device)
         self.timeout = float(timeout)
         self.stop_timeout = float(stop_timeout)
-        self.version = -1
-        self.samples: list = []
-        total = torch.get_num_threads()
-        self.worker_threads = worker_threads
-        self.main_threads = None
-        if worker_threads is None and not synchronised and total > 1:
-            self.worker_threads = max(1, total // 2)
-        if self.worker_threads is not None and not synchronised:
-            self.main_threads = max(1, total - self.worker_threads)
-        self._original_threads = total
         self._process = None
         self._conn = None
         self._finalizer = None
         self._running: int | None = None  # the round the worker is running (None: idle)
-        self._done: tuple | None = None  # (round, metrics, guidance tensors, samples) not swapped in yet
-        self._failure: BaseException | None = None
-        self._failure_raised = False
+        # self._done: (round, metrics, guidance tensors, samples) not swapped in yet
 
     # ------------------------------------------------------------------ the worker's life
     @property
@@ -408,9 +404,7 @@ class ProcessSchedule:
                     self._collect()
                 if self._failure is not None:
                     self._failure_raised = False
-        if self._failure is not None and not self._failure_raised:
-            self._failure_raised = True
-            raise self._failure
+        self._raise_unraised_failure()
 
     def _swap(self) -> list[dict[str, float]]:
         if self._done is None:
@@ -424,12 +418,7 @@ class ProcessSchedule:
         self.version = round_index
         return [metrics]
 
-    def on_round(self, round_index: int) -> list[dict[str, float]]:
-        self.check()
-        if self._failure is not None:  # raised before: no new round after a failed one
-            raise self._failure
-        self._collect()
-        finished = self._swap()
+    def _start(self, round_index: int) -> None:
         self._ensure_started()
         payload = {
             "policy": [p.detach().cpu() for p in self.policy_params()],
@@ -442,22 +431,6 @@ class ProcessSchedule:
             self._kill()
             raise
         self._running = round_index
-        if self.synchronised or round_index == 0:  # the warm-up round is always waited for
-            self._collect()
-            finished += self._swap()
-        return finished
-
-    def finish(self) -> list[dict[str, float]]:
-        """End of training: wait for the running round, swap it in, stop the worker."""
-        try:
-            if self._failure is not None:
-                if self._failure_raised:
-                    return []
-                self.check()
-            self._collect()
-            return self._swap()
-        finally:
-            self.close()
 
     def close(self) -> None:
         """Stop the worker and join it (terminated at once if a round is still running)."""

@@ -591,7 +591,87 @@ class SequentialSchedule:
         self.samples = SampleBuffer.items_from_state(state.get("samples"))
 
 
-class ParallelSchedule:
+class BackgroundSchedule:
+    """What the background schedules share: round ``k`` runs in a worker while the policy trains on ``k-1``.
+
+    Subclasses (a worker thread: :class:`ParallelSchedule`; a worker process:
+    :class:`~steer.trainers.process_schedule.ProcessSchedule`) implement ``_start(round_index)`` (hand the
+    round to the idle worker), ``_collect()`` (wait for the running round, keep its result in ``_done``, record
+    and re-raise its error), ``_swap()`` (make ``_done`` the policy's guidance version), ``check()`` and
+    ``close()``. This base holds the round protocol (staleness 1; the warm-up round and every round of a
+    ``synchronised`` schedule are waited for), the end of training, and the CPU thread split between the
+    policy and the worker.
+    """
+
+    name = ""
+
+    def _init_background(self, *, synchronised: bool, worker_threads: int | None, sync_weights) -> None:
+        self.synchronised = synchronised
+        self.sync_weights = sync_weights
+        self.version = -1
+        self.samples: list = []
+        total = torch.get_num_threads()
+        self.worker_threads = worker_threads
+        self.main_threads = None
+        if worker_threads is None and not synchronised and total > 1:
+            self.worker_threads = max(1, total // 2)
+        if self.worker_threads is not None and not synchronised:
+            self.main_threads = max(1, total - self.worker_threads)
+        self._original_threads = total
+        self._done: tuple | None = None  # a finished round not swapped in yet (e.g. after a checkpoint)
+        self._failure: BaseException | None = None  # a background round's error, raised at the next step
+        self._failure_raised = False
+
+    def _start(self, round_index: int) -> None:
+        raise NotImplementedError
+
+    def _collect(self) -> None:
+        raise NotImplementedError
+
+    def _swap(self) -> list[dict[str, float]]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _raise_unraised_failure(self) -> None:
+        if self._failure is not None and not self._failure_raised:
+            self._failure_raised = True
+            raise self._failure
+
+    def on_round(self, round_index: int) -> list[dict[str, float]]:
+        """Swap in the finished round (if any), start round ``round_index``; returns finished rounds' metrics."""
+        self.check()
+        if self._failure is not None:  # raised before: no new round after a failed one
+            raise self._failure
+        self._collect()
+        finished = self._swap()
+        self._start(round_index)
+        if self.synchronised or round_index == 0:  # the warm-up round is always waited for
+            self._collect()
+            finished += self._swap()
+        return finished
+
+    def finish(self) -> list[dict[str, float]]:
+        """End of training: wait for the running round, swap it in, stop the worker.
+
+        Raises a failed round's error unless it was already raised (then training is unwinding from it).
+        """
+        try:
+            if self._failure is not None:
+                if self._failure_raised:
+                    return []
+                self.check()
+            self._collect()
+            return self._swap()
+        finally:
+            self.close()
+
+
+class ParallelSchedule(BackgroundSchedule):
     """Round ``k`` runs in a worker thread on its own model copy while the policy trains on version ``k-1``.
 
     ``policy_params``/``worker_policy_params``: callables returning the trainable policy tensors of the
@@ -621,24 +701,12 @@ class ParallelSchedule:
         self.policy_params = policy_params
         self.worker_policy_params = worker_policy_params
         self.guidance_params = guidance_params
-        self.synchronised = synchronised
-        self.sync_weights = sync_weights
-        self.version = -1
-        self.samples: list = []
-        total = torch.get_num_threads()
-        self.worker_threads = worker_threads
-        self.main_threads = None
-        if worker_threads is None and not synchronised and total > 1:
-            self.worker_threads = max(1, total // 2)
-        if self.worker_threads is not None and not synchronised:
-            self.main_threads = max(1, total - self.worker_threads)
-        self._original_threads = total
+        self._init_background(
+            synchronised=synchronised, worker_threads=worker_threads, sync_weights=sync_weights
+        )
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._future: concurrent.futures.Future | None = None
         self._future_round = -1
-        self._done: tuple[int, dict] | None = None  # a finished round not swapped in yet (after a checkpoint)
-        self._failure: BaseException | None = None  # a background round's error, raised at the next step
-        self._failure_raised = False
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -688,9 +756,7 @@ class ParallelSchedule:
             with contextlib.suppress(Exception):
                 self._collect()
             self._failure_raised = False
-        if self._failure is not None and not self._failure_raised:
-            self._failure_raised = True
-            raise self._failure
+        self._raise_unraised_failure()
 
     def _swap(self) -> list[dict[str, float]]:
         if self._done is None:
@@ -705,34 +771,10 @@ class ParallelSchedule:
         self.version = round_index
         return [metrics]
 
-    def on_round(self, round_index: int) -> list[dict[str, float]]:
-        self.check()
-        if self._failure is not None:  # raised before: no new round after a failed one
-            raise self._failure
-        self._collect()
-        finished = self._swap()
+    def _start(self, round_index: int) -> None:
         copy_tensors(self.worker_policy_params(), self.policy_params())  # the worker is idle here
         self._future = self._pool().submit(self.learner.run_round, round_index)
         self._future_round = round_index
-        if self.synchronised or round_index == 0:  # the warm-up round is always waited for
-            self._collect()
-            finished += self._swap()
-        return finished
-
-    def finish(self) -> list[dict[str, float]]:
-        """End of training: wait for the running round, swap it in, stop the worker.
-
-        Raises a failed round's error unless it was already raised (then training is unwinding from it).
-        """
-        try:
-            if self._failure is not None:
-                if self._failure_raised:
-                    return []
-                self.check()
-            self._collect()
-            return self._swap()
-        finally:
-            self.close()
 
     def close(self) -> None:
         if self._future is not None:
