@@ -834,9 +834,10 @@ class ConstrainedTrainer(SFTTrainer):
     def _body_forward(self, model, inputs) -> torch.Tensor:
         """The policy's last hidden states ``[B, T, H]`` from its (wrapped) forward, the head on one position only."""
         kwargs = {key: value for key, value in inputs.items() if key != "labels"}
+        kwargs.update(use_cache=False, logits_to_keep=1)
         self._captured = []
         try:
-            model(**kwargs, use_cache=False, logits_to_keep=1)
+            model(**kwargs)
             if not self._captured:
                 raise RuntimeError(
                     "ConstrainedTrainer could not read the policy's hidden states for the KL term"
