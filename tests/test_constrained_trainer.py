@@ -337,6 +337,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, schedule):
     a, b = _losses(full), _losses(resumed)  # the resumed history starts with the checkpoint's 3 steps
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+    tokens = [[h["num_tokens"] for h in t.state.log_history if "num_tokens" in h] for t in (full, resumed)]
+    assert tokens[0] == tokens[1] and tokens[0][-1] > tokens[0][0] > 0  # TRL's token counter resumes too
     for x, y in zip(full.guidance.trainable_parameters(), resumed.guidance.trainable_parameters()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 

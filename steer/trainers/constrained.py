@@ -1224,6 +1224,7 @@ class ConstrainedTrainer(SFTTrainer):
             "rounds_started": self.rounds_started,
             "schedule": self.schedule.state_dict(),
             "round_history": [dict(r) for r in self.round_history],
+            "total_train_tokens": int(getattr(self, "_total_train_tokens", 0)),  # TRL's num_tokens counter
         }
         atomic_torch_save(state, self._state_path(output_dir))
 
@@ -1238,6 +1239,8 @@ class ConstrainedTrainer(SFTTrainer):
         self.schedule.load_state_dict(state["schedule"])
         self.rounds_started = int(state["rounds_started"])
         self.round_history = [dict(r) for r in state.get("round_history", [])]
+        if "total_train_tokens" in state:
+            self._total_train_tokens = int(state["total_train_tokens"])
         if self._is_peft:
             self.model.set_adapter(self._policy_adapter)
         self.guidance.set_trainable(False)
