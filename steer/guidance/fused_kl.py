@@ -63,12 +63,25 @@ class FusedKLOutput(NamedTuple):
     is_top1: Tensor | None = None
 
 
-def fused_chunk_size(n_rows: int, *, max_chunk: int = 256, min_chunk: int = 16) -> int:
+def fused_chunk_size(
+    n_rows: int,
+    *,
+    vocab: int | None = None,
+    max_chunk: int = 256,
+    min_chunk: int = 16,
+    whole_bytes: int = 64 * 2**20,
+) -> int:
     """Default positions per chunk: ``n_rows / 32`` rounded up to a multiple of 8, within ``[min_chunk, max_chunk]``.
 
     The working set (three ``[chunk, V]`` fp32 tensors) then stays near 3/32 (about 0.1) of one ``[N, V]`` fp32
-    tensor once ``N >= 32 * min_chunk``, while chunks stay large enough for efficient matmuls.
+    tensor once ``N >= 32 * min_chunk``, while chunks stay large enough for efficient matmuls. Small problems run
+    in one chunk (up to ``max_chunk`` rows): when ``vocab`` is given and one ``[N, V]`` fp32 tensor takes at most
+    ``whole_bytes`` (64 MiB), chunking saves little memory in absolute terms, while every chunk reads the
+    ``[V, H]`` head weights again (the policy's, the guidance model's, and once more in the backward), which
+    dominates on CPU for chunks of a few rows.
     """
+    if vocab is not None and max(1, n_rows) * int(vocab) * 4 <= whole_bytes:
+        return int(max(1, min(max_chunk, n_rows)))
     chunk = 8 * math.ceil(max(1, n_rows) / 256)
     return int(max(1, min(max_chunk, max(min_chunk, chunk))))
 
@@ -339,8 +352,8 @@ def fused_constraint_kl(
         nll_weight: per-row weight of the NLL (``[N]``, a number, or ``None`` = 1).
         logit_scale, logit_softcap: the transform the model applies to the head output
             (``softcap * tanh(scale * x / softcap)``), as in ``ConstrainedTrainer``'s ``_logit_transform``.
-        chunk_size: positions per chunk (default :func:`fused_chunk_size`); the working set is about three
-            ``[chunk_size, V]`` fp32 tensors.
+        chunk_size: positions per chunk (default :func:`fused_chunk_size` of N and V); the working set is
+            about three ``[chunk_size, V]`` fp32 tensors.
         reduction: ``"sum"`` or ``"mean"`` (the weighted sum divided by N).
 
     Returns:
@@ -358,7 +371,7 @@ def fused_constraint_kl(
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if chunk_size is None:
-        chunk_size = fused_chunk_size(n)
+        chunk_size = fused_chunk_size(n, vocab=vocab)
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if logit_softcap is not None and not logit_softcap > 0:

@@ -122,7 +122,8 @@ class ConstrainedConfig(SFTConfig):
         default=256,
         metadata={
             "help": "Positions per chunk in the vocabulary-wide KL (bounds its extra memory). 'fused' uses at most "
-            "this many, fewer for short batches (about N/32, at least 16)."
+            "this many: all N counted positions at once when one [N, vocab] fp32 tensor fits in 64 MiB, else about "
+            "N/32 (at least 16)."
         },
     )
     kl_implementation: str = field(
@@ -956,7 +957,9 @@ class ConstrainedTrainer(SFTTrainer):
             row_weight=row_weight,
             logit_scale=self._logit_scale,
             logit_softcap=self._softcap,
-            chunk_size=min(self.args.kl_chunk_size, fused_chunk_size(policy_hidden.shape[0])),
+            chunk_size=min(
+                self.args.kl_chunk_size, fused_chunk_size(policy_hidden.shape[0], vocab=head.weight.shape[0])
+            ),
             reduction="sum",
             **nll_kwargs,
         )
