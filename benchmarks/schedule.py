@@ -113,6 +113,18 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="policy samples per round (overrides the preset; heavier rounds)",
+    )
+    parser.add_argument(
+        "--guidance-steps",
+        type=int,
+        default=None,
+        help="guidance optimizer steps per round (overrides the preset)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="a tiny model and config: checks the plumbing, timings mean nothing",
@@ -131,6 +143,8 @@ def main(argv=None) -> dict:
         help="comma-separated schedules to time (sequential is always included: the ratios' denominator)",
     )
     args = parser.parse_args(argv)
+    args.samples_override, args.guidance_steps_override = args.samples, args.guidance_steps
+    args.rounds_override = args.rounds
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads_total = torch.get_num_threads()
@@ -162,6 +176,10 @@ def main(argv=None) -> dict:
             6,
             6,
         )
+    overrides = {"samples": args.samples_override, "guidance_steps": args.guidance_steps_override}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(args, key, value)
     args.rounds = args.rounds or (2 if args.smoke else 4)
     repeats = args.repeats or (1 if args.smoke else 2)
     load_start = os.getloadavg()
@@ -242,6 +260,10 @@ def main(argv=None) -> dict:
         "trainable ones",
     }
     name = "schedule" + ("_gpu" if args.gpu else "") + (f"_threads{args.threads}" if args.threads else "")
+    if args.rounds_override is not None:
+        name += f"_r{args.rounds}"
+    if args.samples_override is not None or args.guidance_steps_override is not None:
+        name += f"_s{args.samples}_g{args.guidance_steps}"
     name += "_smoke" if args.smoke else ""
     print(f"wrote {write_result(name, result, args.out_dir)}")
     return result
