@@ -350,62 +350,20 @@ needs_trainer = pytest.mark.skipif(
     not _process_schedule_available(), reason="ConstrainedTrainer has no schedule='process' yet"
 )
 
-WORDS = "the a cat dog bird is was good bad nice rude calm warm cold runs sees likes and but".split()
 
+def _trainer(tmp_path, **overrides):
+    """``test_constrained_trainer``'s tiny trainer, 6 steps, the worker on one thread."""
+    import test_constrained_trainer
 
-def _trainer(tmp_path, *, constraint=None, **overrides):
-    from datasets import Dataset
-
-    from steer.trainers.constrained import ConstrainedConfig, ConstrainedTrainer
-
-    gen = torch.Generator().manual_seed(0)
-    texts = []
-    for _ in range(48):
-        idx = torch.randint(0, len(WORDS), (int(torch.randint(4, 10, (1,), generator=gen)),), generator=gen)
-        texts.append(" ".join(WORDS[i] for i in idx.tolist()).capitalize() + ".")
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        max_length=24,
-        seed=0,
-        dataloader_num_workers=0,
-        kl_coef=1.0,
-        guidance_interval=2,
-        guidance_steps_per_round=2,
-        guidance_batch_size=8,
-        guidance_lr=1e-2,
-        guidance_lora_r=4,
-        samples_per_round=8,
-        sample_max_new_tokens=6,
-        sample_batch_size=8,
-        disable_tqdm=True,
-        parallel_worker_threads=1,
-    )
-    values.update(overrides)
-    model, tokenizer = tiny_causal_lm("llama", seed=0)
-    return ConstrainedTrainer(
-        model,
-        ConstrainedConfig(**values),
-        train_dataset=Dataset.from_dict({"text": texts}),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
-        ),
-        constraint=constraint or KeywordConstraint(banned=["bad", "rude"]),
-        prompt_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    return test_constrained_trainer._trainer(
+        tmp_path, **{"max_steps": 6, "parallel_worker_threads": 1, **overrides}
     )
 
 
 def _losses(trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    import test_constrained_trainer
+
+    return test_constrained_trainer._losses(trainer)
 
 
 def _staleness(trainer) -> list[float]:
