@@ -304,20 +304,7 @@ def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
     from steer.guidance import GuidanceModel
 
     out = tmp_path / "out"
-    common = [
-        "train",
-        "constrained",
-        "--config",
-        str(ROOT / "recipes" / "tiny" / "constrained.yaml"),
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(mp._corpus(tmp_path / "corpus.jsonl")),
-        "--constraint",
-        "keyword",
-        "--constraint_kwargs",
-        '{"banned": ["the", "a", "is"]}',
-    ]
+    common = mp.constrained_args(tmp_path, tiny_model_dir)
     args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
     log = launch_fsdp2(args, tmp_path, monkeypatch)
     ranks = _check_fsdp2_ranks(log, out, "train constrained")
@@ -400,18 +387,7 @@ def test_constrained_fsdp2_refuses_parallel_schedule(tmp_path, tiny_model_dir): 
         str(mp._free_port()),
         "-m",
         "steer.cli",
-        "train",
-        "constrained",
-        "--config",
-        str(ROOT / "recipes" / "tiny" / "constrained.yaml"),
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(mp._corpus(tmp_path / "corpus.jsonl")),
-        "--constraint",
-        "keyword",
-        "--constraint_kwargs",
-        '{"banned": ["the"]}',
+        *mp.constrained_args(tmp_path, tiny_model_dir, banned=["the"]),
         "--output_dir",
         str(tmp_path / "out"),
         "--schedule",

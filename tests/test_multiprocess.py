@@ -162,6 +162,24 @@ def _corpus(path: Path) -> Path:
     return path
 
 
+def constrained_args(tmp_path, model_dir, banned=("the", "a", "is")) -> list[str]:
+    """``steer train constrained`` arguments of the tiny recipe on a tiny corpus and a keyword constraint."""
+    return [
+        "train",
+        "constrained",
+        "--config",
+        str(ROOT / "recipes" / "tiny" / "constrained.yaml"),
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(_corpus(tmp_path / "corpus.jsonl")),
+        "--constraint",
+        "keyword",
+        "--constraint_kwargs",
+        json.dumps({"banned": list(banned)}),
+    ]
+
+
 def test_constrained_two_ranks(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -171,18 +189,7 @@ def test_constrained_two_ranks(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     log, seconds = launch(
         [
-            "train",
-            "constrained",
-            "--config",
-            str(ROOT / "recipes" / "tiny" / "constrained.yaml"),
-            "--model_name_or_path",
-            str(tiny_model_dir),
-            "--dataset_name",
-            str(_corpus(tmp_path / "corpus.jsonl")),
-            "--constraint",
-            "keyword",
-            "--constraint_kwargs",
-            '{"banned": ["the", "a", "is"]}',
+            *constrained_args(tmp_path, tiny_model_dir),
             "--output_dir",
             str(out),
         ],

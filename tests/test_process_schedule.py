@@ -424,23 +424,12 @@ def test_trainer_stops_at_the_next_step_when_a_worker_round_fails(tmp_path):
 @needs_trainer
 @pytest.mark.slow  # accelerate launch: 2 gloo ranks, each with its own worker process (~1-2 min)
 def test_two_ranks_each_own_a_worker_and_end_identical(tmp_path, tiny_model_dir):  # noqa: F811
-    from test_multiprocess import ROOT, _check_two_ranks, _corpus, launch
+    from test_multiprocess import _check_two_ranks, constrained_args, launch
 
     out = tmp_path / "out"
     log, _ = launch(
         [
-            "train",
-            "constrained",
-            "--config",
-            str(ROOT / "recipes" / "tiny" / "constrained.yaml"),
-            "--model_name_or_path",
-            str(tiny_model_dir),
-            "--dataset_name",
-            str(_corpus(tmp_path / "corpus.jsonl")),
-            "--constraint",
-            "keyword",
-            "--constraint_kwargs",
-            '{"banned": ["the", "a", "is"]}',
+            *constrained_args(tmp_path, tiny_model_dir),
             "--output_dir",
             str(out),
             "--schedule",
