@@ -703,7 +703,7 @@ class ConstrainedTrainer(SFTTrainer):
 
     def _guidance_logits(self, inputs, mask) -> torch.Tensor:
         """``z`` [N, V] at the counted hidden positions: the guidance head on those rows only."""
-        hidden = self.guidance.hidden_states(inputs["input_ids"], inputs.get("attention_mask"))[mask]
+        hidden = self._guidance_hidden(inputs, mask)
         head = self.guidance.head
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return torch.nn.functional.linear(hidden.float(), head.weight, head.bias)
