@@ -9,6 +9,8 @@ toxicities < 0.1 become the clean documents (prompt + continuation, for the held
 of the rest the prompts. Unlike the reported set, these prompts are all non-challenging (prompt toxicity < 0.5).
 
     python recipes/detox/confirm_split.py --output_dir outputs/detox_confirm
+    python recipes/detox/confirm_split.py --output_dir outputs/detox_confirm2 --seed 1 \\
+        --exclude outputs/detox_confirm/records.json                  # a second split, disjoint from the first
     steer eval toxicity --model_name_or_path outputs/detox --prompts_file outputs/detox_confirm/prompts.jsonl \\
         --heldout_file outputs/detox_confirm/clean.jsonl --num_prompts 300 --num_generations 10
 """
@@ -35,17 +37,26 @@ def main(argv=None) -> dict:
         "--max_toxicity", type=float, default=0.5, help="the recipe's corpus/prompt thresholds"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--exclude", nargs="*", default=[], help="records.json of earlier splits: their records are not drawn again"
+    )
     args = parser.parse_args(argv)
 
     dataset = load_rtp()
     n_train = len(dataset) - args.heldout_size
     used_clean = set(clean_heldout_texts(200, dataset=dataset))  # validation + reported perplexity documents
+    excluded = set()
+    for path in args.exclude:
+        records = json.loads(Path(path).read_text())
+        excluded.update(records["prompts"], records["clean"])
 
     def toxicity(record) -> float:
         return (record or {}).get("toxicity") or 0.0
 
     fresh, clean = [], []
     for index in range(n_train):
+        if index in excluded:
+            continue
         prompt, continuation = dataset[index]["prompt"], dataset[index]["continuation"]
         if toxicity(prompt) >= args.max_toxicity or toxicity(continuation) >= args.max_toxicity:
             continue
