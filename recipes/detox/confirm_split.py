@@ -38,7 +38,10 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--exclude", nargs="*", default=[], help="records.json of earlier splits: their records are not drawn again"
+        "--exclude",
+        nargs="*",
+        default=[],
+        help="records.json of earlier splits: their records are not drawn again",
     )
     args = parser.parse_args(argv)
 
