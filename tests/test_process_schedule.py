@@ -32,7 +32,8 @@ pytestmark = [
 
 class FailingOracle(KeywordConstraint):
     """In a worker process, scores its first ``ok_calls`` batches and then fails (the process that built it, e.g.
-    for the trainer's token prior, is always served). Module level: the worker process imports it."""
+    for the trainer's token prior and the warm-up round, is always served). Module level: the worker process
+    imports it."""
 
     def __init__(self, ok_calls: int = 1) -> None:
         super().__init__(banned=["the"])
@@ -220,10 +221,45 @@ def test_a_running_worker_loads_a_state_replays_a_round_and_is_terminated_by_clo
     schedule.close()  # idempotent
 
 
-def test_a_failed_round_surfaces_at_the_next_check_with_the_workers_error():
-    schedule, main, names, guidance = _setup("process", constraint=FailingOracle(ok_calls=1))
+class PidOracle(KeywordConstraint):
+    """Records the ids of the processes it scores in (readable in this process only)."""
+
+    pids: set = set()
+
+    def score(self, texts):
+        PidOracle.pids.add(os.getpid())
+        return super().score(texts)
+
+
+def test_the_warm_up_runs_here_while_the_worker_starts_and_threads_follow_the_round():
+    """The waited-for round 0 runs in the trainer's process (the worker, already spawned, imports meanwhile);
+    round 1 runs in the worker with the CPU threads split, and the policy takes them all back once it is in."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    PidOracle.pids = set()
+    schedule, main, names, guidance = _setup("process", constraint=PidOracle(banned=["the"]))
+    pid = None
     try:
         assert len(schedule.on_round(0)) == 1 and schedule.version == 0
+        pid = schedule.pid
+        assert pid is not None and PidOracle.pids == {os.getpid()}  # scored here; the worker exists already
+        assert torch.get_num_threads() == 2  # nothing runs in the worker
+        assert schedule.on_round(1) == []
+        assert torch.get_num_threads() == 1  # round 1 runs in the worker on the other thread
+        state = schedule.state_dict()  # waits for round 1
+        assert state["pending"]["round"] == 1 and state["learner"]["rounds_done"] == 2
+        assert PidOracle.pids == {os.getpid()}  # round 1 was scored in the worker
+        assert torch.get_num_threads() == 2
+    finally:
+        schedule.close()
+        torch.set_num_threads(threads)
+    assert _gone(pid)
+
+
+def test_a_failed_round_surfaces_at_the_next_check_with_the_workers_error():
+    schedule, main, names, guidance = _setup("process", constraint=FailingOracle(ok_calls=0))
+    try:
+        assert len(schedule.on_round(0)) == 1 and schedule.version == 0  # the warm-up runs here, not in the worker
         good = [p.detach().clone() for p in guidance.trainable_parameters()]
         assert schedule.on_round(1) == []  # round 1 runs in the worker and fails there
         with pytest.raises(GuidanceWorkerError, match="oracle backend unreachable") as raised:
@@ -405,7 +441,7 @@ def test_trainer_process_schedule_resumes_exactly(tmp_path):
 
 @needs_trainer
 def test_trainer_stops_at_the_next_step_when_a_worker_round_fails(tmp_path):
-    trainer = _trainer(tmp_path, schedule="process", max_steps=40, constraint=FailingOracle(ok_calls=1))
+    trainer = _trainer(tmp_path, schedule="process", max_steps=40, constraint=FailingOracle(ok_calls=0))
     seen = {}
     on_round = trainer.schedule.on_round
 

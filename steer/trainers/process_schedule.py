@@ -11,14 +11,20 @@ Design (one worker per training process, owned by it; with ``accelerate launch``
 
 - The :class:`~steer.trainers.schedule.GuidanceLearner` is built in the trainer's process on a *worker copy*
   of the policy (:func:`worker_copy`: new trainable tensors, the frozen base tensors *shared* with the trained
-  policy) and shipped to the worker when the first round starts (pickled by ``torch.multiprocessing``: CPU
-  tensors move to shared memory, CUDA tensors go by CUDA IPC). The frozen base weights are therefore one
-  physical copy for both processes; only the trainable policy weights (LoRA) and the guidance model are the
-  worker's own. The learner is not kept in the trainer's process once shipped.
-- Each round start sends the policy's trainable tensors and the current guidance tensors (after any cross-rank
-  averaging); each finished round sends back its metrics, its guidance tensors and its training samples (the
-  trainer's KL-on-samples pool). Messages are ``torch.save`` bytes over a pipe, read with
+  policy). The worker process is spawned when the first round starts, with only the names of the modules the
+  learner needs, which it imports at once (transformers, peft, the constraint's module: seconds of start-up).
+  That first round is waited for anyway (the warm-up round, or a synchronised one), so it runs *here*, with all
+  the CPU threads, while the worker imports. Then the learner is shipped over the pipe (pickled by
+  ``torch.multiprocessing``: CPU tensors move to shared memory, CUDA tensors go by CUDA IPC), so the frozen
+  base weights are one physical copy for both processes; only the trainable policy weights (LoRA) and the
+  guidance model are the worker's own. The learner is not kept in the trainer's process once shipped.
+- Each background round start sends the policy's trainable tensors and the current guidance tensors (after
+  any cross-rank averaging); each finished round sends back its metrics, its guidance tensors and its training
+  samples (the trainer's KL-on-samples pool). These messages are ``torch.save`` bytes, read with
   ``torch.load(weights_only=True)``.
+- CPU threads follow the work: while a round runs in the worker, the policy keeps ``total - worker_threads``
+  of them and the worker ``worker_threads``; once the round has come back (checked before every step), the
+  policy takes them all again until the next round starts.
 - Every receive has a timeout (``timeout`` seconds for a round or a state request) and checks that the worker
   is alive; the worker polls its pipe and exits when the trainer's process goes away. A round's error is sent
   back with its type, message and traceback and raised in the trainer at the next step (:meth:`check`); a
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import logging
 import os
@@ -43,8 +50,10 @@ import sys
 import time
 import types
 import weakref
+from multiprocessing.reduction import ForkingPickler
 
 import torch
+import torch.multiprocessing  # registers the tensor reductions (shared memory, CUDA IPC) with ForkingPickler
 
 from ..errors import UserInputError
 from .buffer import SampleBuffer
@@ -95,6 +104,14 @@ def _inputs_require_grads(module, args, output) -> None:
     output.requires_grad_(True)
 
 
+def _modules_of(learner: GuidanceLearner) -> list[str]:
+    """The modules whose classes make up ``learner`` (the worker imports them before the learner arrives)."""
+    names = {type(m).__module__ for m in learner.policy.modules()}
+    names |= {type(m).__module__ for m in learner.guidance.modules()}
+    names |= {type(learner.constraint).__module__, type(learner.tokenizer).__module__, type(learner).__module__}
+    return sorted(n for n in names if n and n not in ("__main__", "builtins"))
+
+
 def _dumps(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -106,18 +123,21 @@ def _loads(data: bytes, device=None):
 
 
 # ---------------------------------------------------------------------------------------------- the worker
-def _worker_main(conn, learner: GuidanceLearner, names: list[str], threads: int | None, device, log_level):
-    """The worker process: answer ``round``/``state``/``load`` requests until ``stop`` or the parent is gone."""
+def _worker_main(conn, preload: list[str], threads: int | None, device, log_level):
+    """The worker process: import ``preload``, take the learner, answer ``round``/``state``/``load`` requests.
+
+    Runs until ``stop`` or until the trainer's process is gone.
+    """
     logging.basicConfig(level=log_level, format="[guidance worker] %(levelname)s %(name)s: %(message)s")
+    for name in preload:  # while the trainer runs the first round: unpickling the learner needs these
+        with contextlib.suppress(Exception):  # a module that fails here fails again, reported, at unpickling
+            importlib.import_module(name)
     if threads:
         set_thread_share(threads)
     parent = os.getppid()
-    if device is not None:
-        learner.policy.to(device)
-        learner.guidance.to(device)
-    target = torch.device(device) if device is not None else learner._device()
-    named = dict(learner.policy.named_parameters())
-    policy_params = [named[n] for n in names]
+    learner: GuidanceLearner | None = None
+    policy_params: list[torch.Tensor] = []
+    target = None
     while True:
         try:
             if not conn.poll(_POLL_SECONDS):
@@ -130,6 +150,17 @@ def _worker_main(conn, learner: GuidanceLearner, names: list[str], threads: int 
         if kind == "stop":
             return
         try:
+            if kind == "learner":  # the learner and the names of its policy tensors, pickled by the trainer
+                learner, names = ForkingPickler.loads(payload)
+                if device is not None:
+                    learner.policy.to(device)
+                    learner.guidance.to(device)
+                target = torch.device(device) if device is not None else learner._device()
+                named = dict(learner.policy.named_parameters())
+                policy_params = [named[n] for n in names]
+                continue  # no answer; a failure is answered, and the trainer reads it as its next request's
+            if learner is None:
+                raise RuntimeError(f"{kind!r} requested before the learner was sent")
             if kind == "round":
                 data = _loads(payload, target)
                 copy_tensors(policy_params, data["policy"])
@@ -238,6 +269,7 @@ class ProcessSchedule(BackgroundSchedule):
         self._conn = None
         self._finalizer = None
         self._running: int | None = None  # the round the worker is running (None: idle)
+        self._preload = _modules_of(learner)
         # self._done: (round, metrics, guidance tensors, samples) not swapped in yet
 
     # ------------------------------------------------------------------ the worker's life
@@ -247,6 +279,7 @@ class ProcessSchedule(BackgroundSchedule):
         return None if self._process is None else self._process.pid
 
     def _ensure_started(self) -> None:
+        """Spawn the worker (it imports what the learner needs while this process goes on); idempotent."""
         if self._process is not None:
             return
         if self._learner is None:
@@ -266,8 +299,7 @@ class ProcessSchedule(BackgroundSchedule):
             target=_worker_main,
             args=(
                 child_conn,
-                self._learner,
-                self.policy_names,
+                self._preload,
                 self.worker_threads,
                 self.device,
                 logging.getLogger("steer").getEffectiveLevel(),
@@ -281,27 +313,34 @@ class ProcessSchedule(BackgroundSchedule):
             # training script would start a second training, or join the process group, in the worker).
             sys.modules["__main__"] = types.ModuleType("__main__")
             process.start()
+        finally:
+            sys.modules["__main__"] = main
+            child_conn.close()
+        self._process, self._conn = process, parent_conn
+        self._finalizer = weakref.finalize(self, _shutdown, process, parent_conn, False, 0.0)
+        logger.info("guidance worker process %d started", process.pid)
+
+    def _ship(self) -> None:
+        """Send the learner to the worker (once); from then on it lives there only."""
+        if self._learner is None:
+            return
+        try:
+            payload = bytes(ForkingPickler.dumps((self._learner, self.policy_names)))
         except Exception as err:
-            with contextlib.suppress(Exception):
-                parent_conn.close()
             raise UserInputError(
                 "ConstrainedConfig.schedule='process' sends the guidance learner (policy copy, guidance model, "
                 f"tokenizer, constraint) to a worker process, and it could not be sent ({type(err).__name__}: "
                 f"{err}); define the constraint at module level or use schedule='parallel'"
             ) from err
-        finally:
-            sys.modules["__main__"] = main
-            child_conn.close()
-        self._process, self._conn = process, parent_conn
+        self._request_bytes("learner", -1, payload)
         self._learner = None  # the worker owns it now (its frozen tensors stay shared with the policy)
-        self._finalizer = weakref.finalize(self, _shutdown, process, parent_conn, False, 0.0)
-        if self.main_threads is not None:
-            set_thread_share(self.main_threads)
-        logger.info("guidance worker process %d started", process.pid)
 
     def _request(self, kind: str, index: int, payload: dict | None = None) -> None:
+        self._request_bytes(kind, index, _dumps(payload or {}))
+
+    def _request_bytes(self, kind: str, index: int, payload: bytes) -> None:
         try:
-            self._conn.send((kind, index, _dumps(payload or {})))
+            self._conn.send((kind, index, payload))
         except (BrokenPipeError, OSError) as err:
             raise self._died(f"sending {kind!r}") from err
 
@@ -375,6 +414,7 @@ class ProcessSchedule(BackgroundSchedule):
             data = self._receive(f"guidance round {round_index}")
         except Exception as err:
             self._running = None
+            self._threads_to_policy()
             self._failure = err
             self._failure_raised = True
             if self._process is not None and not self._process.is_alive():
@@ -386,6 +426,7 @@ class ProcessSchedule(BackgroundSchedule):
             )
             raise
         self._running = None
+        self._threads_to_policy()
         self._done = (
             round_index,
             data["metrics"],
@@ -419,18 +460,44 @@ class ProcessSchedule(BackgroundSchedule):
         return [metrics]
 
     def _start(self, round_index: int) -> None:
+        if self._learner is not None and (self.synchronised or round_index == 0):
+            self._ensure_started()  # the worker imports while this waited-for round runs here
+            self._run_here(round_index)
+            return
         self._ensure_started()
         payload = {
             "policy": [p.detach().cpu() for p in self.policy_params()],
             "guidance": [p.detach().cpu() for p in self.guidance_params()],
         }
         try:
+            self._ship()
             self._request("round", round_index, payload)
         except GuidanceWorkerError as err:  # the worker is gone: no round can run any more
             self._failure, self._failure_raised = err, True
             self._kill()
             raise
         self._running = round_index
+        if self.main_threads is not None:
+            set_thread_share(self.main_threads)
+
+    def _run_here(self, round_index: int) -> None:
+        """Run a waited-for round in this process (all its threads) on the learner, before it is shipped."""
+        learner = self._learner
+        named = dict(learner.policy.named_parameters())
+        copy_tensors([named[n] for n in self.policy_names], [p.detach() for p in self.policy_params()])
+        copy_tensors(learner.guidance.trainable_parameters(), [p.detach() for p in self.guidance_params()])
+        metrics = learner.run_round(round_index)
+        self._done = (
+            round_index,
+            {k: float(v) for k, v in metrics.items()},
+            [t.detach().cpu().clone() for t in learner.guidance_tensors()],
+            SampleBuffer.items_from_state(SampleBuffer.items_state(learner.latest)),
+        )
+
+    def _threads_to_policy(self) -> None:
+        """No round in the worker: the policy takes every CPU thread again."""
+        if self.main_threads is not None:
+            set_thread_share(self._original_threads)
 
     def close(self) -> None:
         """Stop the worker and join it (terminated at once if a round is still running)."""
@@ -438,12 +505,12 @@ class ProcessSchedule(BackgroundSchedule):
 
     # ------------------------------------------------------------------ state
     def _learner_state(self) -> dict:
+        if self._learner is not None:  # not shipped yet: a copy, as the worker's would be (the learner's own
+            return copy.deepcopy(self._learner.state_dict())  # tensors go to shared memory when it is shipped)
         if self._process is None:
-            if self._learner is None:
-                if self._failure is not None:  # the worker died with its state
-                    raise self._failure
-                raise RuntimeError("the guidance worker was closed: its state is gone")
-            return self._learner.state_dict()
+            if self._failure is not None:  # the worker died with its state
+                raise self._failure
+            raise RuntimeError("the guidance worker was closed: its state is gone")
         return self._receive_state()
 
     def _receive_state(self) -> dict:
@@ -484,10 +551,10 @@ class ProcessSchedule(BackgroundSchedule):
                 self._collect()
         self._failure, self._failure_raised = None, False
         copy_tensors(self.guidance_params(), state["guidance"])
-        if self._process is None:
-            if self._learner is None:
-                raise RuntimeError("the guidance worker was closed; cannot load a state into it")
-            self._learner.load_state_dict(state["learner"])
+        if self._learner is not None:  # not shipped yet; a copy, so that the caller's tensors never become shared
+            self._learner.load_state_dict(copy.deepcopy(state["learner"]))
+        elif self._process is None:
+            raise RuntimeError("the guidance worker was closed; cannot load a state into it")
         else:
             self._request("load", -1, state["learner"])
             self._receive("loading the guidance learner's state")
