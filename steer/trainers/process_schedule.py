@@ -108,7 +108,11 @@ def _modules_of(learner: GuidanceLearner) -> list[str]:
     """The modules whose classes make up ``learner`` (the worker imports them before the learner arrives)."""
     names = {type(m).__module__ for m in learner.policy.modules()}
     names |= {type(m).__module__ for m in learner.guidance.modules()}
-    names |= {type(learner.constraint).__module__, type(learner.tokenizer).__module__, type(learner).__module__}
+    names |= {
+        type(learner.constraint).__module__,
+        type(learner.tokenizer).__module__,
+        type(learner).__module__,
+    }
     return sorted(n for n in names if n and n not in ("__main__", "builtins"))
 
 
@@ -506,7 +510,9 @@ class ProcessSchedule(BackgroundSchedule):
     # ------------------------------------------------------------------ state
     def _learner_state(self) -> dict:
         if self._learner is not None:  # not shipped yet: a copy, as the worker's would be (the learner's own
-            return copy.deepcopy(self._learner.state_dict())  # tensors go to shared memory when it is shipped)
+            return copy.deepcopy(
+                self._learner.state_dict()
+            )  # tensors go to shared memory when it is shipped)
         if self._process is None:
             if self._failure is not None:  # the worker died with its state
                 raise self._failure
@@ -551,7 +557,9 @@ class ProcessSchedule(BackgroundSchedule):
                 self._collect()
         self._failure, self._failure_raised = None, False
         copy_tensors(self.guidance_params(), state["guidance"])
-        if self._learner is not None:  # not shipped yet; a copy, so that the caller's tensors never become shared
+        if (
+            self._learner is not None
+        ):  # not shipped yet; a copy, so that the caller's tensors never become shared
             self._learner.load_state_dict(copy.deepcopy(state["learner"]))
         elif self._process is None:
             raise RuntimeError("the guidance worker was closed; cannot load a state into it")
