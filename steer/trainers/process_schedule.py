@@ -13,8 +13,8 @@ Design (one worker per training process, owned by it; with ``accelerate launch``
   of the policy (:func:`worker_copy`: new trainable tensors, the frozen base tensors *shared* with the trained
   policy). The worker process is spawned when the first round starts, with only the names of the modules the
   learner needs, which it imports at once (transformers, peft, the constraint's module: seconds of start-up).
-  That first round is waited for anyway (the warm-up round, or a synchronised one), so it runs *here*, with all
-  the CPU threads, while the worker imports. Then the learner is shipped over the pipe (pickled by
+  The warm-up round (round 0) is waited for anyway, so it runs *here*, with all the CPU threads, while the
+  worker imports. Then the learner is shipped over the pipe (pickled by
   ``torch.multiprocessing``: CPU tensors move to shared memory, CUDA tensors go by CUDA IPC), so the frozen
   base weights are one physical copy for both processes; only the trainable policy weights (LoRA) and the
   guidance model are the worker's own. The learner is not kept in the trainer's process once shipped.
@@ -464,8 +464,8 @@ class ProcessSchedule(BackgroundSchedule):
         return [metrics]
 
     def _start(self, round_index: int) -> None:
-        if self._learner is not None and (self.synchronised or round_index == 0):
-            self._ensure_started()  # the worker imports while this waited-for round runs here
+        if self._learner is not None and round_index == 0:
+            self._ensure_started()  # the worker imports while the warm-up round (waited for) runs here
             self._run_here(round_index)
             return
         self._ensure_started()
@@ -485,7 +485,7 @@ class ProcessSchedule(BackgroundSchedule):
             set_thread_share(self.main_threads)
 
     def _run_here(self, round_index: int) -> None:
-        """Run a waited-for round in this process (all its threads) on the learner, before it is shipped."""
+        """Run the warm-up round in this process (all its threads) on the learner, before it is shipped."""
         learner = self._learner
         named = dict(learner.policy.named_parameters())
         copy_tensors([named[n] for n in self.policy_names], [p.detach() for p in self.policy_params()])
