@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kl import _row_dot
+
 __all__ = ["FusedConstraintKL", "FusedKLOutput", "fused_chunk_size", "fused_constraint_kl"]
 
 ZFn = Callable[[int, int], Tensor]
@@ -84,19 +86,6 @@ def fused_chunk_size(
         return int(max(1, min(max_chunk, n_rows)))
     chunk = 8 * math.ceil(max(1, n_rows) / 256)
     return int(max(1, min(max_chunk, max(min_chunk, chunk))))
-
-
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot product without a ``[rows, V]`` temporary.
-
-    On CPU one BLAS dot per row (a batched ``[1, V] x [V, 1]`` product is several times slower there); on
-    accelerators one batched matmul.
-    """
-    if a.device.type == "cpu":
-        if a.shape[0] == 0:
-            return a.new_zeros(0)
-        return torch.stack([torch.dot(x, y) for x, y in zip(a, b)])
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _row_values(value, n: int, device, name: str) -> Tensor:
