@@ -7,10 +7,13 @@ Every variant trains the same policy for ``rounds x interval`` optimizer steps w
 - ``parallel``: rounds k >= 1 run in a background *thread* (own model copy) while the policy trains, the
   threads split between the two (``--threads 2``: one each; they share the interpreter lock);
 - ``process``: the same versions, rounds in a worker *process* (own interpreter; the frozen base weights
-  shared, trainable weights exchanged at each round), the threads split the same way (``--threads 2``: two
-  processes with one thread each). Its train() time includes starting the worker.
+  shared, trainable weights exchanged at each round), the threads split the same way while a round runs
+  (``--threads 2``: two processes with one thread each; the policy takes both back when the worker is idle;
+  ``--threads 1``: one thread in each process, the sequential variant on one). Its train() time includes
+  spawning the worker, which imports while the warm-up round runs in the trainer's process.
 
-Target (issue 15): process <= 0.7x sequential on 2 CPU cores. The best possible ratio is
+Target (issue 15): process <= 0.7x sequential, with two CPU processes of one thread each (``--threads 1``);
+``--threads 2`` compares on equal cores (sequential on both threads). The best possible ratio is
 ``(round + max(policy, rounds - round)) / (policy + rounds)`` (the warm-up round is always waited for); it is
 printed too, with the machine's load average before and after (timings on a loaded machine mean little).
 

@@ -477,16 +477,16 @@ def test_peak_live_memory_is_a_few_chunks(reference, head_trains):
 
 def test_default_chunk_size():
     assert fused_chunk_size(1) == 16
-    assert fused_chunk_size(1024) == 32
-    assert fused_chunk_size(1000) == 32
-    assert fused_chunk_size(1100) == 40
-    assert fused_chunk_size(4096) == 128
+    assert fused_chunk_size(1024) == 64
+    assert fused_chunk_size(1000) == 64
+    assert fused_chunk_size(1100) == 72
+    assert fused_chunk_size(4096) == 256
     assert fused_chunk_size(10**6) == 256
     assert fused_chunk_size(100, max_chunk=8) == 8
-    # small problems run in one chunk (one [N, V] fp32 tensor <= 64 MiB), large ones in N/32-row chunks
+    # small problems run in one chunk (one [N, V] fp32 tensor <= 64 MiB), large ones in N/16-row chunks
     assert fused_chunk_size(256, vocab=49152) == 256  # 48 MiB: 4 x 64 tokens of SmolLM2
     assert fused_chunk_size(300, vocab=49152) == 256  # one chunk, capped at max_chunk
-    assert fused_chunk_size(1024, vocab=49152) == 32  # 192 MiB: T = 1024, working set ~0.1 x [N, V]
+    assert fused_chunk_size(1024, vocab=49152) == 64  # 192 MiB: T = 1024, working set ~0.19 x [N, V]
     assert fused_chunk_size(11, vocab=37) == 11
 
 

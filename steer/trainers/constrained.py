@@ -123,7 +123,7 @@ class ConstrainedConfig(SFTConfig):
         metadata={
             "help": "Positions per chunk in the vocabulary-wide KL (bounds its extra memory). 'fused' uses at most "
             "this many: all N counted positions at once when one [N, vocab] fp32 tensor fits in 64 MiB, else about "
-            "N/32 (at least 16)."
+            "N/16 (at least 16)."
         },
     )
     kl_implementation: str = field(
