@@ -126,11 +126,16 @@ class _Head:
         except (RuntimeError, TypeError, NotImplementedError):
             return False
 
-    def logits(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``[rows, V]`` fp32 logits, written into ``out`` (a ``[rows, V]`` fp32 buffer) when given."""
         if self.mixed:
-            out = torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32)
-            return out.add_(self.bias) if self.bias is not None else out
-        return F.linear(x.float(), self.weight, self.bias)
+            logits = torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32)
+            return logits.add_(self.bias) if self.bias is not None else logits
+        if out is None:
+            return F.linear(x.float(), self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(x.float(), self.weight.t(), out=out)
+        return torch.addmm(self.bias, x.float(), self.weight.t(), out=out)
 
     def input_grad(self, grad_logits: Tensor) -> Tensor:
         """``grad_logits @ W`` -> ``[rows, H]`` fp32."""
@@ -170,28 +175,34 @@ def _chunk(
     nll_weight: Tensor | None,
     opts: dict,
     out: _Buffers,
+    scratch: tuple[Tensor, Tensor, Tensor],
 ) -> None:
     """Rows ``start:end``: per-row KL (and NLL) into ``out``, and their gradients when ``out`` has buffers.
 
-    At most three ``[rows, V]`` fp32 tensors are alive at a time (``logits``, ``work``, ``log_q``).
+    Works in the three ``[chunk, V]`` fp32 ``scratch`` buffers (``logits``, ``work``, ``log_q``), allocated once
+    per call and reused by every chunk: no other ``[rows, V]`` tensor is allocated.
     """
     scale, softcap = opts["scale"], opts["softcap"]
     rows, vocab = end - start, head.weight.shape[0]
+    a, b, c = (buffer[:rows] for buffer in scratch)
     x = policy_hidden[start:end]
-    logits = _transform_(head.logits(x), scale, softcap)  # [c, V] fp32, the policy logits
+    logits = _transform_(head.logits(x, out=a), scale, softcap)  # [c, V] fp32, the policy logits
     # work = ref + logsigmoid(z); logsigmoid(z) = -logaddexp(-z, 0), in one buffer
-    work = z_fn(start, end)
-    if work.shape != (rows, vocab):
-        raise ValueError(f"z for rows {start}:{end} must be [{rows}, {vocab}], got {tuple(work.shape)}")
-    owned = getattr(z_fn, "fresh", False) or work.dtype != torch.float32  # else a caller's tensor: copy it
-    work = work.float().neg_() if owned else work.neg()
+    into = getattr(z_fn, "into", None)
+    if into is not None:
+        work = into(start, end, b).neg_()
+    else:
+        z = z_fn(start, end)
+        if z.shape != (rows, vocab):
+            raise ValueError(f"z for rows {start}:{end} must be [{rows}, {vocab}], got {tuple(z.shape)}")
+        work = torch.neg(z.float(), out=b)  # the caller's tensor is left as it is
     torch.logaddexp(work, work.new_zeros(()), out=work)
     work.neg_()
     if ref_hidden is None:
         work.add_(logits)
     else:
-        work.add_(_transform_(head.logits(ref_hidden[start:end]), scale, softcap))
-    log_q = torch.log_softmax(work, dim=-1).clamp_(min=_NEG)
+        work.add_(_transform_(head.logits(ref_hidden[start:end], out=c), scale, softcap))
+    log_q = torch.log_softmax(work, dim=-1, out=c).clamp_(min=_NEG)
     q = torch.exp(log_q, out=work)  # work = q*
     self_term = _row_dot(q, log_q)  # sum q log q
     log_p = torch.log_softmax(logits, dim=-1, out=log_q).clamp_(min=_NEG)  # the log_q buffer now holds log p
@@ -267,8 +278,10 @@ class _FusedConstraintKL(torch.autograd.Function):
         top1_rows = torch.zeros(stat_rows, dtype=torch.bool, device=device)
 
         buffers = _Buffers(kl_rows, nll_rows, entropy_rows, top1_rows, grad_h, grad_w, grad_b)
+        rows = min(chunk, n)
+        scratch = tuple(torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(3))
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            for start in range(0, n, chunk):  # each chunk's tensors are freed when _chunk returns
+            for start in range(0, n, chunk):  # every chunk works in the same scratch buffers
                 _chunk(
                     start,
                     min(start + chunk, n),
@@ -281,6 +294,7 @@ class _FusedConstraintKL(torch.autograd.Function):
                     nll_weight,
                     opts,
                     buffers,
+                    scratch,
                 )
 
         loss = (kl_rows * kl_weight).sum()
@@ -397,7 +411,7 @@ def fused_constraint_kl(
         def z_fn(start: int, end: int) -> Tensor:
             return g_head.logits(g_hidden[start:end])
 
-        z_fn.fresh = True  # a new tensor per call: the chunk may work in it in place
+        z_fn.into = lambda start, end, out: g_head.logits(g_hidden[start:end], out=out)  # into a chunk buffer
     else:
         raise ValueError("guidance_hidden must be a [N, Hg] tensor or a z_fn(start, end) callable")
 
