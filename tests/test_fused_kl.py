@@ -602,3 +602,33 @@ def test_tiny_peft_policy_with_guidance_adapter_matches_trainer_path(tiny_llama)
     torch.testing.assert_close(out.loss, expected.detach(), **TOL)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, dict(policy.named_parameters())[name].grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_scratch_buffers_change_no_value(monkeypatch):
+    """CPU chunks share three scratch buffers; the allocating path (accelerators) gives the same loss and grads."""
+    import steer.guidance.fused_kl as fused_kl
+
+    torch.manual_seed(0)
+    n, hidden, vocab = 13, 8, 37
+    h = torch.randn(n, hidden, requires_grad=True)
+    weight, g, g_weight, g_bias = (
+        torch.randn(vocab, hidden),
+        torch.randn(n, 6),
+        torch.randn(vocab, 6),
+        torch.randn(vocab),
+    )
+    ref, targets = torch.randn(n, hidden), torch.randint(0, vocab, (n,))
+
+    def run():
+        out = fused_constraint_kl(
+            h, weight, None, g, g_weight, g_bias, reference=ref, targets=targets, nll_weight=0.5, chunk_size=4
+        )
+        out.loss.backward()
+        grad, h.grad = h.grad.clone(), None
+        return out, grad
+
+    shared, shared_grad = run()
+    monkeypatch.setattr(fused_kl, "_SCRATCH_DEVICES", ())
+    fresh, fresh_grad = run()
+    assert torch.equal(shared.loss, fresh.loss) and torch.equal(shared.kl, fresh.kl)
+    assert torch.equal(shared.nll, fresh.nll) and torch.equal(shared_grad, fresh_grad)

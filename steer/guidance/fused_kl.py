@@ -44,6 +44,7 @@ from .kl import _row_dot
 __all__ = ["FusedConstraintKL", "FusedKLOutput", "fused_chunk_size", "fused_constraint_kl"]
 
 ZFn = Callable[[int, int], Tensor]
+_SCRATCH_DEVICES = ("cpu",)  # device types whose chunks share scratch buffers (no caching allocator there)
 _NEG = torch.finfo(torch.float32).min  # stands in for log 0, so that 0 * log 0 = 0 in the row dots
 
 
@@ -175,16 +176,18 @@ def _chunk(
     nll_weight: Tensor | None,
     opts: dict,
     out: _Buffers,
-    scratch: tuple[Tensor, Tensor, Tensor],
+    scratch: tuple[Tensor | None, Tensor | None, Tensor | None],
 ) -> None:
     """Rows ``start:end``: per-row KL (and NLL) into ``out``, and their gradients when ``out`` has buffers.
 
-    Works in the three ``[chunk, V]`` fp32 ``scratch`` buffers (``logits``, ``work``, ``log_q``), allocated once
-    per call and reused by every chunk: no other ``[rows, V]`` tensor is allocated.
+    On CPU it works in the three ``[chunk, V]`` fp32 ``scratch`` buffers (``logits``, ``work``, ``log_q``),
+    allocated once per call and reused by every chunk, so no other ``[rows, V]`` tensor is allocated (fresh
+    CPU buffers pay their page faults). On accelerators (``scratch`` all ``None``) the caching allocator reuses
+    the freed blocks, and at most three ``[rows, V]`` fp32 tensors are alive at a time.
     """
     scale, softcap = opts["scale"], opts["softcap"]
     rows, vocab = end - start, head.weight.shape[0]
-    a, b, c = (buffer[:rows] for buffer in scratch)
+    a, b, c = (None if buffer is None else buffer[:rows] for buffer in scratch)
     x = policy_hidden[start:end]
     logits = _transform_(head.logits(x, out=a), scale, softcap)  # [c, V] fp32, the policy logits
     # work = ref + logsigmoid(z); logsigmoid(z) = -logaddexp(-z, 0), in one buffer
@@ -278,10 +281,13 @@ class _FusedConstraintKL(torch.autograd.Function):
         top1_rows = torch.zeros(stat_rows, dtype=torch.bool, device=device)
 
         buffers = _Buffers(kl_rows, nll_rows, entropy_rows, top1_rows, grad_h, grad_w, grad_b)
-        rows = min(chunk, n)
-        scratch = tuple(torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(3))
+        scratch = (None, None, None)
+        if device.type in _SCRATCH_DEVICES:
+            scratch = tuple(
+                torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=device) for _ in range(3)
+            )
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            for start in range(0, n, chunk):  # every chunk works in the same scratch buffers
+            for start in range(0, n, chunk):  # on CPU every chunk works in the same scratch buffers
                 _chunk(
                     start,
                     min(start + chunk, n),
