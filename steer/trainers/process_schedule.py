@@ -2,10 +2,11 @@
 
 Same versions as :class:`~steer.trainers.schedule.ParallelSchedule` (round 0 is waited for; round ``k >= 1``
 runs while the policy trains steps ``[kI, (k+1)I)`` with guidance version ``k-1``, staleness 1, and is swapped
-in at step ``(k+1)I``; ``synchronised=True`` waits for every round), but the rounds (sampling, labelling,
-guidance training) run in a spawned child process with its own interpreter, so the policy's training and the
-round truly overlap: no shared interpreter lock, and on a GPU its own CUDA context (its own streams), on the
-same device or on ``device`` (e.g. ``"cuda:1"``).
+in at step ``(k+1)I``; ``synchronised=True`` waits for every round), but the rounds ``k >= 1`` (sampling,
+labelling, guidance training) run in a spawned child process with its own interpreter, so the policy's
+training and the round truly overlap: no shared interpreter lock, and on a GPU its own CUDA context (its own
+streams), on the same device or on ``device`` (e.g. ``"cuda:1"``). Round 0, which is waited for, runs in the
+trainer's process, on the policy's device, while the worker starts.
 
 Design (one worker per training process, owned by it; with ``accelerate launch`` each rank owns one):
 
