@@ -259,9 +259,8 @@ def test_the_warm_up_runs_here_while_the_worker_starts_and_threads_follow_the_ro
 def test_a_failed_round_surfaces_at_the_next_check_with_the_workers_error():
     schedule, main, names, guidance = _setup("process", constraint=FailingOracle(ok_calls=0))
     try:
-        assert (
-            len(schedule.on_round(0)) == 1 and schedule.version == 0
-        )  # the warm-up runs here, not in the worker
+        # the warm-up runs here, not in the worker
+        assert len(schedule.on_round(0)) == 1 and schedule.version == 0
         good = [p.detach().clone() for p in guidance.trainable_parameters()]
         assert schedule.on_round(1) == []  # round 1 runs in the worker and fails there
         with pytest.raises(GuidanceWorkerError, match="oracle backend unreachable") as raised:

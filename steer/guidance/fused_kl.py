@@ -128,7 +128,8 @@ class _Head:
             return False
 
     def logits(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        """``[rows, V]`` fp32 logits, written into ``out`` (a ``[rows, V]`` fp32 buffer) when given."""
+        """``[rows, V]`` fp32 logits, written into ``out`` (a ``[rows, V]`` fp32 buffer) when given (the
+        mixed-precision CUDA path, which gets no buffer, allocates)."""
         if self.mixed:
             logits = torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32)
             return logits.add_(self.bias) if self.bias is not None else logits
@@ -191,9 +192,8 @@ def _chunk(
     x = policy_hidden[start:end]
     logits = _transform_(head.logits(x, out=a), scale, softcap)  # [c, V] fp32, the policy logits
     # work = ref + logsigmoid(z); logsigmoid(z) = -logaddexp(-z, 0), in one buffer
-    into = getattr(z_fn, "into", None)
-    if into is not None:
-        work = into(start, end, b).neg_()
+    if getattr(z_fn, "writes_into", False):
+        work = z_fn(start, end, out=b).neg_()
     else:
         z = z_fn(start, end)
         if z.shape != (rows, vocab):
@@ -414,10 +414,10 @@ def fused_constraint_kl(
             raise ValueError(f"guidance_bias must be [{vocab}], got shape {tuple(guidance_bias.shape)}")
         g_hidden, g_head = guidance_hidden.detach(), _Head(guidance_weight, guidance_bias)
 
-        def z_fn(start: int, end: int) -> Tensor:
-            return g_head.logits(g_hidden[start:end])
+        def z_fn(start: int, end: int, out: Tensor | None = None) -> Tensor:
+            return g_head.logits(g_hidden[start:end], out=out)
 
-        z_fn.into = lambda start, end, out: g_head.logits(g_hidden[start:end], out=out)  # into a chunk buffer
+        z_fn.writes_into = True  # the chunk may pass its scratch buffer (and work in the result in place)
     else:
         raise ValueError("guidance_hidden must be a [N, Hg] tensor or a z_fn(start, end) callable")
 
