@@ -211,10 +211,12 @@ def test_kl_reference_base(tmp_path):
     assert kls[-1] > 0  # the policy moved away from the base, so KL(q*[base] || p) > 0
 
 
+@pytest.mark.parametrize("stop_at_violation", [False, True])
 @pytest.mark.parametrize("kl_reference", ["policy", "base"])
-def test_fused_kl_matches_chunked(tmp_path, kl_reference):
+def test_fused_kl_matches_chunked(tmp_path, kl_reference, stop_at_violation):
     """Loss, logged KL terms, TRL's SFT metrics and policy gradients of the fused path (SFT NLL and KL from one
-    head pass) equal the chunked reference's (TRL's SFT loss, then the KL on materialised logits)."""
+    head pass) equal the chunked reference's (TRL's SFT loss, then the KL on materialised logits). With
+    ``kl_corpus_stop_at_violation`` some supervised positions are NLL-only rows (after the KL rows, no z)."""
     results = {}
     for implementation in ("chunked", "fused"):
         trainer = _trainer(
@@ -224,7 +226,7 @@ def test_fused_kl_matches_chunked(tmp_path, kl_reference):
             kl_coef=0.7,
             kl_sample_coef=0.3,
             kl_positions="both",
-            kl_corpus_stop_at_violation=False,
+            kl_corpus_stop_at_violation=stop_at_violation,
         )
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():  # a guidance model that is far from R = 0.5
@@ -238,6 +240,9 @@ def test_fused_kl_matches_chunked(tmp_path, kl_reference):
         assert trainer.schedule.samples
         assert (trainer._fused_head() is not None) == (implementation == "fused")
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        if stop_at_violation:  # some supervised positions lie after a flagged token: NLL-only rows
+            supervised, targets = trainer._corpus_mask(batch)
+            assert (trainer._corpus_kl_mask(supervised, targets) != supervised).any()
         trainer.model.train()
         trainer.model.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(37))

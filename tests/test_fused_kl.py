@@ -261,6 +261,100 @@ def test_weighted_sft_plus_kl_in_one_pass():
         torch.testing.assert_close(got, want, **TOL)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 64])
+@pytest.mark.parametrize("reference", ["policy", "base"])
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (1.7, 4.0)])
+def test_kl_rows_first_then_nll_only_rows(chunk_size, reference, scale, softcap):
+    """``kl_rows=K``: z and the reference only for the first K rows, the rest NLL-only; equal to the full pass."""
+    t = _setup()
+    k = 7  # chunk 3 and 4 leave a chunk that mixes KL and NLL-only rows
+    targets = torch.randint(0, 37, (11,), generator=torch.Generator().manual_seed(8))
+    targets[[1, 9]] = -100
+    kl_weight = torch.full((11,), 0.3)
+    kl_weight[k:] = 0.0
+    kl_weight[2] = 0.0  # a zero weight inside the KL rows stays allowed
+    opts = dict(targets=targets, row_weight=kl_weight, nll_weight=0.5, chunk_size=chunk_size)
+    opts.update(logit_scale=scale, logit_softcap=softcap)
+    ref_h = t["ref_h"][:k] if reference == "base" else "policy"
+    calls = []
+
+    def z_fn(start, end):
+        calls.append((start, end))
+        return F.linear(t["g"][start:end], t["gw"], t["gb"])
+
+    h, w, b = _leaves(t)
+    cut = fused_constraint_kl(h, w, b, z_fn, reference=ref_h, kl_rows=k, **opts)
+    cut.loss.backward()
+    assert calls and max(end for _, end in calls) <= k
+    assert (cut.kl[k:] == 0).all()
+
+    h2, w2, b2 = _leaves(t)
+    full = _fused(t, h2, w2, b2, reference=reference, **opts)
+    full.loss.backward()
+    torch.testing.assert_close(cut.loss, full.loss.detach(), **TOL)
+    torch.testing.assert_close(cut.kl[:k], full.kl[:k], **TOL)
+    torch.testing.assert_close(cut.nll, full.nll, **TOL)
+    torch.testing.assert_close(cut.entropy, full.entropy, **TOL)
+    assert torch.equal(cut.is_top1, full.is_top1)
+    for got, want in zip(_grads(h, w, b), _grads(h2, w2, b2)):
+        torch.testing.assert_close(got, want, **TOL)
+
+    h3, w3, b3 = _leaves(t)
+    none = fused_constraint_kl(h3, w3, b3, t["g"][:0], t["gw"], t["gb"], kl_rows=0, targets=targets)
+    torch.testing.assert_close(
+        none.loss, F.cross_entropy(F.linear(t["h"], t["w"], t["b"]), targets, reduction="sum")
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (1.7, 4.0)])
+def test_grad_stats_equal_the_logit_gradients(chunk_size, scale, softcap):
+    """Per row |p - q*|^2, |p - e_t|^2 and their dot product, on KL rows with a target; 0 elsewhere."""
+    t = _setup()
+    k = 8
+    targets = torch.randint(0, 37, (11,), generator=torch.Generator().manual_seed(9))
+    targets[3] = -100
+    weight = torch.full((11,), 0.2)
+    weight[k:] = 0.0
+    h, w, b = _leaves(t)
+    out = fused_constraint_kl(
+        h,
+        w,
+        b,
+        t["g"][:k],
+        t["gw"],
+        t["gb"],
+        row_weight=weight,
+        targets=targets,
+        kl_rows=k,
+        chunk_size=chunk_size,
+        logit_scale=scale,
+        logit_softcap=softcap,
+        grad_stats=True,
+    )
+    plain = _fused(
+        t,
+        *_leaves(t),
+        row_weight=weight,
+        targets=targets,
+        chunk_size=chunk_size,
+        logit_scale=scale,
+        logit_softcap=softcap,
+    )
+    torch.testing.assert_close(out.loss, plain.loss, **TOL)  # asking for the statistics changes nothing
+    logits, ref, z = _materialised(t, *_leaves(t), scale=scale, softcap=softcap)
+    p = torch.softmax(logits.detach(), -1)[:k]
+    q = guided_log_probs(ref[:k], z[:k]).exp()
+    lm = p - F.one_hot(targets[:k].clamp(min=0), 37).float()
+    expected = torch.stack([(p - q).square().sum(1), lm.square().sum(1), ((p - q) * lm).sum(1)], 1)
+    expected[3] = 0.0
+    assert out.grad_stats.shape == (11, 3) and (out.grad_stats[k:] == 0).all()
+    torch.testing.assert_close(out.grad_stats[:k], expected, **TOL)
+    with torch.no_grad():
+        assert (_fused(t, *_leaves(t), targets=targets, grad_stats=True).grad_stats == 0).all()
+    assert _fused(t, *_leaves(t), targets=targets).grad_stats is None
+
+
 def test_nll_only_matches_cross_entropy_gradient():
     t = _setup()
     targets = torch.randint(0, 37, (11,), generator=torch.Generator().manual_seed(7))
@@ -532,6 +626,8 @@ def test_empty_rows_give_zero():
         ({"targets": torch.full((11,), 37)}, "targets must be in"),
         ({"nll_weight": 1.0}, "nll_weight needs targets"),
         ({"logit_softcap": -1.0}, "logit_softcap"),
+        ({"kl_rows": 12}, "kl_rows"),
+        ({"kl_rows": -1}, "kl_rows"),
     ],
 )
 def test_invalid_arguments_are_named(kwargs, match):
@@ -554,6 +650,12 @@ def test_invalid_shapes_are_named():
         fused_constraint_kl(t["h"], t["w"], None, lambda s, e: torch.zeros(e - s, 5))
     with pytest.raises(ValueError, match="guidance_hidden must be"):
         fused_constraint_kl(t["h"], t["w"], None, None)
+    with pytest.raises(ValueError, match=r"guidance_hidden must be \[4, Hg\]"):
+        fused_constraint_kl(t["h"], t["w"], None, t["g"], t["gw"], kl_rows=4)
+    with pytest.raises(ValueError, match=r"reference hidden states must be \[4, 8\]"):
+        fused_constraint_kl(t["h"], t["w"], None, t["g"][:4], t["gw"], kl_rows=4, reference=t["ref_h"])
+    with pytest.raises(ValueError, match="row_weight must be 0 on the rows from kl_rows=4"):
+        fused_constraint_kl(t["h"], t["w"], None, t["g"][:4], t["gw"], kl_rows=4, row_weight=1.0)
 
 
 # ------------------------------------------------------------------------------------------ real models

@@ -56,7 +56,8 @@ class FusedKLOutput(NamedTuple):
     unweighted and detached. ``nll``: ``[N]`` fp32 per-row NLL of ``targets`` (0 at ignored rows), unweighted
     and detached, or ``None`` without targets. ``entropy`` (``[N]`` fp32, the policy's entropy in nats, 0 at
     ignored rows) and ``is_top1`` (``[N]`` bool: the policy's most likely token is the target; False at ignored
-    rows): with targets only, else ``None``.
+    rows): with targets only, else ``None``. ``grad_stats``: ``[N, 3]`` fp32 with ``grad_stats=True`` (see
+    :func:`fused_constraint_kl`), else ``None``.
     """
 
     loss: Tensor
@@ -64,6 +65,7 @@ class FusedKLOutput(NamedTuple):
     nll: Tensor | None
     entropy: Tensor | None = None
     is_top1: Tensor | None = None
+    grad_stats: Tensor | None = None
 
 
 def fused_chunk_size(
@@ -160,6 +162,7 @@ class _Buffers(NamedTuple):
     nll_rows: Tensor
     entropy_rows: Tensor
     top1_rows: Tensor
+    stats_rows: Tensor | None
     grad_h: Tensor | None
     grad_w: Tensor | None
     grad_b: Tensor | None
@@ -188,28 +191,39 @@ def _chunk(
     """
     scale, softcap = opts["scale"], opts["softcap"]
     rows, vocab = end - start, head.weight.shape[0]
+    k = max(0, min(end, opts["kl_rows"]) - start)  # the leading rows of this chunk that carry a KL
     a, b, c = (None if buffer is None else buffer[:rows] for buffer in scratch)
     x = policy_hidden[start:end]
     logits = _transform_(head.logits(x, out=a), scale, softcap)  # [c, V] fp32, the policy logits
-    # work = ref + logsigmoid(z); logsigmoid(z) = -logaddexp(-z, 0), in one buffer
-    if getattr(z_fn, "writes_into", False):
-        work = z_fn(start, end, out=b).neg_()
+    q = None
+    if k > 0:
+        b_k, c_k = (None if buffer is None else buffer[:k] for buffer in (b, c))
+        # work = ref + logsigmoid(z); logsigmoid(z) = -logaddexp(-z, 0), in one buffer
+        if getattr(z_fn, "writes_into", False):
+            work = z_fn(start, start + k, out=b_k).neg_()
+        else:
+            z = z_fn(start, start + k)
+            if z.shape != (k, vocab):
+                raise ValueError(
+                    f"z for rows {start}:{start + k} must be [{k}, {vocab}], got {tuple(z.shape)}"
+                )
+            work = torch.neg(z.float(), out=b_k)  # the caller's tensor is left as it is
+        torch.logaddexp(work, work.new_zeros(()), out=work)
+        work.neg_()
+        if ref_hidden is None:
+            work.add_(logits[:k])
+        else:
+            work.add_(_transform_(head.logits(ref_hidden[start : start + k], out=c_k), scale, softcap))
+        log_q = torch.log_softmax(work, dim=-1, out=c_k).clamp_(min=_NEG)
+        q = torch.exp(log_q, out=work)  # work = q*
+        self_term = _row_dot(q, log_q)  # sum q log q
+        # the log_q buffer (c) now holds log p (a fresh tensor off CPU when only some rows carry a KL)
+        log_p = torch.log_softmax(logits, dim=-1, out=c if c is not None or k < rows else log_q)
     else:
-        z = z_fn(start, end)
-        if z.shape != (rows, vocab):
-            raise ValueError(f"z for rows {start}:{end} must be [{rows}, {vocab}], got {tuple(z.shape)}")
-        work = torch.neg(z.float(), out=b)  # the caller's tensor is left as it is
-    torch.logaddexp(work, work.new_zeros(()), out=work)
-    work.neg_()
-    if ref_hidden is None:
-        work.add_(logits)
-    else:
-        work.add_(_transform_(head.logits(ref_hidden[start:end], out=c), scale, softcap))
-    log_q = torch.log_softmax(work, dim=-1, out=c).clamp_(min=_NEG)
-    q = torch.exp(log_q, out=work)  # work = q*
-    self_term = _row_dot(q, log_q)  # sum q log q
-    log_p = torch.log_softmax(logits, dim=-1, out=log_q).clamp_(min=_NEG)  # the log_q buffer now holds log p
-    out.kl_rows[start:end] = self_term - _row_dot(q, log_p)
+        log_p = torch.log_softmax(logits, dim=-1, out=c)
+    log_p = log_p.clamp_(min=_NEG)
+    if q is not None:
+        out.kl_rows[start : start + k] = self_term - _row_dot(q, log_p[:k])
     w_kl = kl_weight[start:end]
     w_nll = safe_t = lse = valid = None
     if targets is not None:
@@ -229,9 +243,15 @@ def _chunk(
         out.entropy_rows[start:end] = torch.where(valid, lse - _row_dot(grad, logits), 0.0)
     if no_grad:
         return
-    # d loss / d logits = (w_kl + w_nll) * softmax - w_kl * q* - w_nll * onehot(target)
+    # d loss / d logits = (w_kl + w_nll) * p - w_kl * q* - w_nll * onehot(target), computed on the KL rows as
+    # (w_kl + w_nll) * (p - q*) + w_nll * q* - w_nll * onehot (rows from k on have no KL: their w_kl is 0)
+    if q is not None:
+        diff = grad[:k].sub_(q)  # p - q*
+        if out.stats_rows is not None and safe_t is not None:
+            out.stats_rows[start : start + k] = _grad_stats(diff, q, safe_t[:k], valid[:k])
     grad.mul_((w_kl if w_nll is None else w_kl + w_nll).unsqueeze(1))
-    grad.sub_(q.mul_(w_kl.unsqueeze(1)))
+    if q is not None and w_nll is not None:
+        grad[:k].add_(q.mul_(w_nll[:k].unsqueeze(1)))
     if w_nll is not None:
         grad.scatter_add_(1, safe_t, -w_nll.unsqueeze(1))
     if softcap:  # d/dx softcap * tanh(scale * x / softcap) = scale * (1 - tanh^2)
@@ -247,6 +267,16 @@ def _chunk(
         out.grad_w.addmm_(grad.t(), x.float())
     if out.grad_b is not None:
         out.grad_b.add_(grad.sum(0))
+
+
+def _grad_stats(diff: Tensor, q: Tensor, safe_t: Tensor, valid: Tensor) -> Tensor:
+    """Per row ``[|p - q*|^2, |p - e_t|^2, <p - q*, p - e_t>]`` from ``diff = p - q*`` and ``q*`` (``[rows, 3]``):
+    the unscaled KL and NLL gradients with respect to the logits, as the trainer's ``kl_grad_share`` needs them."""
+    dd, dq, qq = _row_dot(diff, diff), _row_dot(diff, q), _row_dot(q, q)
+    d_t, q_t = diff.gather(1, safe_t).squeeze(1), q.gather(1, safe_t).squeeze(1)
+    lm_sq = dd + 2 * dq + qq - 2 * (d_t + q_t) + 1  # |p|^2 - 2 p_t + 1 with p = diff + q*
+    stats = torch.stack([dd, lm_sq, dd + dq - d_t], 1)
+    return torch.where(valid.unsqueeze(1), stats, 0.0)
 
 
 class _FusedConstraintKL(torch.autograd.Function):
@@ -279,8 +309,9 @@ class _FusedConstraintKL(torch.autograd.Function):
         nll_rows = torch.zeros(stat_rows, dtype=torch.float32, device=device)
         entropy_rows = torch.zeros(stat_rows, dtype=torch.float32, device=device)
         top1_rows = torch.zeros(stat_rows, dtype=torch.bool, device=device)
+        grad_stats = torch.zeros(n, 3, dtype=torch.float32, device=device) if opts["grad_stats"] else None
 
-        buffers = _Buffers(kl_rows, nll_rows, entropy_rows, top1_rows, grad_h, grad_w, grad_b)
+        buffers = _Buffers(kl_rows, nll_rows, entropy_rows, top1_rows, grad_stats, grad_h, grad_w, grad_b)
         scratch = (None, None, None)
         if device.type in _SCRATCH_DEVICES:
             scratch = tuple(
@@ -312,7 +343,10 @@ class _FusedConstraintKL(torch.autograd.Function):
         ctx.factor = factor
         ctx.dtypes = (policy_hidden.dtype, head_weight.dtype, None if head_bias is None else head_bias.dtype)
         ctx.mark_non_differentiable(kl_rows, nll_rows, entropy_rows, top1_rows)
-        return loss * factor, kl_rows, nll_rows, entropy_rows, top1_rows
+        if grad_stats is None:
+            return loss * factor, kl_rows, nll_rows, entropy_rows, top1_rows
+        ctx.mark_non_differentiable(grad_stats)
+        return loss * factor, kl_rows, nll_rows, entropy_rows, top1_rows, grad_stats
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, *_grad_stats):
@@ -351,6 +385,8 @@ def fused_constraint_kl(
     logit_softcap: float | None = None,
     chunk_size: int | None = None,
     reduction: str = "sum",
+    kl_rows: int | None = None,
+    grad_stats: bool = False,
 ) -> FusedKLOutput:
     """KL(q* || p_theta) (and optionally the NLL of ``targets``) from hidden states, chunk by chunk.
 
@@ -359,13 +395,14 @@ def fused_constraint_kl(
             receives a gradient when it requires one).
         head_weight, head_bias: the policy's output head, ``[V, H]`` and ``[V]`` (or ``None``); each gets a
             gradient only when it requires one (a frozen head costs no weight-gradient matmul).
-        guidance_hidden: ``[N, Hg]`` guidance hidden states at the same positions, projected by
+        guidance_hidden: ``[K, Hg]`` guidance hidden states at the first ``K = kl_rows`` positions, projected by
             ``guidance_weight [V, Hg]`` / ``guidance_bias [V]`` (fp32, no gradient); or a callable
-            ``z_fn(start, end) -> [end - start, V]`` giving ``z`` for rows ``start:end`` (then the guidance
+            ``z_fn(start, end) -> [end - start, V]`` giving ``z`` for rows ``start:end < K`` (then the guidance
             weight and bias must be ``None``).
-        reference: ``"policy"`` (the detached policy logits) or the ``[N, H]`` hidden states of the reference
+        reference: ``"policy"`` (the detached policy logits) or the ``[K, H]`` hidden states of the reference
             model (e.g. the base with adapters disabled), projected by the same head and transform.
-        row_weight: per-row weight of the KL (``[N]``, a number, or ``None`` = 1); 0 drops a row (padding).
+        row_weight: per-row weight of the KL (``[N]``, a number, or ``None`` = 1 on the ``kl_rows``); 0 drops a
+            row (padding).
             Put coefficients and denominators here to combine several position sets in one pass.
         targets: ``[N]`` target ids for the NLL (``ignore_index`` rows are skipped), or ``None``.
         nll_weight: per-row weight of the NLL (``[N]``, a number, or ``None`` = 1).
@@ -374,6 +411,14 @@ def fused_constraint_kl(
         chunk_size: positions per chunk (default :func:`fused_chunk_size` of N and V); the working set is
             about three ``[chunk_size, V]`` fp32 tensors.
         reduction: ``"sum"`` or ``"mean"`` (the weighted sum divided by N).
+        kl_rows: ``K``, how many leading rows carry a KL (default N). The rows after them are NLL-only rows
+            (their ``row_weight`` must be 0): no ``z``, reference or ``q*`` is computed for them and their ``kl``
+            is reported as 0, so a caller that puts its KL rows first pays the guidance model (and the base
+            reference) only where the KL counts.
+        grad_stats: also return, per row, the squared norms of the unscaled KL and NLL gradients with respect
+            to the logits and their dot product, ``[|p - q*|^2, |p - e_t|^2, <p - q*, p - e_t>]`` (``[N, 3]``;
+            0 on rows without a KL or a target, and all 0 when no gradient is computed). For logging the KL's
+            share of the gradient at no extra head pass.
 
     Returns:
         :class:`FusedKLOutput` ``(loss, kl, nll, entropy, is_top1)``; only ``loss`` is differentiable. Calling ``backward``
@@ -396,6 +441,9 @@ def fused_constraint_kl(
     if logit_softcap is not None and not logit_softcap > 0:
         raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
     device = policy_hidden.device
+    n_kl = n if kl_rows is None else int(kl_rows)
+    if not 0 <= n_kl <= n:
+        raise ValueError(f"kl_rows must be in [0, N] = [0, {n}], got {kl_rows}")
 
     if callable(guidance_hidden) and not isinstance(guidance_hidden, Tensor):
         if guidance_weight is not None or guidance_bias is not None:
@@ -404,8 +452,10 @@ def fused_constraint_kl(
     elif isinstance(guidance_hidden, Tensor):
         if guidance_weight is None:
             raise ValueError("guidance_hidden needs guidance_weight (the guidance head, [V, Hg])")
-        if guidance_hidden.dim() != 2 or guidance_hidden.shape[0] != n:
-            raise ValueError(f"guidance_hidden must be [{n}, Hg], got shape {tuple(guidance_hidden.shape)}")
+        if guidance_hidden.dim() != 2 or guidance_hidden.shape[0] != n_kl:
+            raise ValueError(
+                f"guidance_hidden must be [{n_kl}, Hg], got shape {tuple(guidance_hidden.shape)}"
+            )
         if guidance_weight.shape != (vocab, guidance_hidden.shape[1]):
             raise ValueError(
                 f"guidance_weight must be [{vocab}, {guidance_hidden.shape[1]}], got {tuple(guidance_weight.shape)}"
@@ -428,15 +478,19 @@ def fused_constraint_kl(
             )
         ref_hidden = None
     elif isinstance(reference, Tensor):
-        if reference.shape != policy_hidden.shape:
+        if reference.shape != (n_kl, hidden):
             raise ValueError(
-                f"reference hidden states must be [{n}, {hidden}], got shape {tuple(reference.shape)}"
+                f"reference hidden states must be [{n_kl}, {hidden}], got shape {tuple(reference.shape)}"
             )
         ref_hidden = reference.detach()
     else:
         raise ValueError(f"reference must be 'policy' or a tensor, got {type(reference).__name__}")
 
     kl_weight = _row_values(row_weight, n, device, "row_weight")
+    if row_weight is None:
+        kl_weight[n_kl:] = 0.0
+    elif n_kl < n and bool(kl_weight[n_kl:].ne(0).any()):
+        raise ValueError(f"row_weight must be 0 on the rows from kl_rows={n_kl} on (they carry no KL)")
     nll_w = None
     if targets is not None:
         if targets.shape != (n,):
@@ -458,13 +512,16 @@ def fused_constraint_kl(
         "mean": reduction == "mean",
         "ignore_index": int(ignore_index),
         "want_grad": want_grad,
+        "kl_rows": n_kl,
+        "grad_stats": bool(grad_stats),
     }
-    loss, kl_rows, nll_rows, entropy_rows, top1_rows = _FusedConstraintKL.apply(
+    loss, kl_rows, nll_rows, entropy_rows, top1_rows, *stats = _FusedConstraintKL.apply(
         policy_hidden, head_weight, head_bias, ref_hidden, z_fn, kl_weight, targets, nll_w, opts
     )
+    stats = stats[0] if stats else None
     if targets is None:
-        return FusedKLOutput(loss, kl_rows, None)
-    return FusedKLOutput(loss, kl_rows, nll_rows, entropy_rows, top1_rows)
+        return FusedKLOutput(loss, kl_rows, None, grad_stats=stats)
+    return FusedKLOutput(loss, kl_rows, nll_rows, entropy_rows, top1_rows, stats)
 
 
 class FusedConstraintKL(nn.Module):
@@ -501,6 +558,8 @@ class FusedConstraintKL(nn.Module):
         row_weight: Tensor | float | None = None,
         targets: Tensor | None = None,
         nll_weight: Tensor | float | None = None,
+        kl_rows: int | None = None,
+        grad_stats: bool = False,
     ) -> FusedKLOutput:
         return fused_constraint_kl(
             policy_hidden,
@@ -518,6 +577,8 @@ class FusedConstraintKL(nn.Module):
             logit_softcap=self.logit_softcap,
             chunk_size=self.chunk_size,
             reduction=self.reduction,
+            kl_rows=kl_rows,
+            grad_stats=grad_stats,
         )
 
     def extra_repr(self) -> str:

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
@@ -777,12 +776,19 @@ class ConstrainedTrainer(SFTTrainer):
         return logits[mask]
 
     def _reference_hidden(self, inputs, mask) -> torch.Tensor:
-        """The base model's last hidden states ``[N, H]`` at the counted positions (adapters disabled, no grad)."""
+        """The base model's last hidden states ``[N, H]`` at the counted positions (adapters disabled, no grad).
+
+        As the guidance pass, the decoder runs only on the rows with a counted position, up to the last counted
+        column.
+        """
         model = self.accelerator.unwrap_model(self.model)
+        ids, attention = inputs["input_ids"], inputs.get("attention_mask")
+        if bool(mask.any()):
+            rows, width = mask.any(1), int(mask.any(0).nonzero().max()) + 1
+            ids, mask = ids[rows, :width], mask[rows, :width]
+            attention = None if attention is None else attention[rows, :width]
         with torch.no_grad(), model.disable_adapter():
-            out = self._decoder(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
-            )
+            out = self._decoder(input_ids=ids, attention_mask=attention, use_cache=False)
         hidden = getattr(out, "last_hidden_state", None)
         return (hidden if hidden is not None else out[0])[mask]
 
@@ -928,12 +934,22 @@ class ConstrainedTrainer(SFTTrainer):
         return terms, total
 
     def _fused_kl_terms(self, inputs, hidden, masks, weights, targets, union, head, log_share, nll=None):
-        """:meth:`_kl_terms` from hidden states: every position set (and the NLL) in one chunked head + KL pass."""
-        policy_hidden = hidden[union]  # [N, H], with gradient
+        """:meth:`_kl_terms` from hidden states: every position set (and the NLL) in one chunked head + KL pass.
+
+        The rows go in KL positions first (row-major), then the NLL-only ones, so the guidance model (and the
+        base reference) run only up to the KL positions and the fused pass computes no ``z`` for the rest.
+        """
+        kl_union = torch.zeros_like(union)
+        for mask in masks.values():
+            kl_union |= mask
+        flat_union, flat_kl = union.reshape(-1), kl_union.reshape(-1)
+        order = torch.cat([flat_kl.nonzero().view(-1), (flat_union & ~flat_kl).nonzero().view(-1)])
+        n_kl = int(flat_kl.sum())
+        policy_hidden = hidden.reshape(-1, hidden.shape[-1])[order]  # [N, H], with gradient
         with torch.no_grad():
-            guidance_hidden = self._guidance_hidden(inputs, union)
-        base_hidden = self._reference_hidden(inputs, union) if self.args.kl_reference == "base" else None
-        rows = {name: mask[union] for name, mask in masks.items()}
+            guidance_hidden = self._guidance_hidden(inputs, kl_union)
+        base_hidden = self._reference_hidden(inputs, kl_union) if self.args.kl_reference == "base" else None
+        rows = {name: mask.reshape(-1)[order] for name, mask in masks.items()}
         row_weight = torch.zeros(policy_hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for name, mask in rows.items():
             weight = torch.as_tensor(weights[name], device=hidden.device).float()
@@ -942,7 +958,7 @@ class ConstrainedTrainer(SFTTrainer):
         if nll is not None:
             nll_mask, nll_targets, nll_weight = nll
             nll_kwargs = {
-                "targets": torch.where(nll_mask, nll_targets, -100)[union],
+                "targets": torch.where(nll_mask, nll_targets, -100).reshape(-1)[order],
                 "nll_weight": torch.as_tensor(nll_weight, device=hidden.device).float(),
             }
         guidance_head = self.guidance.head
@@ -961,21 +977,15 @@ class ConstrainedTrainer(SFTTrainer):
                 self.args.kl_chunk_size, fused_chunk_size(policy_hidden.shape[0], vocab=head.weight.shape[0])
             ),
             reduction="sum",
+            kl_rows=n_kl,
+            grad_stats=log_share,
             **nll_kwargs,
         )
-        if log_share:  # no-grad head passes over the corpus rows, a chunk at a time (logging steps only)
-
-            def policy_part(index):
-                return self._head_logits(policy_hidden[index].detach()).float()
-
-            def ref_part(index):
-                return policy_part(index) if base_hidden is None else self._head_logits(base_hidden[index])
-
-            def z_part(index):
-                with torch.autocast(device_type=hidden.device.type, enabled=False):
-                    return F.linear(guidance_hidden[index].float(), guidance_head.weight, guidance_head.bias)
-
-            self._log_grad_share(policy_part, ref_part, z_part, masks, union, targets)
+        if log_share and bool(rows["corpus"].any()):
+            # the gradient statistics came out of the same pass (no extra head pass)
+            dd, lm_sq, dot = out.grad_stats[rows["corpus"]].double().sum(0).tolist()
+            coef = float(self.args.kl_coef)
+            self._append_grad_share(coef * coef * dd, lm_sq, coef * dot)
         terms = {name: out.kl[mask].sum() for name, mask in rows.items()}
         if nll is not None:
             terms.update(nll=out.nll.sum(), entropy=out.entropy.sum(), is_top1=out.is_top1.sum())
@@ -1023,7 +1033,11 @@ class ConstrainedTrainer(SFTTrainer):
                 kl_sq += float(kl_grad.square().sum())
                 lm_sq += float(p.square().sum())
                 dot += float((kl_grad * p).sum())
-        kl_norm, lm_norm = math.sqrt(kl_sq), math.sqrt(lm_sq)
+        self._append_grad_share(kl_sq, lm_sq, dot)
+
+    def _append_grad_share(self, kl_sq: float, lm_sq: float, dot: float) -> None:
+        """Log the KL gradient's share and cosine from ``|g_kl|^2``, ``|g_lm|^2`` and ``<g_kl, g_lm>`` (logits)."""
+        kl_norm, lm_norm = math.sqrt(max(kl_sq, 0.0)), math.sqrt(max(lm_sq, 0.0))
         self._metrics["train"]["kl_grad_share"].append(kl_norm / max(kl_norm + lm_norm, 1e-12))
         self._metrics["train"]["kl_grad_cosine"].append(dot / max(kl_norm * lm_norm, 1e-12))
 

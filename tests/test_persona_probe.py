@@ -1,0 +1,63 @@
+"""The linear probe of recipes/persona_opinionqa/probe.py: its ridge/correlation parts and one tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from steer.models import tiny_causal_lm
+
+PROBE = Path(__file__).resolve().parents[1] / "recipes" / "persona_opinionqa" / "probe.py"
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("persona_probe", PROBE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ridge_recovers_a_planted_direction_and_not_noise():
+    probe = _probe()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 20))
+    direction = rng.standard_normal(20)
+    y = x @ direction + 0.5 * rng.standard_normal(300)
+    w, b = probe._ridge(x[:200], y[:200], alpha=1.0)
+    assert probe._pearson(x[200:] @ w + b, y[200:]) > 0.95
+    noise = rng.standard_normal(300)
+    w, b = probe._ridge(x[:200], noise[:200], alpha=1.0)
+    low, high = probe._bootstrap(lambda i: probe._pearson((x[200:] @ w + b)[i], noise[200:][i]), 100)
+    assert low < 0 < high
+
+
+def test_tiny_run_writes_the_report(tmp_path):
+    model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    report = _probe().main(
+        [
+            "--model", str(tmp_path / "tiny"),
+            "--train_waves", "26", "27",
+            "--valid_waves", "29",
+            "--eval_waves", "32",
+            "--layers", "1", "2",
+            "--alphas", "1", "100",
+            "--output_dir", str(tmp_path / "out"),
+        ]
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert saved["results"].keys() == report["results"].keys()
+    assert set(saved["results"]) == {
+        "population",
+        "POLPARTY=Democrat - POLPARTY=Republican",
+        "POLIDEOLOGY=Very liberal - POLIDEOLOGY=Very conservative",
+    }
+    for entry in saved["results"].values():
+        assert entry["layer"] in (1, 2) and entry["alpha"] in (1.0, 100.0)
+        assert -1 <= entry["eval_r"] <= 1 and entry["n_eval_questions"] == saved["n_questions"]["eval"] > 0
+        low, high = entry["eval_r_ci95"]
+        assert low <= high
