@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,9 +27,8 @@ from test_multiprocess import tiny_model_dir  # noqa: F401  (fixture)
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3_CPU_CONFIG = ROOT / "accelerate_configs" / "zero3_cpu.yaml"
 ZERO2_CPU_CONFIG = ROOT / "accelerate_configs" / "zero2_cpu.yaml"
-LOSS_RTOL = 1e-5  # first steps' losses, 2 ZeRO-3 ranks vs one process (same global batches)
+LOSS_RTOL = 1e-5  # constrained ZeRO-2 vs DDP losses (persona: test_fsdp2's tolerances)
 WEIGHT_ATOL = 1e-5
-OUTPUT_ATOL = 1e-5
 
 # test_fsdp2's driver, counting ZeRO-3 partitioned parameters instead of DTensors
 DRIVER = f2.DRIVER.replace(
@@ -102,64 +99,13 @@ def test_the_cli_keeps_deepspeed_on_cpu_ranks(monkeypatch):
 @pytest.mark.slow
 @needs_deepspeed
 def test_persona_zero3(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
-    from steer.persona.steering import PersonaSteeredModel
-
-    out = tmp_path / "out"
-    common = [
-        "train",
-        "persona",
-        "--config",
-        str(ROOT / "recipes" / "tiny" / "persona.yaml"),
-        "--model_name_or_path",
-        str(tiny_model_dir),
-    ]
-    args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
-    log = launch_zero(args, tmp_path, monkeypatch)
-    ranks = _check_zero_ranks(log, out, "train persona")
-    assert ranks[0]["global_step"] == 4 and len(ranks[0]["losses"]) == 4
-
-    # the soft-prompt network trained and was saved with full weights
-    weights = load_file(str(out / "persona" / "soft_prompt.safetensors"))
-    assert weights["mlp.2.bias"].abs().sum() > 0
-    checkpoint = load_file(str(out / "checkpoint-4" / "soft_prompt.safetensors"))
-    for name, value in weights.items():
-        torch.testing.assert_close(checkpoint[name], value, atol=0, rtol=0)
-
-    # artefacts in plain code = the trainer's model (its engine forward, and the network on the LM)
-    expected = load_file(str(out / "inprocess.safetensors"))
-    torch.testing.assert_close(expected["wrapped_probs"], expected["option_probs"], atol=OUTPUT_ATOL, rtol=0)
-    steered = PersonaSteeredModel.from_pretrained(str(tiny_model_dir), out / "persona")
-    probs = steered.option_probs("Do you like music?", ["Yes", "Somewhat", "No"], expected["persona"])
-    torch.testing.assert_close(probs, expected["option_probs"], atol=OUTPUT_ATOL, rtol=0)
-
-    # one process over the same global batches (2 ranks x 4 = 8 examples per step): the same losses
-    single = tmp_path / "single"
-    single.mkdir()
-    f2.run_single(
-        [*common, "--output_dir", str(single / "out"), "--per_device_train_batch_size", "8"], single
+    """The FSDP2 persona checks (test_fsdp2.check_persona_run) under ZeRO-3, with partitioned parameters."""
+    f2.check_persona_run(
+        tmp_path,
+        tiny_model_dir,
+        lambda args: launch_zero(args, tmp_path, monkeypatch),
+        lambda log, out: _check_zero_ranks(log, out, "train persona"),
     )
-    reference = json.loads((single / "out" / "rank0.json").read_text())
-    assert reference["distributed_type"] == "NO"
-    torch.testing.assert_close(
-        torch.tensor(ranks[0]["losses"]), torch.tensor(reference["losses"]), rtol=LOSS_RTOL, atol=0
-    )
-    alone = load_file(str(single / "out" / "persona" / "soft_prompt.safetensors"))
-    for name, value in weights.items():
-        torch.testing.assert_close(value, alone[name], atol=WEIGHT_ATOL, rtol=0)
-
-    # resume from checkpoint-2 in the same output directory: the uninterrupted run's weights and losses
-    first = {name: value.clone() for name, value in weights.items()}
-    shutil.rmtree(out / "checkpoint-4")
-    log = launch_zero([*args, "--resume_from_checkpoint", str(out / "checkpoint-2")], tmp_path, monkeypatch)
-    resumed = _check_zero_ranks(log, out, "train persona")
-    assert resumed[0]["global_step"] == 4
-    assert resumed[0]["digest"] == ranks[0]["digest"], "resumed run ended with other weights"
-    torch.testing.assert_close(
-        torch.tensor(resumed[0]["losses"][-2:]), torch.tensor(ranks[0]["losses"][-2:]), rtol=1e-6, atol=0
-    )
-    again = load_file(str(out / "persona" / "soft_prompt.safetensors"))
-    for name, value in first.items():
-        torch.testing.assert_close(again[name], value, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,28 +158,8 @@ def test_constrained_zero2_equals_ddp(tmp_path, tiny_model_dir, monkeypatch):  #
 @pytest.mark.slow
 @needs_deepspeed
 def test_constrained_zero3_is_refused_in_one_line(tmp_path, tiny_model_dir):  # noqa: F811
-    launcher = mp._accelerate()
-    if launcher[0].endswith("accelerate"):
-        launcher.append("launch")
-    cmd = [
-        *launcher,
-        "--config_file",
-        str(ZERO3_CPU_CONFIG),
-        "--main_process_port",
-        str(mp._free_port()),
-        "-m",
-        "steer.cli",
-        *mp.constrained_args(tmp_path, tiny_model_dir),
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=mp.TIMEOUT_S, check=False
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    args = [*mp.constrained_args(tmp_path, tiny_model_dir), "--output_dir", str(tmp_path / "out")]
+    log = mp.launch_failing(ZERO3_CPU_CONFIG, args, tmp_path)
     assert "steer train constrained: error: ConstrainedTrainer does not support DeepSpeed ZeRO-3" in log, log[
         -3000:
     ]

@@ -225,6 +225,18 @@ def test_deepspeed_on_cpu_ranks_is_refused(monkeypatch):
 
 @pytest.mark.slow
 def test_persona_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
+    check_persona_run(
+        tmp_path,
+        tiny_model_dir,
+        lambda args: launch_fsdp2(args, tmp_path, monkeypatch),
+        lambda log, out: _check_fsdp2_ranks(log, out, "train persona"),
+    )
+
+
+def check_persona_run(tmp_path: Path, tiny_model_dir: Path, launch, check_ranks) -> None:  # noqa: F811
+    """`train persona` on 2 sharded ranks (``launch(args) -> log``, ``check_ranks(log, out) -> ranks``): the
+    network trains and saves full weights, the artefacts reload in plain code with the trainer's outputs, the
+    losses and weights equal one process over the same global batches, and resume reproduces the run."""
     from steer.data import opinionqa_dir
     from steer.persona.steering import PersonaSteeredModel
 
@@ -245,8 +257,7 @@ def test_persona_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
         str(tiny_model_dir),
     ]
     args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
-    log = launch_fsdp2(args, tmp_path, monkeypatch)
-    ranks = _check_fsdp2_ranks(log, out, "train persona")
+    ranks = check_ranks(launch(args), out)
     assert ranks[0]["global_step"] == 4 and len(ranks[0]["losses"]) == 4
 
     # the soft-prompt network trained (its zero-initialised output bias moved), saved with full weights
@@ -279,8 +290,7 @@ def test_persona_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
     # resume from checkpoint-2 in the same output directory: the uninterrupted run's weights and losses
     first = {name: load_file(str(out / "persona" / "soft_prompt.safetensors"))[name] for name in weights}
     shutil.rmtree(out / "checkpoint-4")
-    log = launch_fsdp2([*args, "--resume_from_checkpoint", str(out / "checkpoint-2")], tmp_path, monkeypatch)
-    resumed = _check_fsdp2_ranks(log, out, "train persona")
+    resumed = check_ranks(launch([*args, "--resume_from_checkpoint", str(out / "checkpoint-2")]), out)
     assert resumed[0]["global_step"] == 4
     assert resumed[0]["digest"] == ranks[0]["digest"], "resumed run ended with other weights"
     torch.testing.assert_close(
@@ -376,30 +386,12 @@ def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
 @pytest.mark.slow
 def test_constrained_fsdp2_refuses_parallel_schedule(tmp_path, tiny_model_dir):  # noqa: F811
     """The parallel schedule's worker thread would run on a deep copy of the sharded policy: one clear line."""
-    launcher = mp._accelerate()
-    if launcher[0].endswith("accelerate"):
-        launcher.append("launch")
-    cmd = [
-        *launcher,
-        "--config_file",
-        str(FSDP2_CPU_CONFIG),
-        "--main_process_port",
-        str(mp._free_port()),
-        "-m",
-        "steer.cli",
+    args = [
         *mp.constrained_args(tmp_path, tiny_model_dir, banned=["the"]),
         "--output_dir",
         str(tmp_path / "out"),
-        "--schedule",
-        "parallel",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=mp.TIMEOUT_S, check=False
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    log = mp.launch_failing(FSDP2_CPU_CONFIG, [*args, "--schedule", "parallel"], tmp_path)
     assert (
         "steer train constrained: error: ConstrainedConfig.schedule='parallel' is not supported under FSDP2"
         in log

@@ -129,6 +129,23 @@ def launch(steer_args: list[str], workdir: Path) -> tuple[str, float]:
     return log, seconds
 
 
+def launch_failing(config: Path, steer_args: list[str], workdir: Path) -> str:
+    """``accelerate launch --config_file config -m steer.cli <steer_args>`` that must fail; returns its log."""
+    launcher = _accelerate()
+    if launcher[0].endswith("accelerate"):
+        launcher.append("launch")
+    cmd = [*launcher, "--config_file", str(config), "--main_process_port", str(_free_port())]
+    cmd += ["-m", "steer.cli", *steer_args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run(
+        cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, f"the launch should have failed:\n{log[-3000:]}"
+    return log
+
+
 def _check_two_ranks(log: str, out: Path, command: str) -> None:
     for rank in (0, 1):
         assert f"{command}: rank {rank}/2 " in log, f"rank {rank} did not report world size 2:\n{log[-3000:]}"
