@@ -633,7 +633,8 @@ def parameter_digest(modules: Iterable[Any], *, max_values: int | None = None) -
     count = 0
     for index, named in enumerate(groups):
         for name, param in named:
-            digest.update(f"{index}:{name}:{tuple(param.shape)}".encode())
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's full shape
+            digest.update(f"{index}:{name}:{shape}".encode())
             value = param.detach()
             if isinstance(value, DTensor):  # FSDP2 shard: digest the whole value (an all-gather)
                 value = value.full_tensor()

@@ -306,18 +306,15 @@ def check_persona_run(tmp_path: Path, tiny_model_dir: Path, launch, check_ranks)
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
+def check_constrained_artefacts(log: str, out: Path, ranks: list[dict], tiny_model_dir: Path) -> None:  # noqa: F811
+    """After a sharded 2-rank `train constrained`: the guidance model trained in the rounds and is the same on
+    every rank; the saved adapter holds gathered, trained weights; the adapter and the guidance model reload in
+    plain transformers + peft code with the logits and z of the trainer's own model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from steer.guidance import GuidanceModel
 
-    out = tmp_path / "out"
-    common = mp.constrained_args(tmp_path, tiny_model_dir)
-    args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
-    log = launch_fsdp2(args, tmp_path, monkeypatch)
-    ranks = _check_fsdp2_ranks(log, out, "train constrained")
     assert ranks[0]["global_step"] == 4 and len(ranks[0]["losses"]) == 4
     # the guidance model trained in the rounds (sampling + labelling + its own optimizer) on the sharded
     # policy, and every rank holds the same one (replicated, gradients all-reduced)
@@ -342,6 +339,17 @@ def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
     with torch.no_grad():
         z = guidance_model(expected["input_ids"], attention_mask=expected["attention_mask"])
     torch.testing.assert_close(z, expected["z"], atol=OUTPUT_ATOL, rtol=OUTPUT_ATOL)
+
+
+@pytest.mark.slow
+def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
+    out = tmp_path / "out"
+    common = mp.constrained_args(tmp_path, tiny_model_dir)
+    args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
+    log = launch_fsdp2(args, tmp_path, monkeypatch)
+    ranks = _check_fsdp2_ranks(log, out, "train constrained")
+    check_constrained_artefacts(log, out, ranks, tiny_model_dir)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
 
     # DDP (multi_cpu.yaml) over the same ranks and data: the same losses, policy and guidance weights
     ddp = tmp_path / "ddp"

@@ -653,8 +653,10 @@ class ConstrainedTrainer(SFTTrainer):
             # ZeRO-3 partitions the weights that the rounds, the guidance pass and the fused KL read outside the
             # engine's forward, and every submodule's forward all-gathers through DeepSpeed's hooks, even inside
             # deepspeed.zero.GatheredParameters over all parameters (checked on 2 CPU ranks, DeepSpeed 0.19.8):
-            # the rounds' rank-dependent forwards (sampling lengths, guidance batches) would deadlock. FSDP2 has
-            # the explicit unshard the rounds need (sharding.unsharded); ZeRO-2 leaves the weights whole.
+            # the rounds' rank-dependent forwards (sampling lengths, guidance batches) would deadlock. Removing
+            # the hooks around a gathered round works, but the guidance adapter is partitioned again between
+            # steps, so its checkpoints and saves would need a collective gather (README, Distributed training).
+            # FSDP2 has the explicit unshard the rounds need (sharding.unsharded); ZeRO-2 leaves weights whole.
             raise UserInputError(
                 "ConstrainedTrainer does not support DeepSpeed ZeRO-3 (its guidance rounds run rank-dependent "
                 "forwards, which deadlock on ZeRO-3's per-module all-gathers); use accelerate_configs/fsdp2.yaml "
