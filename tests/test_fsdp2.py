@@ -341,17 +341,9 @@ def check_constrained_artefacts(log: str, out: Path, ranks: list[dict], tiny_mod
     torch.testing.assert_close(z, expected["z"], atol=OUTPUT_ATOL, rtol=OUTPUT_ATOL)
 
 
-@pytest.mark.slow
-def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
-    out = tmp_path / "out"
-    common = mp.constrained_args(tmp_path, tiny_model_dir)
-    args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
-    log = launch_fsdp2(args, tmp_path, monkeypatch)
-    ranks = _check_fsdp2_ranks(log, out, "train constrained")
-    check_constrained_artefacts(log, out, ranks, tiny_model_dir)
-    adapter = load_file(str(out / "adapter_model.safetensors"))
-
-    # DDP (multi_cpu.yaml) over the same ranks and data: the same losses, policy and guidance weights
+def check_equals_ddp(common: list[str], out: Path, ranks: list[dict], tmp_path: Path, monkeypatch) -> dict:
+    """DDP (multi_cpu.yaml) over the same 2 ranks and data as the sharded run in ``out``: the same losses and
+    policy adapter. Returns DDP's rank-0 record."""
     ddp = tmp_path / "ddp"
     ddp.mkdir()
     monkeypatch.setattr(mp, "ACCELERATE_CONFIG", ROOT / "accelerate_configs" / "multi_cpu.yaml")
@@ -361,9 +353,22 @@ def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
     torch.testing.assert_close(
         torch.tensor(ranks[0]["losses"]), torch.tensor(reference["losses"]), rtol=LOSS_RTOL, atol=0
     )
+    adapter = load_file(str(out / "adapter_model.safetensors"))
     ddp_adapter = load_file(str(ddp / "out" / "adapter_model.safetensors"))
     for name, value in adapter.items():
         torch.testing.assert_close(value, ddp_adapter[name], atol=WEIGHT_ATOL, rtol=0)
+    return reference
+
+
+@pytest.mark.slow
+def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
+    out = tmp_path / "out"
+    common = mp.constrained_args(tmp_path, tiny_model_dir)
+    args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
+    log = launch_fsdp2(args, tmp_path, monkeypatch)
+    ranks = _check_fsdp2_ranks(log, out, "train constrained")
+    check_constrained_artefacts(log, out, ranks, tiny_model_dir)
+    check_equals_ddp(common, out, ranks, tmp_path, monkeypatch)
 
     # one process over the same global batches (8 rows per step). From round 0 on the guidance model trains
     # on other samples (each rank draws its own prompts and continuations), so only the SFT part of the
