@@ -117,6 +117,20 @@ def _modules_of(learner: GuidanceLearner) -> list[str]:
     return sorted(n for n in names if n and n not in ("__main__", "builtins"))
 
 
+def _round_reply(learner: GuidanceLearner, metrics: dict) -> dict:
+    """What a finished round hands back: its metrics, guidance tensors and training samples (as sent)."""
+    return {
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "guidance": [t.cpu() for t in learner.guidance_tensors()],
+        "latest": SampleBuffer.items_state(learner.latest),
+    }
+
+
+def _pending(round_index: int, reply: dict) -> tuple:
+    """A round's reply as the schedule keeps it until it is swapped in: (round, metrics, guidance, samples)."""
+    return round_index, reply["metrics"], reply["guidance"], SampleBuffer.items_from_state(reply["latest"])
+
+
 def _dumps(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -170,12 +184,7 @@ def _worker_main(conn, preload: list[str], threads: int | None, device, log_leve
                 data = _loads(payload, target)
                 copy_tensors(policy_params, data["policy"])
                 copy_tensors(learner.guidance.trainable_parameters(), data["guidance"])
-                metrics = learner.run_round(index)
-                reply = {
-                    "metrics": {k: float(v) for k, v in metrics.items()},
-                    "guidance": [t.cpu() for t in learner.guidance_tensors()],
-                    "latest": SampleBuffer.items_state(learner.latest),
-                }
+                reply = _round_reply(learner, learner.run_round(index))
             elif kind == "state":
                 reply = learner.state_dict()
             elif kind == "load":
@@ -432,12 +441,7 @@ class ProcessSchedule(BackgroundSchedule):
             raise
         self._running = None
         self._threads_to_policy()
-        self._done = (
-            round_index,
-            data["metrics"],
-            data["guidance"],
-            SampleBuffer.items_from_state(data["latest"]),
-        )
+        self._done = _pending(round_index, data)
 
     def check(self) -> None:
         """Raise the error of a background round that failed (the trainer calls this before every step)."""
@@ -491,13 +495,7 @@ class ProcessSchedule(BackgroundSchedule):
         named = dict(learner.policy.named_parameters())
         copy_tensors([named[n] for n in self.policy_names], [p.detach() for p in self.policy_params()])
         copy_tensors(learner.guidance.trainable_parameters(), [p.detach() for p in self.guidance_params()])
-        metrics = learner.run_round(round_index)
-        self._done = (
-            round_index,
-            {k: float(v) for k, v in metrics.items()},
-            [t.detach().cpu().clone() for t in learner.guidance_tensors()],
-            SampleBuffer.items_from_state(SampleBuffer.items_state(learner.latest)),
-        )
+        self._done = _pending(round_index, _round_reply(learner, learner.run_round(round_index)))
 
     def _threads_to_policy(self) -> None:
         """No round in the worker: the policy takes every CPU thread again."""
@@ -510,10 +508,10 @@ class ProcessSchedule(BackgroundSchedule):
 
     # ------------------------------------------------------------------ state
     def _learner_state(self) -> dict:
-        if self._learner is not None:  # not shipped yet: a copy, as the worker's would be (the learner's own
-            return copy.deepcopy(
-                self._learner.state_dict()
-            )  # tensors go to shared memory when it is shipped)
+        if self._learner is not None:
+            # not shipped yet: a copy, as the worker's would be (the learner's own tensors go to shared memory
+            # when it is shipped)
+            return copy.deepcopy(self._learner.state_dict())
         if self._process is None:
             if self._failure is not None:  # the worker died with its state
                 raise self._failure
@@ -558,9 +556,8 @@ class ProcessSchedule(BackgroundSchedule):
                 self._collect()
         self._failure, self._failure_raised = None, False
         copy_tensors(self.guidance_params(), state["guidance"])
-        if (
-            self._learner is not None
-        ):  # not shipped yet; a copy, so that the caller's tensors never become shared
+        if self._learner is not None:
+            # not shipped yet; a copy, so that the caller's tensors never become shared
             self._learner.load_state_dict(copy.deepcopy(state["learner"]))
         elif self._process is None:
             raise RuntimeError("the guidance worker was closed; cannot load a state into it")
