@@ -555,8 +555,9 @@ DEEPSPEED_CPU_DEFAULTS = {"use_cpu": False, "bf16": False, "ddp_backend": "gloo"
 
 
 def _deepspeed_requested() -> bool:
-    """The launcher's config asked for DeepSpeed (``distributed_type: DEEPSPEED``)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    from steer.trainers.sharding import deepspeed_requested  # (torch is imported by then anyway)
+
+    return deepspeed_requested()
 
 
 def _use_cpu_when_no_accelerator() -> None:

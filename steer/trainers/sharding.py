@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "full_state_dict",
+    "deepspeed_requested",
     "fsdp_units",
     "full_tensor",
     "is_fsdp",
@@ -40,8 +41,17 @@ __all__ = [
 ]
 
 
+def _launcher_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
 def _fsdp_requested() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return _launcher_flag("ACCELERATE_USE_FSDP")
+
+
+def deepspeed_requested() -> bool:
+    """The launcher's accelerate config asked for DeepSpeed (``distributed_type: DEEPSPEED``)."""
+    return _launcher_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 def promote_cpu_fsdp(accelerator) -> bool:
@@ -84,8 +94,7 @@ def refuse_cpu_deepspeed(accelerator) -> None:
     """
     from accelerate.utils import DistributedType
 
-    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
-    if use_deepspeed and accelerator.state.distributed_type == DistributedType.MULTI_CPU:
+    if deepspeed_requested() and accelerator.state.distributed_type == DistributedType.MULTI_CPU:
         raise UserInputError(
             "DeepSpeed was requested (accelerate config with distributed_type: DEEPSPEED) but use_cpu is set, "
             "with which accelerate 1.15 silently falls back to DDP; drop use_cpu from the recipe (or set it to "
