@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from steer.eval.stats import bootstrap_ci
+
 DEFAULT_PAIRS = [
     "POLPARTY=Democrat:POLPARTY=Republican",
     "POLIDEOLOGY=Very liberal:POLIDEOLOGY=Very conservative",
@@ -65,10 +67,14 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _bootstrap(stat, n: int, *, resamples: int = 2000, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    values = [stat(rng.integers(0, n, n)) for _ in range(resamples)]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+def _pearson_ci(pred: np.ndarray, real: np.ndarray) -> list[float]:
+    """95% percentile bootstrap interval of Pearson r over questions (steer's bootstrap_ci on question indices)."""
+
+    def r_of(index: np.ndarray) -> float:
+        index = index.astype(int)
+        return _pearson(pred[index], real[index])
+
+    return list(bootstrap_ci(np.arange(len(real)), r_of))
 
 
 def main(argv=None) -> dict:
@@ -143,16 +149,14 @@ def main(argv=None) -> dict:
         entry = {
             **best,
             "eval_r": _pearson(pred, real),
-            "eval_r_ci95": _bootstrap(lambda i, p=pred, r=real: _pearson(p[i], r[i]), n),
+            "eval_r_ci95": _pearson_ci(pred, real),
             "n_eval_questions": n,
         }
         if name != "population":
             big = np.abs(real) >= 0.05
             agree = (np.sign(pred[big]) == np.sign(real[big])).astype(float)
             entry["sign_agreement"] = float(agree.mean()) if big.any() else None
-            entry["sign_agreement_ci95"] = (
-                _bootstrap(lambda i, a=agree: a[i].mean(), int(big.sum())) if big.any() else None
-            )
+            entry["sign_agreement_ci95"] = list(bootstrap_ci(agree)) if big.any() else None
             entry["n_sign_questions"] = int(big.sum())
             entry["mean_abs_real_difference"] = float(np.abs(real).mean())
         results[name] = entry
