@@ -455,6 +455,20 @@ def _logit_transform(config):
 
 
 # --------------------------------------------------------------------------------------------- trainer
+def _counted_window(inputs, mask: torch.Tensor):
+    """``(input_ids, attention_mask, mask)`` cut to the rows with a position in ``mask`` and up to its last column.
+
+    A causal model's hidden state at ``t`` does not depend on later tokens, so a pass on the cut batch gives the
+    same values at the ``mask`` positions. Without any position the batch is returned whole.
+    """
+    ids, attention = inputs["input_ids"], inputs.get("attention_mask")
+    if not bool(mask.any()):
+        return ids, attention, mask
+    rows, width = mask.any(1), int(mask.any(0).nonzero().max()) + 1
+    attention = None if attention is None else attention[rows, :width]
+    return ids[rows, :width], attention, mask[rows, :width]
+
+
 class ConstrainedTrainer(SFTTrainer):
     """``SFTTrainer`` + λ·KL(q* || p_θ) towards the NADO-guided distribution, with guidance rounds.
 
@@ -781,17 +795,10 @@ class ConstrainedTrainer(SFTTrainer):
         return logits[mask]
 
     def _reference_hidden(self, inputs, mask) -> torch.Tensor:
-        """The base model's last hidden states ``[N, H]`` at the counted positions (adapters disabled, no grad).
-
-        As the guidance pass, the decoder runs only on the rows with a counted position, up to the last counted
-        column.
-        """
+        """The base model's last hidden states ``[N, H]`` at the counted positions (adapters disabled, no grad),
+        from a pass on the :func:`_counted_window` only."""
         model = self.accelerator.unwrap_model(self.model)
-        ids, attention = inputs["input_ids"], inputs.get("attention_mask")
-        if bool(mask.any()):
-            rows, width = mask.any(1), int(mask.any(0).nonzero().max()) + 1
-            ids, mask = ids[rows, :width], mask[rows, :width]
-            attention = None if attention is None else attention[rows, :width]
+        ids, attention, mask = _counted_window(inputs, mask)
         with torch.no_grad(), model.disable_adapter():
             out = self._decoder(input_ids=ids, attention_mask=attention, use_cache=False)
         hidden = getattr(out, "last_hidden_state", None)
@@ -997,20 +1004,12 @@ class ConstrainedTrainer(SFTTrainer):
         return terms, out.loss
 
     def _guidance_hidden(self, inputs, union: torch.Tensor) -> torch.Tensor:
-        """The guidance model's last hidden states ``[N, Hg]`` at the ``union`` positions (no grad).
-
-        Its backbone runs only on the rows with a counted position and up to the last counted column: a causal
-        model's hidden state at ``t`` does not depend on later tokens, so the cut changes no value.
-        """
-        rows = union.any(1)
-        if not bool(rows.any()):
+        """The guidance model's last hidden states ``[N, Hg]`` at the ``union`` positions (no grad), from a pass on
+        the :func:`_counted_window` only."""
+        if not bool(union.any()):
             return torch.zeros(0, self.guidance.head.weight.shape[1], device=union.device)
-        width = int(union.any(0).nonzero().max()) + 1
-        mask = inputs.get("attention_mask")
-        hidden = self.guidance.hidden_states(
-            inputs["input_ids"][rows, :width], None if mask is None else mask[rows, :width]
-        )
-        return hidden[union[rows, :width]]
+        ids, attention, union = _counted_window(inputs, union)
+        return self.guidance.hidden_states(ids, attention)[union]
 
     def _log_grad_share(self, policy_logits, ref_logits, z, masks, union, targets) -> None:
         """The KL gradient's share of the total at the counted corpus positions (w.r.t. the logits, norms).
