@@ -211,12 +211,21 @@ def test_kl_reference_base(tmp_path):
     assert kls[-1] > 0  # the policy moved away from the base, so KL(q*[base] || p) > 0
 
 
-@pytest.mark.parametrize("stop_at_violation", [False, True])
-@pytest.mark.parametrize("kl_reference", ["policy", "base"])
-def test_fused_kl_matches_chunked(tmp_path, kl_reference, stop_at_violation):
+@pytest.mark.parametrize(
+    ("kl_reference", "stop_at_violation", "context_prior"),
+    [
+        ("policy", False, "none"),
+        ("policy", True, "none"),
+        ("base", False, "none"),
+        ("base", True, "none"),
+        ("policy", True, "corpus"),
+    ],
+)
+def test_fused_kl_matches_chunked(tmp_path, kl_reference, stop_at_violation, context_prior):
     """Loss, logged KL terms, TRL's SFT metrics and policy gradients of the fused path (SFT NLL and KL from one
     head pass) equal the chunked reference's (TRL's SFT loss, then the KL on materialised logits). With
-    ``kl_corpus_stop_at_violation`` some supervised positions are NLL-only rows (after the KL rows, no z)."""
+    ``kl_corpus_stop_at_violation`` some supervised positions are NLL-only rows (after the KL rows, no z); with
+    the context prior, z carries its offsets (" bad" is " b" + "ad" for the tiny tokenizer) on both paths."""
     results = {}
     for implementation in ("chunked", "fused"):
         trainer = _trainer(
@@ -227,6 +236,11 @@ def test_fused_kl_matches_chunked(tmp_path, kl_reference, stop_at_violation):
             kl_sample_coef=0.3,
             kl_positions="both",
             kl_corpus_stop_at_violation=stop_at_violation,
+            guidance_context_prior=context_prior,
+            guidance_prior_cache_dir=str(tmp_path / "priors"),
+        )
+        assert (trainer._context_prior is not None and len(trainer._context_prior) > 0) == (
+            context_prior == "corpus"
         )
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():  # a guidance model that is far from R = 0.5
@@ -242,7 +256,7 @@ def test_fused_kl_matches_chunked(tmp_path, kl_reference, stop_at_violation):
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         if stop_at_violation:  # some supervised positions lie after a flagged token: NLL-only rows
             supervised, targets = trainer._corpus_mask(batch)
-            assert (trainer._corpus_kl_mask(supervised, targets) != supervised).any()
+            assert (trainer._corpus_kl_mask(batch, supervised, targets) != supervised).any()
         trainer.model.train()
         trainer.model.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(37))

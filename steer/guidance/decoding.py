@@ -57,7 +57,9 @@ class NADOLogitsProcessor(LogitsProcessor):
         else:
             if self.cache is None or length <= self.seen:  # first step (or a new generate call)
                 self.cache, self.seen = DynamicCache(), 0
-            z = self.guidance(input_ids[:, self.seen :], attention, cache=self.cache)[:, -1]
+            z = self.guidance(
+                input_ids[:, self.seen :], attention, cache=self.cache, full_input_ids=input_ids
+            )[:, -1]
             self.seen = length
         vocab = min(scores.shape[-1], z.shape[-1])
         guided = scores.float().clone()

@@ -24,11 +24,13 @@ from torch import Tensor, nn
 from ..errors import ArtefactMismatchError, InputFileNotFoundError, UserInputError
 from ..io import atomic_save_file, atomic_write_text
 from ..models import base_model_record, check_base_model
+from .context_prior import ContextPrior
 
 __all__ = ["GuidanceConfig", "GuidanceModel"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CONTEXT_PRIOR_NAME = "context_prior.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -163,6 +165,7 @@ class GuidanceModel(nn.Module):
         )
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.context_prior: ContextPrior | None = None  # fixed offsets of z for split words (not trained)
         self.set_trainable(True)
 
     # ------------------------------------------------------------------ construction
@@ -275,6 +278,38 @@ class GuidanceModel(nn.Module):
             self.head.weight.zero_()
             self.head.bias.copy_(bias.to(device=self.device, dtype=self.head.bias.dtype))
 
+    def set_context_prior(self, prior: ContextPrior | None) -> None:
+        """Add ``prior``'s fixed offsets to ``z`` wherever a context completes a flagged word (see
+        :mod:`steer.guidance.context_prior`); ``None`` removes it. Saved and loaded with the model."""
+        if prior is not None and not isinstance(prior, ContextPrior):
+            raise TypeError(f"context prior must be a ContextPrior or None, got {type(prior).__name__}")
+        if prior is not None and len(prior) and int(prior.tokens.max()) >= self.vocab_size:
+            raise ValueError(f"context prior has token ids >= the vocabulary size {self.vocab_size}")
+        self.context_prior = prior
+
+    def contexts(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor | None:
+        """``[B, T, L]`` the context prior's view of each position (``None`` without a context prior)."""
+        if self.context_prior is None:
+            return None
+        return self.context_prior.contexts(input_ids, attention_mask)
+
+    def add_context_(self, z: Tensor, contexts: Tensor | None) -> Tensor:
+        """``z [N, V]`` with the context prior's offsets added in place (rows' ``contexts [N, L]``)."""
+        if self.context_prior is None or contexts is None:
+            return z
+        return self.context_prior.add_(z, contexts)
+
+    def token_offsets(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor | None:
+        """``[B, T-1]`` the context prior's offset of ``z[b, t, x_{t+1}]`` for every next token (or ``None``)."""
+        contexts = self.contexts(input_ids, attention_mask)
+        if contexts is None:
+            return None
+        batch, length = input_ids.shape
+        flat = self.context_prior.offsets_at(
+            contexts[:, :-1].reshape(-1, contexts.shape[-1]), input_ids[:, 1:].reshape(-1)
+        )
+        return flat.view(batch, length - 1)
+
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
     def _guidance_adapter(self):
@@ -350,19 +385,37 @@ class GuidanceModel(nn.Module):
         with self._guidance_adapter():
             return decoder(**kwargs).last_hidden_state
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, cache=None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cache=None,
+        full_input_ids: Tensor | None = None,
+    ) -> Tensor:
         """Guidance logits ``z`` [B, T, V] (float32); ``R = sigmoid(z)``.
 
         ``z[:, t, v]`` scores appending token ``v`` after ``input_ids[:, :t+1]``. ``attention_mask`` marks
         real tokens (left or right padding); positions skip padding. ``cache`` (a transformers ``Cache``,
         e.g. ``DynamicCache()``, updated in place) lets decoding feed only the new tokens, with the full
-        attention mask.
+        attention mask; with a context prior, ``full_input_ids`` (every token so far) must come along too.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        contexts = None
+        if self.context_prior is not None:
+            if cache is not None and full_input_ids is None:
+                raise ValueError(
+                    "with a context prior, a cached forward needs full_input_ids (all tokens so far)"
+                )
+            ids = input_ids if full_input_ids is None else full_input_ids
+            contexts = self.contexts(ids, attention_mask)[:, -input_ids.shape[1] :]
         hidden = self.hidden_states(input_ids, attention_mask, cache=cache)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return F.linear(hidden.float(), self.head.weight, self.head.bias)
+            z = F.linear(hidden.float(), self.head.weight, self.head.bias)
+        if contexts is not None:
+            self.add_context_(z.view(-1, z.shape[-1]), contexts.reshape(-1, contexts.shape[-1]))
+        return z
 
     # ------------------------------------------------------------------ persistence
     def _weights(self) -> dict[str, Tensor]:
@@ -389,6 +442,11 @@ class GuidanceModel(nn.Module):
         }
         weights = self._weights()
         atomic_save_file(weights, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+        context_path = directory / CONTEXT_PRIOR_NAME
+        if self.context_prior is not None:
+            atomic_save_file(self.context_prior.state(), context_path, metadata={"format": "pt"})
+        elif context_path.exists():
+            context_path.unlink()  # a stale prior from an earlier save must not come back on load
         atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
         return directory
 
@@ -419,6 +477,11 @@ class GuidanceModel(nn.Module):
         model = cls(base_model, config)
         weights = load_file(str(weights_path), device=str(model.device))
         model._load_weights(weights, weights_path)
+        context_path = directory / CONTEXT_PRIOR_NAME
+        if context_path.is_file():
+            model.set_context_prior(
+                ContextPrior.from_state(load_file(str(context_path)), source=str(context_path))
+            )
         return model
 
     def _load_weights(self, weights: dict[str, Tensor], source: Path) -> None:

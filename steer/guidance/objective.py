@@ -173,12 +173,19 @@ def _bce_terms(
     return loss, metrics
 
 
-def sampled_token_logits(hidden: Tensor, head: torch.nn.Linear, input_ids: Tensor) -> Tensor:
-    """``z[b, t-1, x_t]`` for every sampled token, ``[B, T-1]``, from the head rows of those tokens only."""
+def sampled_token_logits(
+    hidden: Tensor, head: torch.nn.Linear, input_ids: Tensor, offsets: Tensor | None = None
+) -> Tensor:
+    """``z[b, t-1, x_t]`` for every sampled token, ``[B, T-1]``, from the head rows of those tokens only.
+
+    ``offsets [B, T-1]``: fixed additions to those logits (the guidance model's context prior,
+    :meth:`~steer.guidance.GuidanceModel.token_offsets`)."""
     targets = input_ids[:, 1:].to(hidden.device)
     logits = (hidden[:, :-1].float() * head.weight[targets].float()).sum(-1)
     if head.bias is not None:
         logits = logits + head.bias[targets].float()
+    if offsets is not None:
+        logits = logits + offsets.to(logits.device)
     return logits
 
 
@@ -192,8 +199,12 @@ def guidance_loss_from_hidden(
     weights: Tensor | None = None,
     consistency_coef: float = 0.0,
     ref_logits_fn=None,
+    guidance=None,
 ) -> tuple[Tensor, dict[str, float]]:
     """:func:`guidance_loss` from the backbone's hidden states, computing only what the loss needs.
+
+    ``guidance``: the :class:`~steer.guidance.GuidanceModel` whose context prior (if any) adds its fixed
+    offsets to ``z`` (at the sampled tokens and on the consistency term's full rows).
 
     The BCE needs ``z`` at the sampled tokens only: their head rows are gathered (``[B, T, H]`` work, never
     ``[B, T, V]``). The full vocabulary row is computed only where the consistency term needs it (consecutive
@@ -209,17 +220,20 @@ def guidance_loss_from_hidden(
     if consistency_coef > 0 and ref_logits_fn is None:
         raise ValueError("consistency_coef > 0 needs ref_logits_fn (the sampling distribution's logits)")
     hidden = hidden.float()
-    token_logits = sampled_token_logits(hidden, head, input_ids)
+    contexts = None if guidance is None else guidance.contexts(input_ids)
+    offsets = None if contexts is None else guidance.token_offsets(input_ids)
+    token_logits = sampled_token_logits(hidden, head, input_ids, offsets)
     loss, metrics = _bce_terms(token_logits, continuation_mask.to(hidden.device), labels, weights)
     token_weights = metrics.pop("_token_weights")
     if consistency_coef > 0:
         bias = None if head.bias is None else head.bias.float()
+
+        def rows(b, t):
+            z = F.linear(hidden[b, t], head.weight.float(), bias)
+            return z if contexts is None else guidance.add_context_(z, contexts.to(z.device)[b, t])
+
         consistency = _consistency(
-            token_logits,
-            token_weights,
-            continuation_mask.to(hidden.device),
-            lambda b, t: F.linear(hidden[b, t], head.weight.float(), bias),
-            ref_logits_fn,
+            token_logits, token_weights, continuation_mask.to(hidden.device), rows, ref_logits_fn
         )
         loss = loss + consistency_coef * consistency
         metrics["consistency"] = float(consistency.detach())

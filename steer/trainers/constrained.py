@@ -55,6 +55,7 @@ from steer.guidance import (
     fused_chunk_size,
     fused_constraint_kl,
 )
+from steer.guidance.context_prior import context_prior, lexicon
 from steer.guidance.prior import prior_logits, token_prior
 from steer.io import atomic_dir, atomic_torch_save
 
@@ -194,6 +195,21 @@ class ConstrainedConfig(SFTConfig):
             "help": "The token prior is clipped to [floor, 1 - floor] before its logit becomes the head bias."
         },
     )
+    guidance_context_prior: str = field(
+        default="none",
+        metadata={
+            "help": "'corpus': also score the words of the training texts and prompts with the oracle, and for each "
+            "flagged word the tokenizer splits (SmolLM2: ' fuck' = ' f' + 'uck') set z of its completing token after "
+            "its leading tokens (fixed offsets on top of the token prior, cached; steer.guidance.context_prior). "
+            "The corpus KL then also stops at such a completion. Needs guidance_prior='token'. 'none': off."
+        },
+    )
+    guidance_context_texts: int = field(
+        default=20000,
+        metadata={
+            "help": "How many training rows (besides every prompt) the context prior's words are read from."
+        },
+    )
     guidance_prior_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where token priors are cached (default: $STEER_CACHE/priors)."},
@@ -330,6 +346,13 @@ class ConstrainedConfig(SFTConfig):
             raise ValueError(
                 f"ConstrainedConfig.guidance_prior_floor must be in (0, 0.5), got {self.guidance_prior_floor}"
             )
+        _choice("guidance_context_prior", self.guidance_context_prior, ("none", "corpus"))
+        if self.guidance_context_prior != "none" and self.guidance_prior != "token":
+            raise ValueError(
+                f"ConstrainedConfig.guidance_context_prior={self.guidance_context_prior!r} adds offsets to the token "
+                f"prior's head bias, so it needs guidance_prior='token', got {self.guidance_prior!r}"
+            )
+        _at_least("guidance_context_texts", self.guidance_context_texts, 1)
         if self.guidance_warmup_samples is not None:
             _at_least("guidance_warmup_samples", self.guidance_warmup_samples, 1)
         _at_least("guidance_auc_pool", self.guidance_auc_pool, 1)
@@ -561,6 +584,20 @@ class ConstrainedTrainer(SFTTrainer):
                 constraint.name,
             )
 
+        # Words the tokenizer splits, judged by the oracle in context (a fixed part of z; see context_prior).
+        self._context_prior = None
+        if args.guidance_context_prior == "corpus" and self._prior is not None:
+            with self.accelerator.main_process_first():
+                self._context_prior = context_prior(
+                    constraint,
+                    self._tokenizer,
+                    lexicon(self._corpus_texts(args.guidance_context_texts) + list(self.prompts)),
+                    self._prior,
+                    floor=args.guidance_prior_floor,
+                    threshold=args.label_threshold,
+                    cache_dir=args.guidance_prior_cache_dir,
+                )
+
         trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
         with _isolated_rng(args.seed + 17):
             worker_policy = None
@@ -576,6 +613,7 @@ class ConstrainedTrainer(SFTTrainer):
             self.guidance.set_trainable(False)
             if args.guidance_prior == "token" and self._prior is not None:
                 self.guidance.init_head(prior_logits(self._prior, floor=args.guidance_prior_floor))
+            self.guidance.set_context_prior(self._context_prior)
             process_index, num_processes = self.accelerator.process_index, self.accelerator.num_processes
             common = dict(
                 tokenizer=self._tokenizer,
@@ -597,6 +635,7 @@ class ConstrainedTrainer(SFTTrainer):
             elif args.schedule == "process":
                 worker_guidance = GuidanceModel(worker_policy, args.guidance_config())
                 worker_guidance.set_trainable(False)
+                worker_guidance.set_context_prior(self._context_prior)
                 _copy_params(worker_guidance.trainable_parameters(), self.guidance.trainable_parameters())
                 learner = GuidanceLearner(worker_policy, worker_guidance, **common)
                 names = sorted(trainable)
@@ -614,6 +653,7 @@ class ConstrainedTrainer(SFTTrainer):
             else:
                 worker_guidance = GuidanceModel(worker_policy, args.guidance_config())
                 worker_guidance.set_trainable(False)
+                worker_guidance.set_context_prior(self._context_prior)
                 _copy_params(worker_guidance.trainable_parameters(), self.guidance.trainable_parameters())
                 worker_tokenizer = copy.deepcopy(self._tokenizer)  # fast tokenizers are not thread-safe
                 learner = GuidanceLearner(
@@ -719,12 +759,26 @@ class ConstrainedTrainer(SFTTrainer):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
+    def _corpus_texts(self, limit: int) -> list[str]:
+        """The decoded text of the first ``limit`` training rows (for the context prior's words)."""
+        dataset = self.train_dataset
+        if dataset is None or "input_ids" not in getattr(dataset, "column_names", []):
+            return []
+        ids = [list(row) for row in dataset.select(range(min(limit, len(dataset))))["input_ids"]]
+        return self._tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _contexts(self, inputs, mask) -> torch.Tensor | None:
+        """The context prior's ``[N, L]`` view of the ``mask`` positions (``None`` without a context prior)."""
+        contexts = self.guidance.contexts(inputs["input_ids"], inputs.get("attention_mask"))
+        return None if contexts is None else contexts[mask.to(contexts.device)]
+
     def _guidance_logits(self, inputs, mask) -> torch.Tensor:
         """``z`` [N, V] at the counted hidden positions: the guidance head on those rows only."""
         hidden = self._guidance_hidden(inputs, mask)
         head = self.guidance.head
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return torch.nn.functional.linear(hidden.float(), head.weight, head.bias)
+            z = torch.nn.functional.linear(hidden.float(), head.weight, head.bias)
+        return self.guidance.add_context_(z, self._contexts(inputs, mask))
 
     def _corpus_mask(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden positions ``[B, T]`` whose next-token distribution SFT supervises, and their target ids."""
@@ -738,11 +792,19 @@ class ConstrainedTrainer(SFTTrainer):
         targets[:, :-1] = labels[:, 1:]
         return mask, targets
 
-    def _corpus_kl_mask(self, supervised: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The supervised positions the corpus KL counts: all, or up to the first flagged target token."""
+    def _corpus_kl_mask(self, inputs, supervised: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The supervised positions the corpus KL counts: all, or up to the first flagged target token (or, with
+        a context prior, the first target that completes a flagged word)."""
         if not self.args.kl_corpus_stop_at_violation or self._flagged is None:
             return supervised
         flagged = self._flagged.to(targets.device)[targets.clamp(min=0)] & supervised
+        if self._context_prior is not None and bool(supervised.any()):
+            rows, width = supervised.shape  # the corpus rows (policy-sample rows may follow them in inputs)
+            ids, attention = inputs["input_ids"][:rows, :width], inputs.get("attention_mask")
+            contexts = self.guidance.contexts(ids, None if attention is None else attention[:rows, :width])
+            completes = self._context_prior.flags_at(contexts[supervised], targets[supervised])
+            flagged = flagged.clone()
+            flagged[supervised] |= completes.to(flagged.device)
         before = flagged.long().cumsum(1) - flagged.long()  # flagged targets strictly before this position
         return supervised & (before == 0)
 
@@ -974,13 +1036,22 @@ class ConstrainedTrainer(SFTTrainer):
                 "nll_weight": torch.as_tensor(nll_weight, device=hidden.device).float(),
             }
         guidance_head = self.guidance.head
+        z_source = (guidance_hidden, guidance_head.weight, guidance_head.bias)
+        contexts = self._contexts(inputs, kl_union)
+        if contexts is not None:  # z = the head's logits + the context prior's offsets, chunk by chunk
+
+            def z_fn(start: int, end: int) -> torch.Tensor:
+                z = torch.nn.functional.linear(
+                    guidance_hidden[start:end].float(), guidance_head.weight, guidance_head.bias
+                )
+                return self.guidance.add_context_(z, contexts[start:end])
+
+            z_source = (z_fn, None, None)
         out = fused_constraint_kl(
             policy_hidden,
             head.weight,
             head.bias,
-            guidance_hidden,
-            guidance_head.weight,
-            guidance_head.bias,
+            *z_source,
             reference="policy" if base_hidden is None else base_hidden,
             row_weight=row_weight,
             logit_scale=self._logit_scale,
@@ -1095,7 +1166,7 @@ class ConstrainedTrainer(SFTTrainer):
             masks = {}
             if self.args.kl_positions in ("corpus", "both"):
                 corpus = torch.zeros(total, hidden.shape[1], dtype=torch.bool, device=hidden.device)
-                corpus[:n_corpus, : supervised.shape[1]] = self._corpus_kl_mask(supervised, targets)
+                corpus[:n_corpus, : supervised.shape[1]] = self._corpus_kl_mask(inputs, supervised, targets)
                 masks["corpus"] = corpus
             if rows is not None:
                 cont = rows["continuation_mask"].to(hidden.device)

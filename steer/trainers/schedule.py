@@ -274,18 +274,22 @@ class GuidanceLearner:
                 hb = self._to(SampleBuffer.collate(chunk, self.pad_token_id))
                 hidden = self._guidance_hidden(hb).float()
                 mask = hb["continuation_mask"][:, 1:]
-                token = sampled_token_logits(hidden, head, hb["input_ids"])
+                offsets = self.guidance.token_offsets(hb["input_ids"], hb["attention_mask"])
+                token = sampled_token_logits(hidden, head, hb["input_ids"], offsets)
                 # A sequence's score: its lowest token-level R (one violating token decides the label).
                 token = token.masked_fill(~mask, math.inf)
                 scores.extend(token.min(1).values.cpu().tolist())
                 labels.extend((hb["labels"] >= s.label_threshold).cpu().tolist())
                 if self.flagged is not None and bool(self.flagged.any()) and not bool(self.flagged.all()):
                     rows = hidden[:, :-1][mask]
+                    contexts = self.guidance.contexts(hb["input_ids"], hb["attention_mask"])
+                    contexts = None if contexts is None else contexts[:, :-1][mask]
                     flagged = self.flagged.to(rows.device)
-                    for part in rows.split(256):
-                        r = torch.sigmoid(
-                            torch.nn.functional.linear(part, head.weight.float(), head.bias.float())
-                        )
+                    for index, part in zip(torch.arange(rows.shape[0]).split(256), rows.split(256)):
+                        z = torch.nn.functional.linear(part, head.weight.float(), head.bias.float())
+                        if contexts is not None:
+                            self.guidance.add_context_(z, contexts[index.to(contexts.device)])
+                        r = torch.sigmoid(z)
                         separation += float((r[:, ~flagged].mean(1) - r[:, flagged].mean(1)).sum())
                         positions += part.shape[0]
         metrics = {"guidance/auc_samples": float(len(items))}
@@ -408,6 +412,7 @@ class GuidanceLearner:
                     weights=weights,
                     consistency_coef=s.consistency_coef,
                     ref_logits_fn=ref_fn,
+                    guidance=self.guidance,
                 )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
