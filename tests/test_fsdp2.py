@@ -388,6 +388,7 @@ def test_constrained_fsdp2(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
     shutil.rmtree(out / "checkpoint-4")
     log = launch_fsdp2([*args, "--resume_from_checkpoint", str(out / "checkpoint-2")], tmp_path, monkeypatch)
     resumed = _check_fsdp2_ranks(log, out, "train constrained")
+    assert "guidance round 0:" not in log and "guidance round 1:" in log  # the rounds' state came back
     assert resumed[0]["global_step"] == 4
     assert resumed[0]["digest"] == ranks[0]["digest"], "resumed run ended with another policy"
     assert resumed[0]["guidance_digest"] == ranks[0]["guidance_digest"], "resumed run: another guidance model"

@@ -194,7 +194,7 @@ def test_trainer_starts_the_head_from_the_token_prior_and_stops_the_corpus_kl_at
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     supervised, targets = trainer._corpus_mask(batch)
-    kept = trainer._corpus_kl_mask(supervised, targets)
+    kept = trainer._corpus_kl_mask(batch, supervised, targets)
     for row in range(supervised.shape[0]):
         hits = [
             t for t in range(supervised.shape[1]) if supervised[row, t] and bool(flagged[targets[row, t]])
@@ -205,7 +205,7 @@ def test_trainer_starts_the_head_from_the_token_prior_and_stops_the_corpus_kl_at
         assert bool(kept[row, : first + 1].eq(supervised[row, : first + 1]).all())
         assert not bool(kept[row, first + 1 :].any())
     off = _trainer(tmp_path, kl_corpus_stop_at_violation=False)
-    assert torch.equal(off._corpus_kl_mask(supervised, targets), supervised)
+    assert torch.equal(off._corpus_kl_mask(batch, supervised, targets), supervised)
 
 
 def test_kl_on_samples_appends_policy_samples_that_sft_ignores(tmp_path):

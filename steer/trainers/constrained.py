@@ -543,6 +543,13 @@ class ConstrainedTrainer(SFTTrainer):
                 "weights, so the policy must be a PEFT model (pass peft_config=LoraConfig(...)); for a fully "
                 "fine-tuned policy use guidance_backbone='separate'"
             )
+        self._zero3 = sharding.is_zero3(self.accelerator)
+        if self._zero3 and (not self._is_peft or args.schedule != "sequential"):
+            raise UserInputError(
+                "ConstrainedTrainer under DeepSpeed ZeRO-3 needs a PEFT policy (pass peft_config / use_peft) and "
+                f"schedule='sequential' (got {'a PEFT' if self._is_peft else 'a fully fine-tuned'} policy and "
+                f"schedule={args.schedule!r}): the rounds and the KL run on gathered weights outside the engine"
+            )
         if args.kl_reference == "base" and not self._is_peft:
             raise ValueError(
                 "ConstrainedConfig.kl_reference='base' needs a PEFT policy (the base is the model with its "
@@ -609,7 +616,8 @@ class ConstrainedTrainer(SFTTrainer):
                 # The same, its frozen base tensors shared with the policy (one physical copy once shipped).
                 worker_policy = worker_copy(policy)
                 _unpatch_forward(worker_policy)
-            self.guidance = GuidanceModel(policy, args.guidance_config())
+            with sharding.zero3_gathered(policy.parameters()):  # ZeRO-3: weights partitioned at load
+                self.guidance = GuidanceModel(policy, args.guidance_config())
             self.guidance.set_trainable(False)
             if args.guidance_prior == "token" and self._prior is not None:
                 self.guidance.init_head(prior_logits(self._prior, floor=args.guidance_prior_floor))
@@ -695,6 +703,13 @@ class ConstrainedTrainer(SFTTrainer):
     #     ``_save``; resuming: accelerate loads ``pytorch_model_fsdp.bin`` / ``optimizer.bin`` into the shards,
     #     the guidance weights and rounds come from ``constrained_state_rank*.pt`` as under DDP.
     # The parallel and process schedules (a worker on a copy of the policy) are refused under FSDP2.
+    #
+    # DeepSpeed ZeRO-3 partitions every parameter of the engine's module, the guidance adapter included (the
+    # guidance head lives outside it and stays whole). Each round and each step's KL part run inside
+    # ``sharding.zero3_whole`` (everything gathered, DeepSpeed's per-module hooks off: the rounds' forwards differ
+    # in number between ranks); the round keeps rank 0's guidance weights (identical on all ranks). ``_save``
+    # (called on every rank under DeepSpeed) and checkpoints gather the guidance adapter; resuming goes through
+    # ``_load_optimizer_and_scheduler`` because the Trainer's DeepSpeed path never calls ``_load_from_checkpoint``.
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         sharding.refuse_cpu_deepspeed(self.accelerator)
@@ -702,20 +717,16 @@ class ConstrainedTrainer(SFTTrainer):
             self.is_fsdp_enabled = True
         if sharding.is_fsdp(self.accelerator):
             sharding.require_fsdp2(self.accelerator, "ConstrainedTrainer")
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None and plugin.zero_stage == 3:
-            # ZeRO-3 partitions the weights that the rounds, the guidance pass and the fused KL read outside the
-            # engine's forward, and every submodule's forward all-gathers through DeepSpeed's hooks, even inside
-            # deepspeed.zero.GatheredParameters over all parameters (checked on 2 CPU ranks, DeepSpeed 0.19.8):
-            # the rounds' rank-dependent forwards (sampling lengths, guidance batches) would deadlock. Removing
-            # the hooks around a gathered round works, but the guidance adapter is partitioned again between
-            # steps, so its checkpoints and saves would need a collective gather (README, Distributed training).
-            # FSDP2 has the explicit unshard the rounds need (sharding.unsharded); ZeRO-2 leaves weights whole.
-            raise UserInputError(
-                "ConstrainedTrainer does not support DeepSpeed ZeRO-3 (its guidance rounds run rank-dependent "
-                "forwards, which deadlock on ZeRO-3's per-module all-gathers); use accelerate_configs/fsdp2.yaml "
-                "(FSDP2, sharded weights) or accelerate_configs/zero2.yaml (zero2_cpu.yaml on a CPU box)"
-            )
+
+    def _whole_policy(self, *, modifier_rank: int | None = None):
+        """The policy's weights whole for work outside its forward: FSDP2 units unsharded, or (ZeRO-3) every
+        parameter gathered with DeepSpeed's module hooks off (``modifier_rank``: whose changes are kept, e.g. the
+        guidance adapter trained in a round). A no-op otherwise. Collective."""
+        if self.is_fsdp_enabled:
+            return sharding.unsharded(self.model)
+        if self._zero3:
+            return sharding.zero3_whole(self.model_wrapped, modifier_rank=modifier_rank)
+        return contextlib.nullcontext()
 
     def _setup_fsdp2(self) -> None:
         if isinstance(self.schedule, (ParallelSchedule, ProcessSchedule)):
@@ -974,6 +985,11 @@ class ConstrainedTrainer(SFTTrainer):
         logging_step = self.state.global_step % max(1, int(self.args.logging_steps or 1)) == 0
         log_share = self.model.training and logging_step and "corpus" in masks
         head = self._fused_head()
+        if head is None and self._zero3:
+            raise UserInputError(
+                "ConstrainedTrainer under DeepSpeed ZeRO-3 needs kl_implementation='fused' and a plain nn.Linear "
+                "output head (the KL's gradient must be computed while the head's weight is gathered)"
+            )
         if head is not None:
             return self._fused_kl_terms(inputs, hidden, masks, weights, targets, union, head, log_share, nll)
         if nll is not None:
@@ -1196,7 +1212,8 @@ class ConstrainedTrainer(SFTTrainer):
                             self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
                         )
                     weights["samples"] = self._sample_coef / (sample_count * accumulation).clamp(min=1)
-                terms, weighted = self._kl_terms(inputs, hidden, masks, weights, targets, nll)
+                with self._whole_policy() if self._zero3 else contextlib.nullcontext():
+                    terms, weighted = self._kl_terms(inputs, hidden, masks, weights, targets, nll)
                 if shared:
                     loss = weighted
                     sft_loss = (terms["nll"] * factor / denom).detach()
@@ -1256,10 +1273,9 @@ class ConstrainedTrainer(SFTTrainer):
             round_index = self.rounds_started
             self.rounds_started += 1
             if isinstance(self.schedule, SequentialSchedule):
-                # FSDP2: the whole policy unsharded for the round (no-op otherwise); every rank runs it
+                # FSDP2 / ZeRO-3: the whole policy gathered for the round (no-op otherwise); every rank runs it
                 seed = round_seed(self.args.seed, round_index, self.accelerator.process_index)
-                whole = sharding.unsharded(self.model) if self.is_fsdp_enabled else contextlib.nullcontext()
-                with whole, _isolated_rng(seed):
+                with self._whole_policy(modifier_rank=0), _isolated_rng(seed):
                     finished = self.schedule.on_round(round_index)
             else:
                 finished = self.schedule.on_round(round_index)
@@ -1298,8 +1314,10 @@ class ConstrainedTrainer(SFTTrainer):
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         else:
             super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            atomic_dir(Path(output_dir) / GUIDANCE_DIR, self.guidance.save_pretrained)
+        # ZeRO-3: the Trainer calls _save on every rank; the guidance adapter is gathered for rank 0 to write
+        with sharding.zero3_gathered(self.guidance.trainable_parameters()):
+            if self.args.should_save:
+                atomic_dir(Path(output_dir) / GUIDANCE_DIR, self.guidance.save_pretrained)
 
     def _state_path(self, directory: str | os.PathLike) -> Path:
         name = STATE_NAME
@@ -1311,10 +1329,12 @@ class ConstrainedTrainer(SFTTrainer):
         super()._save_checkpoint(model, trial)
         output_dir = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         output_dir.mkdir(parents=True, exist_ok=True)
+        with sharding.zero3_gathered(self.guidance.trainable_parameters()):  # ZeRO-3: whole guidance weights
+            schedule = self.schedule.state_dict()
         state = {
             "format": 1,
             "rounds_started": self.rounds_started,
-            "schedule": self.schedule.state_dict(),
+            "schedule": schedule,
             "round_history": [dict(r) for r in self.round_history],
             "total_train_tokens": int(getattr(self, "_total_train_tokens", 0)),  # TRL's num_tokens counter
         }
@@ -1322,13 +1342,24 @@ class ConstrainedTrainer(SFTTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_constrained_state(resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            # under DeepSpeed the Trainer loads the engine's checkpoint instead of calling _load_from_checkpoint
+            self._load_constrained_state(checkpoint)
+
+    def _load_constrained_state(self, resume_from_checkpoint) -> None:
+        """The guidance model, its optimizer, the sample buffers and the round counters from a checkpoint."""
         path = self._state_path(resume_from_checkpoint)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: {resume_from_checkpoint} was not written by ConstrainedTrainer (or is incomplete)"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
-        self.schedule.load_state_dict(state["schedule"])
+        with sharding.zero3_gathered(self.guidance.trainable_parameters(), modifier_rank=0):
+            self.schedule.load_state_dict(state["schedule"])
         self.rounds_started = int(state["rounds_started"])
         self.round_history = [dict(r) for r in state.get("round_history", [])]
         if "total_train_tokens" in state:

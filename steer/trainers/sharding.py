@@ -1,11 +1,11 @@
-"""FSDP2 support shared by the trainers: CPU ranks, full weights in and out of sharded parameters.
+"""FSDP2 and DeepSpeed support shared by the trainers: CPU ranks, full weights in and out of sharded parameters.
 
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``, what ``accelerate_configs/fsdp2*.yaml`` select) every
 parameter of a shard unit is a ``DTensor`` holding 1/world of the values; the unit all-gathers them in its
 forward pre-hook and frees them again after the forward. Anything that reads a parameter *outside* the
 wrapped module's forward (exporting, copying weights, a digest) must gather it explicitly: the helpers here
 are those explicit steps. Every helper that gathers or scatters is a collective: all ranks call it, in the
-same order.
+same order. :func:`zero3_gathered` and :func:`zero3_whole` are the same explicit steps for DeepSpeed ZeRO-3.
 
 :func:`promote_cpu_fsdp` exists because accelerate 1.15 silently ignores FSDP when the ranks run on CPU
 (``AcceleratorState`` switches to FSDP only for GPU-like distributed types, so a CPU run with an FSDP config
@@ -33,11 +33,14 @@ __all__ = [
     "fsdp_units",
     "full_tensor",
     "is_fsdp",
+    "is_zero3",
     "load_full_state_dict",
     "promote_cpu_fsdp",
     "refuse_cpu_deepspeed",
     "require_fsdp2",
     "unsharded",
+    "zero3_gathered",
+    "zero3_whole",
 ]
 
 
@@ -241,3 +244,65 @@ def unsharded(module: nn.Module):
                 group.post_forward_mesh_info = mesh_info
                 group.reshard_after_backward = after_backward
             unit.reshard()
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed ZeRO-3
+def is_zero3(accelerator) -> bool:
+    """True when ``accelerator`` runs DeepSpeed ZeRO stage 3 (partitioned parameters)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def _partitioned(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [p for p in params if hasattr(p, "ds_id")]
+
+
+@contextlib.contextmanager
+def zero3_gathered(params: Iterable[torch.Tensor], *, modifier_rank: int | None = None):
+    """The ZeRO-3 partitioned ones among ``params`` whole inside the block (``deepspeed.zero.GatheredParameters``).
+
+    ``modifier_rank``: the rank whose in-place changes are kept (re-partitioned) on exit; ``None``: read only.
+    Collective: every rank enters with the same parameters. No-op when none is partitioned.
+    """
+    params = _partitioned(params)
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+@contextlib.contextmanager
+def zero3_whole(engine, *, modifier_rank: int | None = None):
+    """Every parameter of a ZeRO-3 ``engine``'s module whole inside the block, and DeepSpeed's per-module hooks off.
+
+    For work outside the engine's forward that runs a rank-dependent number of forwards (sampling with
+    ``generate``, guidance batches) or reads weights directly (the fused KL's output head): ZeRO-3 all-gathers
+    in a hook around every submodule's forward, also inside ``GatheredParameters``, so ranks running different
+    numbers of forwards would wait on each other forever. Inside the block the hooks are removed (DeepSpeed's
+    ``DeepSpeedZeRoOffload._remove_module_hooks``, a private API checked with DeepSpeed 0.19.8) and put back on
+    exit. Gradients of partitioned parameters computed inside the block are not reduced by DeepSpeed: train
+    only parameters whose gradients the caller reduces itself, and keep their changes with ``modifier_rank``.
+    Collective. The block holds the full model in memory.
+    """
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None or not hasattr(offload, "_remove_module_hooks"):
+        raise RuntimeError(
+            "zero3_whole needs a DeepSpeed ZeRO-3 engine whose optimizer has parameter_offload "
+            "(checked with DeepSpeed 0.19.8)"
+        )
+    from deepspeed.runtime.zero import parameter_offload
+
+    with zero3_gathered(engine.module.parameters(), modifier_rank=modifier_rank):
+        offload._remove_module_hooks()
+        stack = parameter_offload.FWD_MODULE_STACK
+        depth = len(stack)
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()
+            del stack[
+                depth:
+            ]  # setting the hooks up again pushes the module once more: keep the stack as it was
