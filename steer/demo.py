@@ -126,6 +126,7 @@ def _recipe(args: DemoArguments, output_dir: Path, kl_coef: float, **changes):
         sample_batch_size=64,
         sample_max_new_tokens=20,
         label_mode="soft",
+        guidance_context_prior="corpus",  # split words the oracle flags (' f' + 'uck'), as the recipe ships
     )
     values.update(changes)
     config = ConstrainedConfig(**values)

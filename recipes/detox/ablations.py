@@ -20,7 +20,9 @@ import torch
 
 VARIANTS = {
     "full": {},  # the method as shipped (at --kl_coef): the KL on corpus positions
-    "no_prior": {"guidance_prior": "label_mean"},  # the head starts at the warm-up satisfaction rate
+    # the head starts at the warm-up satisfaction rate (no token prior, hence no context prior on top of it)
+    "no_prior": {"guidance_prior": "label_mean", "guidance_context_prior": "none"},
+    "no_context": {"guidance_context_prior": "none"},  # the token prior alone: split words unseen
     "with_samples": {"kl_positions": "both"},  # the KL also on the policy's own samples
     "samples_only": {"kl_positions": "samples"},  # no KL on the corpus positions
     "no_stop_at_violation": {"kl_corpus_stop_at_violation": False},
