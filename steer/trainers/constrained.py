@@ -1212,7 +1212,10 @@ class ConstrainedTrainer(SFTTrainer):
                             self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
                         )
                     weights["samples"] = self._sample_coef / (sample_count * accumulation).clamp(min=1)
-                with self._whole_policy() if self._zero3 else contextlib.nullcontext():
+                # ZeRO-3: the guidance pass, the base reference and the fused head read run on gathered weights
+                # (FSDP2 needs no such block here: its units gather in their own forwards)
+                whole = sharding.zero3_whole(self.model_wrapped) if self._zero3 else contextlib.nullcontext()
+                with whole:
                     terms, weighted = self._kl_terms(inputs, hidden, masks, weights, targets, nll)
                 if shared:
                     loss = weighted
