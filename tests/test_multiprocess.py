@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -179,8 +180,9 @@ def _corpus(path: Path) -> Path:
     return path
 
 
-def constrained_args(tmp_path, model_dir, banned=("the", "a", "is")) -> list[str]:
-    """``steer train constrained`` arguments of the tiny recipe on a tiny corpus and a keyword constraint."""
+def constrained_args(tmp_path, model_dir, banned=("the", "a", "is", "bad")) -> list[str]:
+    """``steer train constrained`` arguments of the tiny recipe on a tiny corpus and a keyword constraint ("bad" is
+    " b" + "ad" for the tiny tokenizer: the recipe's context prior has entries, on every rank)."""
     return [
         "train",
         "constrained",
@@ -218,9 +220,12 @@ def test_constrained_two_ranks(tmp_path, tiny_model_dir):
     # the guidance model trained (rounds logged) and every rank holds the same one: one token prior for
     # all ranks (rank 0 computes and caches it first), gradients averaged in every round
     assert "guidance/loss" in log
+    entries = [int(n) for n in re.findall(r"context prior: .* (\d+) entries", log)]
+    assert entries and min(entries) > 0, "the context prior (split banned words) should have entries"
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["guidance_digest"] and ranks[0]["guidance_digest"] == ranks[1]["guidance_digest"]
     guidance = load_file(str(out / "guidance" / "model.safetensors"))
+    assert (out / "guidance" / "context_prior.safetensors").is_file()  # saved with the guidance model
     assert (
         guidance["head.weight"].abs().sum() > 0
     )  # zero-initialised weights moved (the bias holds the prior)
