@@ -177,7 +177,7 @@ def test_forward_adds_the_offsets_and_cached_decoding_agrees(tmp_path):
 
 
 def test_save_and_load_carry_the_context_prior(tmp_path):
-    policy, guidance, tokenizer = _guidance(tmp_path)
+    _, guidance, tokenizer = _guidance(tmp_path)
     guidance.save_pretrained(tmp_path / "g")
     loaded = GuidanceModel.from_pretrained(tmp_path / "g", _policy()[0])
     ids = torch.tensor([tokenizer("The bad cat", add_special_tokens=False)["input_ids"]])
@@ -210,25 +210,11 @@ def test_guidance_loss_from_hidden_sees_the_offsets(tmp_path):
         hidden = guidance.hidden_states(ids)
         z = guidance(ids)
         full, _ = guidance_loss(z, ids, cont, labels, consistency_coef=0.5, ref_logits=ref)
+        common = dict(consistency_coef=0.5, ref_logits_fn=lambda b, t: ref[b, t])
         gathered, _ = guidance_loss_from_hidden(
-            hidden,
-            guidance.head,
-            ids,
-            cont,
-            labels,
-            consistency_coef=0.5,
-            ref_logits_fn=lambda b, t: ref[b, t],
-            guidance=guidance,
+            hidden, guidance.head, ids, cont, labels, guidance=guidance, **common
         )
-        without, _ = guidance_loss_from_hidden(
-            hidden,
-            guidance.head,
-            ids,
-            cont,
-            labels,
-            consistency_coef=0.5,
-            ref_logits_fn=lambda b, t: ref[b, t],
-        )
+        without, _ = guidance_loss_from_hidden(hidden, guidance.head, ids, cont, labels, **common)
     torch.testing.assert_close(gathered, full, atol=1e-5, rtol=1e-5)
     assert abs(float(without) - float(full)) > 1e-3  # the offsets matter here
 
