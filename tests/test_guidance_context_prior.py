@@ -144,11 +144,11 @@ def _guidance(tmp_path):
         guidance.head.weight.copy_(torch.randn(guidance.head.weight.shape, generator=gen) * 0.1)
     _, _, _, prior = _built(tmp_path)
     guidance.set_context_prior(prior)
-    return policy, guidance, tokenizer
+    return guidance, tokenizer
 
 
 def test_forward_adds_the_offsets_and_cached_decoding_agrees(tmp_path):
-    policy, guidance, tokenizer = _guidance(tmp_path)
+    guidance, tokenizer = _guidance(tmp_path)
     ids = torch.tensor([tokenizer("The bad cat is bad", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         z = guidance(ids)
@@ -177,7 +177,7 @@ def test_forward_adds_the_offsets_and_cached_decoding_agrees(tmp_path):
 
 
 def test_save_and_load_carry_the_context_prior(tmp_path):
-    _, guidance, tokenizer = _guidance(tmp_path)
+    guidance, tokenizer = _guidance(tmp_path)
     guidance.save_pretrained(tmp_path / "g")
     loaded = GuidanceModel.from_pretrained(tmp_path / "g", _policy()[0])
     ids = torch.tensor([tokenizer("The bad cat", add_special_tokens=False)["input_ids"]])
@@ -196,7 +196,7 @@ def test_save_and_load_carry_the_context_prior(tmp_path):
 
 def test_guidance_loss_from_hidden_sees_the_offsets(tmp_path):
     """The gathered BCE and the consistency term equal the full-vocabulary loss on ``z = guidance(ids)``."""
-    policy, guidance, tokenizer = _guidance(tmp_path)
+    guidance, tokenizer = _guidance(tmp_path)
     texts = ["The bad cat is bad and rude", "A dog was good and calm"]
     enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     ids = enc["input_ids"]
