@@ -28,7 +28,10 @@ VARIANTS = {
     "no_stop_at_violation": {"kl_corpus_stop_at_violation": False},
     "hard_labels": {"label_mode": "hard"},
     "consistency": {"consistency_coef": 0.5},
-    "few_samples": {"guidance_warmup_samples": 32, "samples_per_round": 16},  # a quarter of the demo's samples
+    "few_samples": {
+        "guidance_warmup_samples": 32,
+        "samples_per_round": 16,
+    },  # a quarter of the demo's samples
 }
 
 
