@@ -239,7 +239,7 @@ def test_fused_kl_matches_chunked(tmp_path, kl_reference, stop_at_violation, con
             guidance_context_prior=context_prior,
             guidance_prior_cache_dir=str(tmp_path / "priors"),
         )
-        assert (trainer._context_prior is not None and len(trainer._context_prior) > 0) == (
+        assert (trainer.guidance.context_prior is not None and len(trainer.guidance.context_prior) > 0) == (
             context_prior == "corpus"
         )
         gen = torch.Generator().manual_seed(0)

@@ -299,9 +299,13 @@ class GuidanceModel(nn.Module):
             return z
         return self.context_prior.add_(z, contexts)
 
-    def token_offsets(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor | None:
-        """``[B, T-1]`` the context prior's offset of ``z[b, t, x_{t+1}]`` for every next token (or ``None``)."""
-        contexts = self.contexts(input_ids, attention_mask)
+    def token_offsets(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, contexts: Tensor | None = None
+    ) -> Tensor | None:
+        """``[B, T-1]`` the context prior's offset of ``z[b, t, x_{t+1}]`` for every next token (or ``None``);
+        ``contexts``: :meth:`contexts` of the same batch when the caller already has them."""
+        if contexts is None:
+            contexts = self.contexts(input_ids, attention_mask)
         if contexts is None:
             return None
         batch, length = input_ids.shape

@@ -221,7 +221,7 @@ def guidance_loss_from_hidden(
         raise ValueError("consistency_coef > 0 needs ref_logits_fn (the sampling distribution's logits)")
     hidden = hidden.float()
     contexts = None if guidance is None else guidance.contexts(input_ids)
-    offsets = None if contexts is None else guidance.token_offsets(input_ids)
+    offsets = None if contexts is None else guidance.token_offsets(input_ids, contexts=contexts)
     token_logits = sampled_token_logits(hidden, head, input_ids, offsets)
     loss, metrics = _bce_terms(token_logits, continuation_mask.to(hidden.device), labels, weights)
     token_weights = metrics.pop("_token_weights")

@@ -592,10 +592,10 @@ class ConstrainedTrainer(SFTTrainer):
             )
 
         # Words the tokenizer splits, judged by the oracle in context (a fixed part of z; see context_prior).
-        self._context_prior = None
+        split_words = None
         if args.guidance_context_prior == "corpus" and self._prior is not None:
             with self.accelerator.main_process_first():
-                self._context_prior = context_prior(
+                split_words = context_prior(
                     constraint,
                     self._tokenizer,
                     lexicon(self._corpus_texts(args.guidance_context_texts) + list(self.prompts)),
@@ -621,7 +621,7 @@ class ConstrainedTrainer(SFTTrainer):
             self.guidance.set_trainable(False)
             if args.guidance_prior == "token" and self._prior is not None:
                 self.guidance.init_head(prior_logits(self._prior, floor=args.guidance_prior_floor))
-            self.guidance.set_context_prior(self._context_prior)
+            self.guidance.set_context_prior(split_words)
             process_index, num_processes = self.accelerator.process_index, self.accelerator.num_processes
             common = dict(
                 tokenizer=self._tokenizer,
@@ -643,7 +643,7 @@ class ConstrainedTrainer(SFTTrainer):
             elif args.schedule == "process":
                 worker_guidance = GuidanceModel(worker_policy, args.guidance_config())
                 worker_guidance.set_trainable(False)
-                worker_guidance.set_context_prior(self._context_prior)
+                worker_guidance.set_context_prior(split_words)
                 _copy_params(worker_guidance.trainable_parameters(), self.guidance.trainable_parameters())
                 learner = GuidanceLearner(worker_policy, worker_guidance, **common)
                 names = sorted(trainable)
@@ -661,7 +661,7 @@ class ConstrainedTrainer(SFTTrainer):
             else:
                 worker_guidance = GuidanceModel(worker_policy, args.guidance_config())
                 worker_guidance.set_trainable(False)
-                worker_guidance.set_context_prior(self._context_prior)
+                worker_guidance.set_context_prior(split_words)
                 _copy_params(worker_guidance.trainable_parameters(), self.guidance.trainable_parameters())
                 worker_tokenizer = copy.deepcopy(self._tokenizer)  # fast tokenizers are not thread-safe
                 learner = GuidanceLearner(
@@ -809,11 +809,12 @@ class ConstrainedTrainer(SFTTrainer):
         if not self.args.kl_corpus_stop_at_violation or self._flagged is None:
             return supervised
         flagged = self._flagged.to(targets.device)[targets.clamp(min=0)] & supervised
-        if self._context_prior is not None and bool(supervised.any()):
+        prior = self.guidance.context_prior
+        if prior is not None and bool(supervised.any()):
             rows, width = supervised.shape  # the corpus rows (policy-sample rows may follow them in inputs)
             ids, attention = inputs["input_ids"][:rows, :width], inputs.get("attention_mask")
             contexts = self.guidance.contexts(ids, None if attention is None else attention[:rows, :width])
-            completes = self._context_prior.flags_at(contexts[supervised], targets[supervised])
+            completes = prior.flags_at(contexts[supervised], targets[supervised])
             flagged = flagged.clone()
             flagged[supervised] |= completes.to(flagged.device)
         before = flagged.long().cumsum(1) - flagged.long()  # flagged targets strictly before this position

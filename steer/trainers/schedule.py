@@ -274,7 +274,8 @@ class GuidanceLearner:
                 hb = self._to(SampleBuffer.collate(chunk, self.pad_token_id))
                 hidden = self._guidance_hidden(hb).float()
                 mask = hb["continuation_mask"][:, 1:]
-                offsets = self.guidance.token_offsets(hb["input_ids"], hb["attention_mask"])
+                contexts = self.guidance.contexts(hb["input_ids"], hb["attention_mask"])
+                offsets = self.guidance.token_offsets(hb["input_ids"], contexts=contexts)
                 token = sampled_token_logits(hidden, head, hb["input_ids"], offsets)
                 # A sequence's score: its lowest token-level R (one violating token decides the label).
                 token = token.masked_fill(~mask, math.inf)
@@ -282,7 +283,6 @@ class GuidanceLearner:
                 labels.extend((hb["labels"] >= s.label_threshold).cpu().tolist())
                 if self.flagged is not None and bool(self.flagged.any()) and not bool(self.flagged.all()):
                     rows = hidden[:, :-1][mask]
-                    contexts = self.guidance.contexts(hb["input_ids"], hb["attention_mask"])
                     contexts = None if contexts is None else contexts[:, :-1][mask]
                     flagged = self.flagged.to(rows.device)
                     for index, part in zip(torch.arange(rows.shape[0]).split(256), rows.split(256)):
