@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.common import base_parser, median_ratio, print_table, summarize, sync, write_result
 from steer.guidance import GuidanceConfig, GuidanceModel, guided_sample, sample_continuations
-from steer.guidance.sampling import _eos_ids
+from steer.guidance.sampling import eos_ids
 
 TARGET = 0.95
 WORDS = "the a cat dog bird tree house road river city day night friend people world music book idea".split()
@@ -51,7 +51,7 @@ def _plain_generate(model, tokenizer, prompts, *, batch_size, max_new_tokens, se
                 top_k=0,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=_eos_ids(model, tokenizer),
+                eos_token_id=eos_ids(model, tokenizer),
                 use_cache=True,
             )
             tokens += out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])

@@ -100,7 +100,7 @@ def _component_times(args) -> dict[str, float]:
     """Policy step and round times measured on their own (sequential schedule, all threads)."""
     trainer = _build(args, "sequential")
     start = time.perf_counter()
-    trainer._maybe_run_round()
+    trainer.run_due_rounds()
     round_time = time.perf_counter() - start
     trainer.rounds_started = 10**9  # no more rounds: time the policy steps alone
     start = time.perf_counter()

@@ -250,13 +250,13 @@ def test_fused_kl_matches_chunked(tmp_path, kl_reference, stop_at_violation, con
             for name, param in trainer.model.named_parameters():  # a policy away from the base
                 if "lora_B" in name and ".default." in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-        trainer._maybe_run_round()  # policy samples for the sample positions
+        trainer.run_due_rounds()  # policy samples for the sample positions
         assert trainer.schedule.samples
-        assert (trainer._fused_head() is not None) == (implementation == "fused")
+        assert (trainer.constraint_kl.fused_head() is not None) == (implementation == "fused")
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         if stop_at_violation:  # some supervised positions lie after a flagged token: NLL-only rows
-            supervised, targets = trainer._corpus_mask(batch)
-            assert (trainer._corpus_kl_mask(batch, supervised, targets) != supervised).any()
+            supervised, targets = trainer.constraint_kl.corpus_mask(batch)
+            assert (trainer.constraint_kl.corpus_kl_mask(batch, supervised, targets) != supervised).any()
         trainer.model.train()
         trainer.model.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=torch.tensor(37))

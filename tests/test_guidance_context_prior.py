@@ -247,8 +247,8 @@ def test_corpus_kl_stops_where_a_split_flagged_word_completes(tmp_path):
             guidance_prior_cache_dir=str(tmp_path / "priors"),
         )
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        supervised, targets = trainer._corpus_mask(batch)
-        masks[mode] = trainer._corpus_kl_mask(batch, supervised, targets)
+        supervised, targets = trainer.constraint_kl.corpus_mask(batch)
+        masks[mode] = trainer.constraint_kl.corpus_kl_mask(batch, supervised, targets)
     tokenizer = trainer._tokenizer
     ad = tokenizer(" bad", add_special_tokens=False)["input_ids"][1]
     at_ad = (targets == ad) & supervised

@@ -187,14 +187,14 @@ def _trainer(tmp_path, constraint=None, **overrides):
 
 def test_trainer_starts_the_head_from_the_token_prior_and_stops_the_corpus_kl_at_a_violation(tmp_path):
     trainer = _trainer(tmp_path)
-    flagged = trainer._flagged
+    flagged = trainer.priors.flagged
     assert flagged is not None and 0 < int(flagged.sum()) < flagged.numel()
     r = torch.sigmoid(trainer.guidance.head.bias.detach())
     assert float(r[flagged].max()) <= 0.021 and float(r[~flagged].min()) > 0.5
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    supervised, targets = trainer._corpus_mask(batch)
-    kept = trainer._corpus_kl_mask(batch, supervised, targets)
+    supervised, targets = trainer.constraint_kl.corpus_mask(batch)
+    kept = trainer.constraint_kl.corpus_kl_mask(batch, supervised, targets)
     for row in range(supervised.shape[0]):
         hits = [
             t for t in range(supervised.shape[1]) if supervised[row, t] and bool(flagged[targets[row, t]])
@@ -205,17 +205,17 @@ def test_trainer_starts_the_head_from_the_token_prior_and_stops_the_corpus_kl_at
         assert bool(kept[row, : first + 1].eq(supervised[row, : first + 1]).all())
         assert not bool(kept[row, first + 1 :].any())
     off = _trainer(tmp_path, kl_corpus_stop_at_violation=False)
-    assert torch.equal(off._corpus_kl_mask(batch, supervised, targets), supervised)
+    assert torch.equal(off.constraint_kl.corpus_kl_mask(batch, supervised, targets), supervised)
 
 
 def test_kl_on_samples_appends_policy_samples_that_sft_ignores(tmp_path):
     trainer = _trainer(tmp_path, kl_positions="samples", kl_sample_batch_size=3)
-    trainer._maybe_run_round()  # the warm-up round fills the sample pool
+    trainer.run_due_rounds()  # the warm-up round fills the sample pool
     assert len(trainer.schedule.samples) > 0
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     rows = trainer._sample_rows()
     assert rows["input_ids"].shape[0] == min(3, len(trainer.schedule.samples))
-    joined = trainer._append_rows(batch, rows, 0)
+    joined = trainer.constraint_kl.append_rows(batch, rows, 0)
     n = batch["input_ids"].shape[0]
     assert joined["input_ids"].shape[0] == n + rows["input_ids"].shape[0]
     assert bool((joined["labels"][n:] == -100).all())  # SFT never learns from the policy's own samples
@@ -229,7 +229,7 @@ def test_kl_sample_coef_weights_the_sample_term_alone(tmp_path):
     losses = {}
     for coef in (None, 0.0, 4.0):
         trainer = _trainer(tmp_path, kl_positions="samples", kl_sample_batch_size=3, kl_sample_coef=coef)
-        trainer._maybe_run_round()
+        trainer.run_due_rounds()
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         trainer.model.train()
         torch.manual_seed(0)
@@ -252,7 +252,7 @@ def test_a_zero_sample_coef_is_the_corpus_only_kl(tmp_path):
     losses = []
     for overrides in ({"kl_positions": "both", "kl_sample_coef": 0.0}, {"kl_positions": "corpus"}):
         trainer = _trainer(tmp_path, **overrides)
-        trainer._maybe_run_round()
+        trainer.run_due_rounds()
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         trainer.model.train()
         losses.append(float(trainer.compute_loss(trainer.model, dict(batch)).detach()))
@@ -286,7 +286,7 @@ def test_a_round_without_usable_labels_fails_loudly(tmp_path):
 
 def test_the_plain_sft_baseline_runs_no_rounds_and_computes_no_prior(tmp_path):
     trainer = _trainer(tmp_path, kl_coef=0.0)
-    assert trainer._prior is None
+    assert trainer.priors.token is None
     trainer.train()
     assert trainer.rounds_started == 0
     assert not (tmp_path / "priors").exists()
@@ -317,7 +317,7 @@ def test_base_reference_weights_guidance_samples_by_importance(tmp_path, monkeyp
         return weights
 
     monkeypatch.setattr(learner, "_importance", spy)
-    trainer._maybe_run_round()
+    trainer.run_due_rounds()
     assert seen and all(float(w.max()) <= 3.0 + 1e-6 and float(w.min()) >= 0 for w in seen)
     # the policy reference needs none: its samples come from the distribution R is estimated under
     assert _trainer(tmp_path, kl_reference="policy").schedule.learner.settings.importance_max_weight is None

@@ -1,5 +1,6 @@
-"""The NADO half of steer: guidance model, closed-form constraint KL, sampling and guided decoding."""
+"""The NADO half of steer: guidance model, the constraint objective (KL towards q*), sampling and guided decoding."""
 
+from .constraint_kl import ConstraintKL, KLOutput, KLSettings
 from .decoding import NADOLogitsProcessor, guided_generate, guided_sample
 from .fused_kl import FusedConstraintKL, FusedKLOutput, fused_chunk_size, fused_constraint_kl
 from .kl import constraint_kl, constraint_kl_naive, guided_log_probs
@@ -9,10 +10,13 @@ from .prior import prior_logits, token_prior
 from .sampling import LabelledSamples, SampleBatch, label_samples, sample_continuations
 
 __all__ = [
+    "ConstraintKL",
     "FusedConstraintKL",
     "FusedKLOutput",
     "GuidanceConfig",
     "GuidanceModel",
+    "KLOutput",
+    "KLSettings",
     "LabelledSamples",
     "NADOLogitsProcessor",
     "SampleBatch",

@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import DynamicCache, LogitsProcessor
 
 from .model import GuidanceModel
-from .sampling import SampleBatch, _generate
+from .sampling import SampleBatch, generate_continuations
 
 __all__ = ["NADOLogitsProcessor", "guided_generate", "guided_sample"]
 
@@ -89,7 +89,7 @@ def guided_sample(
     was_training = guidance.training
     guidance.eval()
     try:
-        return _generate(
+        return generate_continuations(
             model,
             tokenizer,
             prompts,

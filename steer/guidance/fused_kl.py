@@ -407,7 +407,7 @@ def fused_constraint_kl(
         targets: ``[N]`` target ids for the NLL (``ignore_index`` rows are skipped), or ``None``.
         nll_weight: per-row weight of the NLL (``[N]``, a number, or ``None`` = 1).
         logit_scale, logit_softcap: the transform the model applies to the head output
-            (``softcap * tanh(scale * x / softcap)``), as in ``ConstrainedTrainer``'s ``_logit_transform``.
+            (``softcap * tanh(scale * x / softcap)``), as :func:`steer.guidance.constraint_kl.logit_transform` reads them.
         chunk_size: positions per chunk (default :func:`fused_chunk_size` of N and V); the working set is
             about three ``[chunk_size, V]`` fp32 tensors.
         reduction: ``"sum"`` or ``"mean"`` (the weighted sum divided by N).

@@ -293,11 +293,21 @@ class GuidanceModel(nn.Module):
             return None
         return self.context_prior.contexts(input_ids, attention_mask)
 
-    def add_context_(self, z: Tensor, contexts: Tensor | None) -> Tensor:
-        """``z [N, V]`` with the context prior's offsets added in place (rows' ``contexts [N, L]``)."""
-        if self.context_prior is None or contexts is None:
-            return z
-        return self.context_prior.add_(z, contexts)
+    def logits(self, hidden: Tensor, contexts: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+        """``z [..., V]`` (float32) from backbone hidden states ``[..., H]``: the head, plus the context prior's
+        offsets where ``contexts [..., L]`` (:meth:`contexts` at the same positions) complete a flagged word.
+
+        The one computation of ``z``: :meth:`forward`, the objective, the constraint KL and the rounds' metrics
+        all call it. ``out``: a ``[N, V]`` float32 buffer to write a 2-D result into (no allocation).
+        """
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            if out is None:
+                z = F.linear(hidden.float(), self.head.weight, self.head.bias)
+            else:
+                z = torch.addmm(self.head.bias, hidden.float(), self.head.weight.t(), out=out)
+        if self.context_prior is not None and contexts is not None:
+            self.context_prior.add_(z.view(-1, z.shape[-1]), contexts.reshape(-1, contexts.shape[-1]))
+        return z
 
     def token_offsets(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, *, contexts: Tensor | None = None
@@ -414,12 +424,7 @@ class GuidanceModel(nn.Module):
                 )
             ids = input_ids if full_input_ids is None else full_input_ids
             contexts = self.contexts(ids, attention_mask)[:, -input_ids.shape[1] :]
-        hidden = self.hidden_states(input_ids, attention_mask, cache=cache)
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            z = F.linear(hidden.float(), self.head.weight, self.head.bias)
-        if contexts is not None:
-            self.add_context_(z.view(-1, z.shape[-1]), contexts.reshape(-1, contexts.shape[-1]))
-        return z
+        return self.logits(self.hidden_states(input_ids, attention_mask, cache=cache), contexts)
 
     # ------------------------------------------------------------------ persistence
     def _weights(self) -> dict[str, Tensor]:

@@ -203,8 +203,9 @@ def guidance_loss_from_hidden(
 ) -> tuple[Tensor, dict[str, float]]:
     """:func:`guidance_loss` from the backbone's hidden states, computing only what the loss needs.
 
-    ``guidance``: the :class:`~steer.guidance.GuidanceModel` whose context prior (if any) adds its fixed
-    offsets to ``z`` (at the sampled tokens and on the consistency term's full rows).
+    ``guidance``: the :class:`~steer.guidance.GuidanceModel` that ``head`` belongs to; its context prior (if any)
+    adds its fixed offsets to ``z`` (at the sampled tokens, and on the consistency term's full rows through
+    :meth:`~steer.guidance.GuidanceModel.logits`).
 
     The BCE needs ``z`` at the sampled tokens only: their head rows are gathered (``[B, T, H]`` work, never
     ``[B, T, V]``). The full vocabulary row is computed only where the consistency term needs it (consecutive
@@ -219,6 +220,8 @@ def guidance_loss_from_hidden(
         )
     if consistency_coef > 0 and ref_logits_fn is None:
         raise ValueError("consistency_coef > 0 needs ref_logits_fn (the sampling distribution's logits)")
+    if guidance is not None and head is not guidance.head:
+        raise ValueError("guidance_loss_from_hidden: head must be guidance.head when guidance is given")
     hidden = hidden.float()
     contexts = None if guidance is None else guidance.contexts(input_ids)
     offsets = None if contexts is None else guidance.token_offsets(input_ids, contexts=contexts)
@@ -229,8 +232,11 @@ def guidance_loss_from_hidden(
         bias = None if head.bias is None else head.bias.float()
 
         def rows(b, t):
-            z = F.linear(hidden[b, t], head.weight.float(), bias)
-            return z if contexts is None else guidance.add_context_(z, contexts.to(z.device)[b, t])
+            if guidance is not None:  # z with the context prior's offsets (GuidanceModel.logits)
+                return guidance.logits(
+                    hidden[b, t], None if contexts is None else contexts.to(hidden.device)[b, t]
+                )
+            return F.linear(hidden[b, t], head.weight.float(), bias)  # a bare head: no offsets
 
         consistency = _consistency(
             token_logits, token_weights, continuation_mask.to(hidden.device), rows, ref_logits_fn

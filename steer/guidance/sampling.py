@@ -15,7 +15,15 @@ from ..progress import chunks, progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelledSamples", "SampleBatch", "label_samples", "sample_continuations", "score_texts"]
+__all__ = [
+    "LabelledSamples",
+    "SampleBatch",
+    "eos_ids",
+    "generate_continuations",
+    "label_samples",
+    "sample_continuations",
+    "score_texts",
+]
 
 
 @dataclass
@@ -87,7 +95,8 @@ class LabelledSamples:
         return len(self.batch)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
+    """The ids that end a continuation: the model's ``generation_config.eos_token_id`` (else the tokenizer's)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -144,7 +153,7 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _generate(
+def generate_continuations(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -160,7 +169,8 @@ def _generate(
     desc: str = "sampling",
     disable_tqdm: bool | None = None,
 ) -> SampleBatch:
-    """Shared sampling loop; ``processor_factory(prompt_attention_mask)`` adds a LogitsProcessor per batch.
+    """The sampling loop behind :func:`sample_continuations`, guided decoding and the guidance rounds' seeded
+    sampler; ``processor_factory(prompt_attention_mask)`` adds a LogitsProcessor per batch.
 
     A progress bar (``desc``, counting sequences) runs over the batches unless ``disable_tqdm`` (see
     :func:`steer.progress.progress_disabled`).
@@ -178,8 +188,8 @@ def _generate(
     prompt_ids = prompt_ids.repeat_interleave(n_per_prompt, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(n_per_prompt, dim=0)
     rows = [p for p in prompts for _ in range(n_per_prompt)]
-    eos_ids = _eos_ids(model, tokenizer)
-    eos_tensor = torch.tensor(eos_ids, device=device)
+    eos = eos_ids(model, tokenizer)
+    eos_tensor = torch.tensor(eos, device=device)
     pad_id = int(tokenizer.pad_token_id)
     sampling = {
         "do_sample": True,
@@ -207,7 +217,7 @@ def _generate(
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
-                eos_token_id=eos_ids,
+                eos_token_id=eos,
                 use_cache=True,
                 return_dict_in_generate=True,
                 output_logits=True,
@@ -280,7 +290,7 @@ def sample_continuations(
     ``no_grad`` and is put back in its previous mode afterwards. A progress bar runs over the batches
     unless ``disable_tqdm`` (default: :func:`steer.progress.progress_disabled`).
     """
-    return _generate(
+    return generate_continuations(
         model,
         tokenizer,
         prompts,

@@ -1,7 +1,7 @@
 """Trainers: ``ConstrainedConfig``/``ConstrainedTrainer`` (NADO guidance) and ``PersonaConfig``/``PersonaTrainer``.
 
 Names are imported lazily (``from steer.trainers import ConstrainedTrainer`` loads only that module). The
-recipe runners (script arguments, data loading, ``train_*``) live in :mod:`steer.scripts`.
+recipe runners (script arguments, data loading, ``train_*``) are a floor above, in :mod:`steer.scripts`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import importlib
 _EXPORTS = {
     ".trainers.constrained": ("ConstrainedConfig", "ConstrainedTrainer"),
     ".trainers.persona": ("PersonaConfig", "PersonaTrainer"),
-    ".scripts.constrained": ("ConstrainedScriptArguments", "build_constraint", "train_constrained"),
-    ".scripts.persona": ("PersonaScriptArguments", "train_persona"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -62,6 +62,8 @@ __all__ = [
     "ParallelSchedule",
     "RoundSettings",
     "SequentialSchedule",
+    "copy_tensors",
+    "isolated_rng",
     "round_seed",
     "set_thread_share",
 ]
@@ -94,6 +96,15 @@ class RoundSettings:
 def round_seed(seed: int, round_index: int, process_index: int = 0) -> int:
     """A deterministic per-round, per-process seed (sampling and minibatch order depend only on it)."""
     return (seed * 1_000_003 + round_index * 9_973 + process_index * 101) % (2**31 - 1)
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int):
+    """Run a block with its own seeded RNG, leaving the global RNG streams exactly as they were."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 _MKL_LOCAL = None
@@ -286,10 +297,8 @@ class GuidanceLearner:
                     contexts = None if contexts is None else contexts[:, :-1][mask]
                     flagged = self.flagged.to(rows.device)
                     for index, part in zip(torch.arange(rows.shape[0]).split(256), rows.split(256)):
-                        z = torch.nn.functional.linear(part, head.weight.float(), head.bias.float())
-                        if contexts is not None:
-                            self.guidance.add_context_(z, contexts[index.to(contexts.device)])
-                        r = torch.sigmoid(z)
+                        part_contexts = None if contexts is None else contexts[index.to(contexts.device)]
+                        r = torch.sigmoid(self.guidance.logits(part, part_contexts))
                         separation += float((r[:, ~flagged].mean(1) - r[:, flagged].mean(1)).sum())
                         positions += part.shape[0]
         metrics = {"guidance/auc_samples": float(len(items))}
@@ -540,7 +549,7 @@ def sample_with_generator(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     sampler = _GeneratorSampler(generator, float(temperature), float(top_p))
-    return sampling._generate(
+    return sampling.generate_continuations(
         model,
         tokenizer,
         prompts,

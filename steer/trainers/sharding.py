@@ -28,6 +28,9 @@ from ..errors import UserInputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "average_gradients",
+    "average_weights",
+    "check_accelerator",
     "full_state_dict",
     "deepspeed_requested",
     "fsdp_units",
@@ -37,8 +40,10 @@ __all__ = [
     "load_full_state_dict",
     "promote_cpu_fsdp",
     "refuse_cpu_deepspeed",
+    "replicate_guidance",
     "require_fsdp2",
     "unsharded",
+    "whole_model",
     "zero3_gathered",
     "zero3_whole",
 ]
@@ -306,3 +311,78 @@ def zero3_whole(engine, *, modifier_rank: int | None = None):
             del stack[
                 depth:
             ]  # setting the hooks up again pushes the module once more: keep the stack as it was
+
+
+# ---------------------------------------------------------------------------------------------- trainers' set-up
+def check_accelerator(accelerator, trainer_name: str) -> bool:
+    """What a trainer checks once its accelerator exists: DeepSpeed on CPU refused in one line, FSDP on CPU ranks
+    promoted (see :func:`promote_cpu_fsdp`), FSDP1 refused. Returns whether FSDP was promoted."""
+    refuse_cpu_deepspeed(accelerator)
+    promoted = promote_cpu_fsdp(accelerator)
+    if is_fsdp(accelerator):
+        require_fsdp2(accelerator, trainer_name)
+    return promoted
+
+
+def whole_model(model: nn.Module, engine, *, fsdp: bool, zero3: bool, modifier_rank: int | None = None):
+    """``model``'s weights whole for work outside its forward: FSDP2 units unsharded (:func:`unsharded`), or
+    (ZeRO-3) every parameter of ``engine`` gathered with DeepSpeed's module hooks off (:func:`zero3_whole`;
+    ``modifier_rank``: whose changes are kept). A no-op otherwise. Collective."""
+    if fsdp:
+        return unsharded(model)
+    if zero3:
+        return zero3_whole(engine, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def replicate_guidance(accelerator, model: nn.Module, guidance: nn.Module, device) -> None:
+    """FSDP2: keep the guidance model's trained weights replicated beside the sharded policy.
+
+    The policy (base weights + policy LoRA) is sharded: each decoder layer, the input embedding and the output
+    head are their own units, the rest belongs to the root (the PEFT model). The guidance weights (its LoRA
+    adapter on the same base, or its own backbone, and its head) become FSDP2 ``ignored_params``: they train in
+    the guidance rounds, outside the policy's forward, with their own optimizer and an explicit gradient
+    all-reduce, exactly as under DDP. accelerate's rank-0-loads path (meta device + broadcast into shards)
+    cannot hold replicated weights, and FSDP2 (unlike DDP) does not sync initial weights: every rank takes rank
+    0's policy and guidance model here.
+    """
+    plugin = accelerator.state.fsdp_plugin
+    ignored = [guidance.head]
+    if guidance.backbone is not None:
+        ignored.append(guidance.backbone)
+    else:
+        name = guidance.config.adapter_name
+        ignored += [
+            module
+            for path, module in model.named_modules()
+            if path.split(".")[-1] == name and path.split(".")[-2:-1] in (["lora_A"], ["lora_B"])
+        ]
+    plugin.ignored_modules = ignored
+    plugin.cpu_ram_efficient_loading = False
+    broadcast_module(model)
+    broadcast_module(guidance)
+    for module in ignored:  # FSDP2 places what it shards, not the replicated guidance weights
+        module.to(device)
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over the processes (a missing gradient counts as zeros). Collective."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+        param.grad.div_(world)
+
+
+def average_weights(params: Iterable[torch.Tensor]) -> None:
+    """Average the values of ``params`` over the processes, in place. Collective."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    with torch.no_grad():
+        for param in params:
+            dist.all_reduce(param.data)
+            param.data.div_(world)

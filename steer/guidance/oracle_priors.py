@@ -1,0 +1,86 @@
+"""What the oracle already knows, set up once per run: the token prior, its flags and the context prior.
+
+:func:`oracle_priors` computes (or reads from their caches) the token prior (:func:`~steer.guidance.token_prior`:
+the oracle's score of every vocabulary token's own text), the tokens it flags (``prior < threshold``: where the
+corpus KL stops) and, optionally, the context prior of split words (:func:`~steer.guidance.context_prior.
+context_prior`). :meth:`OraclePriors.apply` starts a :class:`~steer.guidance.GuidanceModel` from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..constraints.base import Constraint
+from .context_prior import ContextPrior, context_prior, lexicon
+from .model import GuidanceModel
+from .prior import prior_logits, token_prior
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OraclePriors", "oracle_priors"]
+
+
+@dataclass
+class OraclePriors:
+    """``token``: ``[V]`` P(satisfied) of each token's own text; ``flagged``: ``token < threshold``;
+    ``context``: the split words' offsets. Each ``None`` where it was not asked for."""
+
+    token: Tensor | None = None
+    flagged: Tensor | None = None
+    context: ContextPrior | None = None
+    floor: float = 0.02
+    token_head: bool = False  # whether the guidance head starts from the token prior
+
+    def apply(self, guidance: GuidanceModel) -> None:
+        """Start ``guidance`` from the priors: the head bias from the token prior, the context prior's offsets."""
+        if self.token_head and self.token is not None:
+            guidance.init_head(prior_logits(self.token, floor=self.floor))
+        guidance.set_context_prior(self.context)
+
+
+def oracle_priors(
+    constraint: Constraint,
+    tokenizer,
+    vocab_size: int,
+    *,
+    token_head: bool,
+    token_flags: bool,
+    context_texts: Callable[[], list[str]] | None = None,
+    floor: float = 0.02,
+    threshold: float = 0.5,
+    cache_dir=None,
+    once: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> OraclePriors:
+    """The priors a run needs: the token prior when the head starts from it (``token_head``) or the corpus KL
+    stops at flagged tokens (``token_flags``), and the context prior of the words in ``context_texts()`` (with
+    the token prior only). ``once``: a context in which the oracle runs (e.g. the main process first, so that
+    the other processes read its caches and every process starts from the same head)."""
+    priors = OraclePriors(floor=floor, token_head=token_head)
+    if not (token_head or token_flags):
+        return priors
+    with once():
+        priors.token = token_prior(constraint, tokenizer, int(vocab_size), cache_dir=cache_dir)
+    priors.flagged = priors.token < threshold
+    logger.info(
+        "token prior: %d of %d tokens flagged by %s on their own text",
+        int(priors.flagged.sum()),
+        priors.flagged.numel(),
+        constraint.name,
+    )
+    if context_texts is not None:
+        with once():
+            priors.context = context_prior(
+                constraint,
+                tokenizer,
+                lexicon(context_texts()),
+                priors.token,
+                floor=floor,
+                threshold=threshold,
+                cache_dir=cache_dir,
+            )
+    return priors

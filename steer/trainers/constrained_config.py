@@ -1,0 +1,378 @@
+"""``ConstrainedConfig``: TRL's ``SFTConfig`` + the constraint term, the guidance model and its rounds.
+
+Every field has ``help`` metadata (``steer train constrained --help`` lists them) and is validated in
+``__post_init__`` with an error that names it. :meth:`ConstrainedConfig.kl_settings`,
+:meth:`~ConstrainedConfig.round_settings` and :meth:`~ConstrainedConfig.guidance_config` hand each part to the
+object that owns it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+from steer.guidance import GuidanceConfig
+from steer.guidance.constraint_kl import KLSettings
+
+from .schedule import RoundSettings
+
+__all__ = ["ConstrainedConfig"]
+
+
+def _choice(name: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ValueError(f"ConstrainedConfig.{name} must be one of {list(options)}, got {value!r}")
+
+
+def _at_least(name: str, value: Any, low: float, *, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low)
+    if not ok:
+        raise ValueError(f"ConstrainedConfig.{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
+@dataclass
+class ConstrainedConfig(SFTConfig):
+    """``SFTConfig`` + the constraint term, the guidance model and its training rounds.
+
+    Every field has ``help`` metadata (``steer train constrained --help`` lists them) and is validated in
+    ``__post_init__`` with an error that names it.
+    """
+
+    kl_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": "λ: weight of KL(q* || p_theta) added to the SFT loss (>= 0). 0 = the plain-SFT baseline: no "
+            "guidance rounds, every other setting identical."
+        },
+    )
+    kl_reference: str = field(
+        default="policy",
+        metadata={
+            "help": "Reference distribution inside q*: 'policy' (the current policy, detached; no extra forward) "
+            "or 'base' (the frozen base model with adapters disabled; needs a PEFT policy)."
+        },
+    )
+    kl_chunk_size: int = field(
+        default=256,
+        metadata={
+            "help": "Positions per chunk in the vocabulary-wide KL (bounds its extra memory). 'fused' uses at most "
+            "this many: all N counted positions at once when one [N, vocab] fp32 tensor fits in 64 MiB, else about "
+            "N/16 (at least 16)."
+        },
+    )
+    kl_implementation: str = field(
+        default="fused",
+        metadata={
+            "help": "How the KL term is computed: 'fused' (from the hidden states: LM head, guidance head, q*, KL "
+            "and gradients a chunk of positions at a time, never a [tokens, vocab] tensor; the SFT NLL comes out "
+            "of the same head pass unless TRL's own loss is needed, e.g. label smoothing) or 'chunked' (TRL "
+            "computes the SFT loss, then the policy logits and z at the counted positions are materialised; the "
+            "reference implementation). 'fused' falls back to 'chunked' when the output head is adapted (not a "
+            "plain nn.Linear)."
+        },
+    )
+    kl_positions: str = field(
+        default="both",
+        metadata={
+            "help": "Where the KL acts: 'corpus' (the supervised positions of the training batch), 'samples' "
+            "(the continuation positions of the newest round's policy samples, appended to each batch: where "
+            "the policy generates) or 'both'."
+        },
+    )
+    kl_corpus_stop_at_violation: bool = field(
+        default=True,
+        metadata={
+            "help": "Corpus positions: drop every position after the first target token that the oracle flags on "
+            "its own (token prior < label_threshold): past a violation the constraint is lost and R carries no signal."
+        },
+    )
+    kl_sample_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the KL on the policy-sample positions (default: kl_coef). The corpus positions are "
+            "anchored by the SFT loss, the samples are not: there q* = p_theta * R is re-applied to the policy at "
+            "every step, so a smaller weight here trades some detox for less drift on clean text. 0 = no samples."
+        },
+    )
+    kl_sample_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Policy samples appended to each training micro-batch when kl_positions uses samples."
+        },
+    )
+    guidance_backbone: str = field(
+        default="lora",
+        metadata={
+            "help": "Guidance model backbone: 'lora' (a second LoRA adapter on the policy's frozen base weights; "
+            "needs a PEFT policy) or 'separate' (a copy of the base's first guidance_num_layers layers)."
+        },
+    )
+    guidance_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the guidance adapter."})
+    guidance_lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the guidance adapter."})
+    guidance_num_layers: int | None = field(
+        default=None, metadata={"help": "'separate' backbone: number of base layers to copy (None: all)."}
+    )
+    guidance_lr: float = field(
+        default=5e-4, metadata={"help": "Learning rate of the guidance model's AdamW."}
+    )
+    guidance_prior: str = field(
+        default="token",
+        metadata={
+            "help": "How the guidance head starts: 'token' (bias = the oracle's score of each vocabulary token's own "
+            "text, cached per oracle + tokenizer, so tokens never sampled still carry the oracle's judgement), "
+            "'label_mean' (every token at the warm-up round's satisfaction rate) or 'none' (R = 0.5)."
+        },
+    )
+    guidance_prior_floor: float = field(
+        default=0.02,
+        metadata={
+            "help": "The token prior is clipped to [floor, 1 - floor] before its logit becomes the head bias."
+        },
+    )
+    guidance_context_prior: str = field(
+        default="none",
+        metadata={
+            "help": "'corpus': also score the words of the training texts and prompts with the oracle, and for each "
+            "flagged word the tokenizer splits (SmolLM2: ' fuck' = ' f' + 'uck') set z of its completing token after "
+            "its leading tokens (fixed offsets on top of the token prior, cached; steer.guidance.context_prior). "
+            "The corpus KL then also stops at such a completion. Needs guidance_prior='token'. 'none': off."
+        },
+    )
+    guidance_context_texts: int = field(
+        default=20000,
+        metadata={
+            "help": "How many training rows (besides every prompt) the context prior's words are read from."
+        },
+    )
+    guidance_prior_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where token priors are cached (default: $STEER_CACHE/priors)."},
+    )
+    guidance_warmup_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Policy samples of the warm-up round (round 0), sized for a first AUC (default: samples_per_round)."
+        },
+    )
+    guidance_auc_pool: int = field(
+        default=256,
+        metadata={
+            "help": "Held-back samples (never trained on, pooled over rounds, newest kept) on which guidance/auc "
+            "is measured each round."
+        },
+    )
+    importance_max_weight: float = field(
+        default=5.0,
+        metadata={
+            "help": "kl_reference='base': guidance samples come from the policy but R must hold under the base, so "
+            "each sample is weighted by p_base/p_policy (self-normalised), truncated at this value."
+        },
+    )
+    guidance_steps_per_round: int = field(
+        default=8, metadata={"help": "Guidance optimizer steps per round, on sample-buffer minibatches."}
+    )
+    guidance_batch_size: int = field(default=16, metadata={"help": "Sequences per guidance minibatch."})
+    guidance_interval: int = field(
+        default=20,
+        metadata={
+            "help": "Policy optimizer steps between guidance rounds (> 0). A warm-up round runs before step 1."
+        },
+    )
+    guidance_holdout_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "Fraction of each round's fresh samples held back from guidance training (into the AUC pool, "
+            "see guidance_auc_pool) to measure guidance/auc."
+        },
+    )
+    samples_per_round: int = field(
+        default=32, metadata={"help": "Continuations sampled from the policy per round (per process)."}
+    )
+    sample_max_new_tokens: int = field(
+        default=20, metadata={"help": "Maximum length of a sampled continuation."}
+    )
+    sample_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature for guidance rounds."}
+    )
+    sample_top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus (top-p) truncation for guidance rounds."}
+    )
+    sample_batch_size: int = field(
+        default=16, metadata={"help": "Prompts per generation batch in guidance rounds."}
+    )
+    label_mode: str = field(
+        default="hard",
+        metadata={
+            "help": "Labels from the constraint: 'hard' (score >= label_threshold) or 'soft' (the score)."
+        },
+    )
+    label_threshold: float = field(
+        default=0.5, metadata={"help": "Threshold in [0, 1] for hard labels (and for guidance/auc)."}
+    )
+    consistency_coef: float = field(
+        default=0.0, metadata={"help": "Weight of the guidance consistency regulariser (>= 0; 0 = off)."}
+    )
+    schedule: str = field(
+        default="sequential",
+        metadata={
+            "help": "'sequential': each round runs before the policy steps that use it. 'parallel': round k+1 "
+            "runs in a background thread (own model copy: one extra set of base weights) while the policy "
+            "trains with round k's guidance (staleness 1, logged as guidance/staleness). 'process': the same "
+            "versions, with rounds in a worker process (own interpreter and, on a GPU, own CUDA context; the "
+            "frozen base weights shared with the policy, trainable weights exchanged at every round)."
+        },
+    )
+    parallel_synchronised: bool = field(
+        default=False,
+        metadata={
+            "help": "'parallel'/'process' schedules: wait for every round at once (reproduces 'sequential'; for "
+            "tests)."
+        },
+    )
+    parallel_worker_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "'parallel'/'process' schedules on CPU: intra-op threads of the worker (None: half the "
+            "trainer's threads; the trainer keeps the rest while the worker runs)."
+        },
+    )
+    guidance_process_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "'process' schedule: the device the worker computes on (e.g. 'cuda:1'; None: the policy's)."
+        },
+    )
+    guidance_process_timeout: float = field(
+        default=3600.0,
+        metadata={
+            "help": "'process' schedule: seconds to wait for the worker's answer (a round, a state) before "
+            "stopping it and failing."
+        },
+    )
+    sample_buffer_size: int = field(
+        default=512,
+        metadata={"help": "Capacity of the FIFO sample buffer (sequences; oldest dropped first)."},
+    )
+
+    def __post_init__(self) -> None:
+        # CPU-safe defaults. SFTConfig turns bf16=None into True, which TrainingArguments refuses without a
+        # bf16-capable accelerator: keep it off there (an explicit bf16=True still gets TrainingArguments' error).
+        if self.bf16 is None and not self.fp16:
+            from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+            self.bf16 = not self.use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
+        # TRL's BaseConfig still defaults the deprecated alias gradient_checkpointing to True: carry it over to
+        # activation_checkpointing so that TrainingArguments does not warn about a name the user never set.
+        if self.activation_checkpointing is None and self.gradient_checkpointing is True:
+            self.activation_checkpointing, self.gradient_checkpointing = True, None
+        super().__post_init__()
+        _at_least("kl_coef", self.kl_coef, 0.0)
+        _choice("kl_reference", self.kl_reference, ("policy", "base"))
+        _at_least("kl_chunk_size", self.kl_chunk_size, 1)
+        _choice("kl_implementation", self.kl_implementation, ("chunked", "fused"))
+        _choice("kl_positions", self.kl_positions, ("corpus", "samples", "both"))
+        if self.kl_sample_coef is not None:
+            _at_least("kl_sample_coef", self.kl_sample_coef, 0.0)
+        _at_least("kl_sample_batch_size", self.kl_sample_batch_size, 1)
+        _choice("guidance_prior", self.guidance_prior, ("token", "label_mean", "none"))
+        _at_least("guidance_prior_floor", self.guidance_prior_floor, 0.0, strict=True)
+        if self.guidance_prior_floor >= 0.5:
+            raise ValueError(
+                f"ConstrainedConfig.guidance_prior_floor must be in (0, 0.5), got {self.guidance_prior_floor}"
+            )
+        _choice("guidance_context_prior", self.guidance_context_prior, ("none", "corpus"))
+        if self.guidance_context_prior != "none" and self.guidance_prior != "token":
+            raise ValueError(
+                f"ConstrainedConfig.guidance_context_prior={self.guidance_context_prior!r} adds offsets to the token "
+                f"prior's head bias, so it needs guidance_prior='token', got {self.guidance_prior!r}"
+            )
+        _at_least("guidance_context_texts", self.guidance_context_texts, 1)
+        if self.guidance_warmup_samples is not None:
+            _at_least("guidance_warmup_samples", self.guidance_warmup_samples, 1)
+        _at_least("guidance_auc_pool", self.guidance_auc_pool, 1)
+        _at_least("importance_max_weight", self.importance_max_weight, 1.0)
+        _choice("guidance_backbone", self.guidance_backbone, ("lora", "separate"))
+        _at_least("guidance_lora_r", self.guidance_lora_r, 1)
+        _at_least("guidance_lora_alpha", self.guidance_lora_alpha, 0, strict=True)
+        if self.guidance_num_layers is not None:
+            _at_least("guidance_num_layers", self.guidance_num_layers, 1)
+        _at_least("guidance_lr", self.guidance_lr, 0.0, strict=True)
+        _at_least("guidance_steps_per_round", self.guidance_steps_per_round, 1)
+        _at_least("guidance_batch_size", self.guidance_batch_size, 1)
+        _at_least("guidance_interval", self.guidance_interval, 1)
+        _at_least("guidance_holdout_fraction", self.guidance_holdout_fraction, 0.0)
+        if self.guidance_holdout_fraction >= 1.0:
+            raise ValueError(
+                f"ConstrainedConfig.guidance_holdout_fraction must be < 1, got {self.guidance_holdout_fraction}"
+            )
+        _at_least("samples_per_round", self.samples_per_round, 1)
+        _at_least("sample_max_new_tokens", self.sample_max_new_tokens, 1)
+        _at_least("sample_temperature", self.sample_temperature, 0.0, strict=True)
+        _at_least("sample_top_p", self.sample_top_p, 0.0, strict=True)
+        if self.sample_top_p > 1.0:
+            raise ValueError(f"ConstrainedConfig.sample_top_p must be in (0, 1], got {self.sample_top_p}")
+        _at_least("sample_batch_size", self.sample_batch_size, 1)
+        _choice("label_mode", self.label_mode, ("hard", "soft"))
+        _at_least("label_threshold", self.label_threshold, 0.0)
+        if self.label_threshold > 1.0:
+            raise ValueError(
+                f"ConstrainedConfig.label_threshold must be in [0, 1], got {self.label_threshold}"
+            )
+        _at_least("consistency_coef", self.consistency_coef, 0.0)
+        _choice("schedule", self.schedule, ("sequential", "parallel", "process"))
+        _at_least("guidance_process_timeout", self.guidance_process_timeout, 0.0, strict=True)
+        if self.parallel_worker_threads is not None:
+            _at_least("parallel_worker_threads", self.parallel_worker_threads, 1)
+        _at_least("sample_buffer_size", self.sample_buffer_size, 1)
+        if self.packing:
+            raise ValueError(
+                "ConstrainedConfig.packing is not supported: the guidance model scores each sequence on its own"
+            )
+        if self.padding_free:
+            raise ValueError(
+                "ConstrainedConfig.padding_free is not supported (the guidance forward needs padding)"
+            )
+
+    def kl_settings(self) -> KLSettings:
+        """The constraint term's fields, for :class:`~steer.guidance.ConstraintKL` (the one reader of kl_coef)."""
+        return KLSettings(
+            coef=self.kl_coef,
+            sample_coef=self.kl_sample_coef,
+            reference=self.kl_reference,
+            implementation=self.kl_implementation,
+            positions=self.kl_positions,
+            stop_at_violation=self.kl_corpus_stop_at_violation,
+            chunk_size=self.kl_chunk_size,
+        )
+
+    def round_settings(self) -> RoundSettings:
+        return RoundSettings(
+            samples_per_round=self.samples_per_round,
+            sample_max_new_tokens=self.sample_max_new_tokens,
+            sample_temperature=self.sample_temperature,
+            sample_top_p=self.sample_top_p,
+            sample_batch_size=self.sample_batch_size,
+            label_mode=self.label_mode,
+            label_threshold=self.label_threshold,
+            guidance_steps_per_round=self.guidance_steps_per_round,
+            guidance_batch_size=self.guidance_batch_size,
+            consistency_coef=self.consistency_coef,
+            holdout_fraction=self.guidance_holdout_fraction,
+            max_grad_norm=self.max_grad_norm,
+            warmup_samples=self.guidance_warmup_samples,
+            auc_pool_size=self.guidance_auc_pool,
+            prior=self.guidance_prior,
+            importance_max_weight=self.importance_max_weight if self.kl_reference == "base" else None,
+        )
+
+    def guidance_config(self) -> GuidanceConfig:
+        return GuidanceConfig(
+            backbone=self.guidance_backbone,
+            lora_r=self.guidance_lora_r,
+            lora_alpha=self.guidance_lora_alpha,
+            separate_num_layers=self.guidance_num_layers,
+        )

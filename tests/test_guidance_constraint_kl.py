@@ -1,0 +1,96 @@
+"""ConstraintKL on its own (no trainer): z from GuidanceModel.logits, positions, fused == chunked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from steer.guidance import ConstraintKL, GuidanceConfig, GuidanceModel, KLSettings, constraint_kl_naive
+from steer.guidance.constraint_kl import counted_window
+from steer.guidance.context_prior import ContextPrior
+from steer.models import tiny_causal_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _models(seed: int = 0):
+    policy, tokenizer = tiny_causal_lm("llama", seed=seed)
+    policy = get_peft_model(policy, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # far from R = 0.5
+        guidance.head.weight.copy_(torch.randn(guidance.head.weight.shape, generator=gen) * 0.3)
+        guidance.head.bias.copy_(torch.randn(guidance.head.bias.shape, generator=gen))
+    guidance.set_trainable(False)
+    return policy, guidance
+
+
+def _batch(vocab: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, 9), generator=gen)
+    attention = torch.ones_like(ids)
+    attention[2, 6:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :2] = -100  # a prompt
+    labels[attention == 0] = -100
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def test_logits_is_the_forward_z_with_the_context_offsets():
+    policy, guidance = _models()
+    batch = _batch(guidance.vocab_size)
+    ids = batch["input_ids"]
+    guidance.set_context_prior(
+        ContextPrior(torch.tensor([[-1, -1, int(ids[0, 3])]]), torch.tensor([5]), torch.tensor([-3.0]))
+    )
+    with torch.no_grad():
+        z = guidance(ids, batch["attention_mask"])
+        hidden = guidance.hidden_states(ids, batch["attention_mask"])
+        plain = guidance.logits(hidden)
+        with_prior = guidance.logits(hidden, guidance.contexts(ids, batch["attention_mask"]))
+    torch.testing.assert_close(with_prior, z)
+    assert float(plain[0, 3, 5] - z[0, 3, 5]) == pytest.approx(3.0)  # the offset where the context matches
+    assert torch.equal(plain[0, 2], z[0, 2])  # and nowhere else
+
+
+def test_counted_window_cuts_rows_and_columns_without_positions():
+    inputs = {"input_ids": torch.arange(12).view(3, 4), "attention_mask": torch.ones(3, 4, dtype=torch.long)}
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0, 1] = mask[2, 2] = True
+    ids, attention, cut = counted_window(inputs, mask)
+    assert ids.tolist() == [[0, 1, 2], [8, 9, 10]] and attention.shape == (2, 3)
+    assert cut.tolist() == [[False, True, False], [False, False, True]]
+    none = torch.zeros(3, 4, dtype=torch.bool)
+    assert counted_window(inputs, none)[0] is inputs["input_ids"]
+
+
+@pytest.mark.parametrize("reference", ["policy", "base"])
+def test_fused_and_chunked_terms_equal_the_naive_kl(reference):
+    policy, guidance = _models()
+    batch = _batch(guidance.vocab_size)
+    results = {}
+    for implementation in ("chunked", "fused"):
+        settings = KLSettings(
+            coef=0.7, reference=reference, implementation=implementation, positions="corpus"
+        )
+        kl = ConstraintKL(guidance, lambda: policy, settings)
+        supervised, targets = kl.corpus_mask(batch)
+        with kl.capture() as captured:
+            policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = captured[0]
+        out = kl(batch, hidden, supervised=supervised, targets=targets, n_corpus=3, denom=supervised.sum())
+        assert (kl.fused_head() is not None) == (implementation == "fused")
+        results[implementation] = (float(out.loss), float(out.terms["corpus"]))
+    with torch.no_grad():
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ref = logits
+        if reference == "base":
+            with policy.disable_adapter():
+                ref = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        z = guidance(batch["input_ids"], batch["attention_mask"])
+        naive = constraint_kl_naive(logits, ref, z, supervised, reduction="sum")
+    assert float(naive) > 1e-3
+    for loss, term in results.values():
+        assert term == pytest.approx(float(naive), rel=1e-4)
+        assert loss == pytest.approx(0.7 * float(naive) / float(supervised.sum()), rel=1e-4)
