@@ -10,13 +10,15 @@ With the fused KL the SFT NLL comes out of the same head pass (the trainer's def
 the KL counts at every corpus position (the full cost); ``--stop-at-violation`` uses the library default instead,
 which drops the positions after the first token the constraint flags: on this random-word corpus (2 of its 20
 words are banned) that leaves only the first few tokens of each sequence, far fewer than on real text, so the
-guidance pass and the KL shrink with it (reported as ``kl_row_fraction``).
+guidance pass and the KL shrink with it (reported as ``kl_row_fraction``). ``--recipe`` measures the shipped detox
+recipe's settings (``kl_positions: both``, stop at violation, the context prior on).
 Targets (issue 16): step ratio <= 1.3 (rounds excluded), peak-memory ratio <= 1.1.
 
     python -m benchmarks.constrained_step                       # tiny random llama (seconds)
     python -m benchmarks.constrained_step --model smollm2-135m  # the embedded model, LoRA (minutes on CPU)
     python -m benchmarks.constrained_step --model smollm2-135m --batch 1 --length 1024   # long context
     python -m benchmarks.constrained_step --gpu                 # smollm2-135m, batch 8 x 256, on CUDA
+    python -m benchmarks.constrained_step --recipe             # the detox recipe's KL settings
     python -m benchmarks.constrained_step --smoke --output-dir /tmp/bench   # one repeat, tiny, not committed
 """
 
@@ -105,6 +107,7 @@ def _trainers(args):
                 kl_coef=1.0,
                 kl_positions=args.kl_positions,
                 kl_corpus_stop_at_violation=args.stop_at_violation,
+                guidance_context_prior="corpus" if args.context_prior else "none",
                 guidance_interval=args.interval,
                 samples_per_round=args.samples,
                 sample_batch_size=args.samples,
@@ -207,6 +210,17 @@ def main(argv=None) -> dict:
         "corpus only a few leading tokens per sequence stay); default: the KL at every corpus position",
     )
     parser.add_argument(
+        "--context-prior",
+        action="store_true",
+        help="guidance_context_prior='corpus': z carries the context prior's offsets and the corpus KL also "
+        "stops where a split flagged word completes",
+    )
+    parser.add_argument(
+        "--recipe",
+        action="store_true",
+        help="the shipped detox recipe's KL settings: --kl-positions both --stop-at-violation --context-prior",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="one repeat on the tiny model (checks the script runs)"
     )
     parser.add_argument(
@@ -215,6 +229,8 @@ def main(argv=None) -> dict:
         help="write the JSON here instead of benchmarks/results/ (e.g. for smokes)",
     )
     args = parser.parse_args(argv)
+    if args.recipe:
+        args.kl_positions, args.stop_at_violation, args.context_prior = "both", True, True
     if args.kl_implementation is None:
         args.kl_implementation = ["fused", "chunked"] if _has_kl_implementation() else ["chunked"]
     args.kl_implementation = list(dict.fromkeys(args.kl_implementation))
@@ -250,14 +266,14 @@ def main(argv=None) -> dict:
     sft, constrained = _trainers(args)
     first = next(iter(constrained.values()))
     inputs = first._prepare_inputs(next(iter(first.get_train_dataloader())))
-    supervised, targets = first._corpus_mask(inputs)
-    kl_rows = first._corpus_kl_mask(supervised, targets)
+    supervised, targets = first.constraint_kl.corpus_mask(inputs)
+    kl_rows = first.constraint_kl.corpus_kl_mask(inputs, supervised, targets)
     kl_row_fraction = float(kl_rows.sum()) / max(1, int(supervised.sum()))
     print(f"KL at {kl_row_fraction:.1%} of the supervised positions")
     warmup_round = {}
     for implementation, trainer in constrained.items():
         start = time.perf_counter()
-        trainer._maybe_run_round()  # warm-up round, so the guidance is not all-zero
+        trainer.run_due_rounds()  # warm-up round, so the guidance is not all-zero
         warmup_round[implementation] = time.perf_counter() - start
     names = {impl: "constrained" if i == 0 else f"constrained_{impl}" for i, impl in enumerate(constrained)}
     variants = {"sft": _stepper(sft, with_rounds=False)}
@@ -317,6 +333,7 @@ def main(argv=None) -> dict:
                 "interval",
                 "kl_positions",
                 "stop_at_violation",
+                "context_prior",
             )
         },
         "kl_row_fraction": kl_row_fraction,
@@ -345,7 +362,8 @@ def main(argv=None) -> dict:
     name = "constrained_step" + ("" if args.model == "tiny" else f"_{args.model.replace('/', '_')}")
     if (args.batch, args.length) != (batch, length) and not args.smoke:
         name += f"_b{args.batch}x{args.length}"
-    name += "_stop" if args.stop_at_violation else ""
+    name += "_recipe" if args.recipe else ("_stop" if args.stop_at_violation else "")
+    name += "_ctx" if args.context_prior and not args.recipe else ""
     name += ("_gpu" if args.gpu else "") + ("_smoke" if args.smoke else "")
     print(f"wrote {write_result(name, result, args.output_dir)}")
     return result

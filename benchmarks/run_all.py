@@ -21,6 +21,8 @@ BENCHMARKS = (
     "embedder",
     "persona_inference",
 )
+# Further runs of a benchmark with other arguments (each its own JSON).
+EXTRA_RUNS = {"constrained_step": (["--recipe"],)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     failed = []
     for name in args.only or BENCHMARKS:
-        print(f"\n=== benchmarks.{name} ===", flush=True)
-        start = time.perf_counter()
-        cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--gpu"] if args.gpu else [])
-        rc = subprocess.call(cmd)
-        print(f"--- {name}: exit {rc} in {time.perf_counter() - start:.0f} s", flush=True)
-        if rc:
-            failed.append(name)
+        for extra in ([], *EXTRA_RUNS.get(name, ())):
+            label = " ".join([name, *extra])
+            print(f"\n=== benchmarks.{label} ===", flush=True)
+            start = time.perf_counter()
+            cmd = [sys.executable, "-m", f"benchmarks.{name}", *extra] + (["--gpu"] if args.gpu else [])
+            rc = subprocess.call(cmd)
+            print(f"--- {label}: exit {rc} in {time.perf_counter() - start:.0f} s", flush=True)
+            if rc:
+                failed.append(label)
     print(f"\nresults in {RESULTS_DIR}")
     if failed:
         print(f"failed: {', '.join(failed)}")
