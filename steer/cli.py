@@ -76,7 +76,8 @@ COMMANDS: tuple[Command, ...] = (
         "steer.eval.toxicity",
         ("ToxicityEvalArguments",),
         "run_toxicity_eval",
-        "RealToxicityPrompts evaluation: expected max toxicity, toxicity probability, perplexity, distinct-n",
+        "RealToxicityPrompts evaluation: expected max toxicity, toxicity probability (with 95% intervals), "
+        "perplexity, distinct-n",
         report_files=("toxicity_report.md",),
     ),
     Command(
@@ -508,7 +509,35 @@ def _normalise_config_flag(args: list[str]) -> tuple[list[str], str | None]:
         raise CommandLineError("", "--config given more than once")
     if path is not None and not os.path.isfile(path):
         raise CommandLineError("", f"config file not found: {path}")
+    if path is not None:
+        _check_config_file(path)
     return out, path
+
+
+def _check_config_file(path: str) -> None:
+    """A recipe must be a UTF-8 YAML mapping: one line naming the file, the line and the problem otherwise."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except UnicodeDecodeError as err:
+        raise CommandLineError(
+            "", f"config {path} is not a UTF-8 text file ({err.reason} at byte {err.start})"
+        ) from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        detail = f"{context}, {problem}" if context else problem
+        raise CommandLineError("", f"config {path} is not valid YAML{where}: {detail}") from err
+    except OSError as err:
+        raise CommandLineError("", f"config {path} cannot be read ({err.strerror or err})") from err
+    if data is not None and not isinstance(data, dict):
+        raise CommandLineError(
+            "", f"config {path} must be a YAML mapping of keys to values, got a {type(data).__name__}"
+        )
 
 
 def parse_command_args(command: Command, args: Sequence[str], types: Sequence[type] | None = None) -> tuple:
@@ -567,6 +596,7 @@ def _use_cpu_when_no_accelerator() -> None:
     trains alone on the full data) although torch.distributed is up. Setting ``use_cpu: true`` in the
     recipe does the same explicitly.
     """
+    _check_gpu_launch_config()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "ACCELERATE_USE_CPU" in os.environ:
         return
     if not _accelerator_available():
@@ -574,6 +604,26 @@ def _use_cpu_when_no_accelerator() -> None:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             return
         os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+def _check_gpu_launch_config() -> None:
+    """A GPU DeepSpeed config (``mixed_precision: bf16``/``fp16``) launched on a machine without an accelerator
+    fails on every rank once its model has loaded; refuse it at once, pointing at the ``*_cpu.yaml`` configs."""
+    flag = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower()
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if flag not in _TRUE or precision not in ("bf16", "fp16") or _accelerator_available():
+        return
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
+    cpu_config = f"accelerate_configs/zero{stage}_cpu.yaml" if stage in ("2", "3") else "a *_cpu.yaml config"
+    raise CommandLineError(
+        "",
+        f"the accelerate config asks for DeepSpeed with mixed_precision={precision}, a GPU setting, but this "
+        f"machine has no accelerator; launch with {cpu_config} (accelerate_configs/*_cpu.yaml: the same settings "
+        "on CPU ranks, fp32)",
+    )
+
+
+_TRUE = ("1", "true", "yes", "on")
 
 
 def _training_args(parsed: Iterable[Any]):
@@ -743,8 +793,12 @@ def run(argv: Sequence[str] | None = None) -> Any:
             _normalise_config_flag(rest)
         except CommandLineError as err:
             raise CommandLineError(command.name, str(err)) from None
+    _quiet_cpu_accelerator()
     if command.words[0] == "train":
-        _use_cpu_when_no_accelerator()
+        try:
+            _use_cpu_when_no_accelerator()
+        except CommandLineError as err:
+            raise CommandLineError(command.name, str(err)) from None
     module, types = _load_command(command)
     entry = getattr(module, command.entry)
     if not types:  # a command without a config dataclass (e.g. a demo with fixed settings)
@@ -808,7 +862,16 @@ def _print_result(command: Command, parsed: Sequence[Any], result: Any) -> None:
         print(json.dumps(scalars, indent=2, default=str))
 
 
+def _quiet_cpu_accelerator() -> None:
+    """On a machine without an accelerator, tell DeepSpeed so (``DS_ACCELERATOR=cpu``): it would otherwise
+    warn "Setting accelerator to CPU" whenever a library imports it, on every command."""
+    if "DS_ACCELERATOR" not in os.environ and not _accelerator_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def _setup_logging() -> None:
+    # matplotlib logs "generated new fontManager" at INFO whenever its font cache is (re)built
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     if not logging.getLogger().handlers:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -853,13 +916,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandLineError as err:
         if debug:
             traceback.print_exc()
-        print(_error_line(argv, err.command, err), file=sys.stderr)
+        if int(os.environ.get("RANK", "0") or 0) == 0:  # every rank parses the same arguments: one line
+            print(_error_line(argv, err.command, err), file=sys.stderr)
         return 2
     except UserInputError as err:
         if debug:
             traceback.print_exc()
         print(_error_line(argv, None, err), file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (a training run says how to resume), status 130
+        if debug:
+            traceback.print_exc()
+        command, words, _ = find_command(argv)
+        name = command.name if command is not None else " ".join(words)
+        detail = " ".join(str(err).split())
+        print(f"{PROG} {name}".strip() + ": interrupted" + (f": {detail}" if detail else ""), file=sys.stderr)
+        return 130
     except SystemExit as exit_:  # argparse --help / usage errors
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     except (

@@ -205,3 +205,44 @@ def rtp_prompts(dataset: Dataset) -> list[str]:
 def rtp_documents(dataset: Dataset) -> list[str]:
     """Prompt + continuation, the fine-tuning corpus (it contains toxic text)."""
     return [p["text"] + c["text"] for p, c in zip(dataset["prompt"], dataset["continuation"])]
+
+
+def prompt_budget(context: int | None, max_new_tokens: int) -> int | None:
+    """The most prompt tokens a model with ``context`` positions takes when it generates ``max_new_tokens``
+    (``context - max_new_tokens``); None when the context is unknown. Raises when nothing is left for a prompt."""
+    if context is None:
+        return None
+    budget = int(context) - int(max_new_tokens)
+    if budget < 1:
+        raise UserInputError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens"
+        )
+    return budget
+
+
+def truncate_prompts(prompts: list[str], tokenizer, budget: int | None) -> tuple[list[str], int]:
+    """Cut every prompt longer than ``budget`` tokens (the tokenizer's special tokens included) on the left,
+    keeping its end (the words a continuation follows). Returns the prompts and how many were cut.
+
+    Left truncation is what a generator needs: the model's position limit is ``context = prompt + new tokens``,
+    so steer's budget is the model's context minus the tokens to generate (:func:`prompt_budget`).
+    """
+    if budget is None or not prompts:
+        return list(prompts), 0
+    limit = budget - tokenizer.num_special_tokens_to_add()
+    if limit < 1:
+        raise UserInputError(f"a prompt budget of {budget} tokens leaves no room for prompt text")
+    out, cut = [], 0
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    for prompt, ids in zip(prompts, encoded):
+        if len(ids) <= limit:
+            out.append(prompt)
+            continue
+        kept = list(ids[-limit:])
+        text = tokenizer.decode(kept)
+        while kept and len(tokenizer(text, add_special_tokens=False)["input_ids"]) > limit:
+            kept = kept[1:]  # decoding and re-encoding at the cut may merge differently
+            text = tokenizer.decode(kept)
+        out.append(text)
+        cut += 1
+    return out, cut

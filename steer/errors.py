@@ -18,6 +18,7 @@ __all__ = [
     "InputFileNotFoundError",
     "InputKeyError",
     "ModelLoadError",
+    "RunInterrupted",
     "UserInputError",
 ]
 
@@ -49,3 +50,11 @@ class ModelLoadError(UserInputError, OSError):
 
 class ArtefactMismatchError(UserInputError):
     """Saved artefacts that do not belong together (another base model, another run's split)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says how to resume (the ``steer`` command line prints it as one
+    line and exits with status 130)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

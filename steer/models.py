@@ -8,6 +8,7 @@ renamed into place, so an interrupted conversion never leaves a half-written cac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -254,6 +255,112 @@ def check_base_model(recorded: dict | None, model, *, artefact: str) -> None:
                 f"shapes) has different weights (embedding fingerprint differs by {distance:.0%}); load it on "
                 "the base model it was trained on"
             )
+
+
+BASE_MODEL_FILE = "base_model.json"  # base_model_record of the model a saved adapter was trained on
+
+
+def recorded_base_model(directory: str | os.PathLike) -> dict | None:
+    """The base-model record saved with a run's policy adapter: ``base_model.json`` beside it, else the one in
+    the run's ``guidance/config.json`` (the guidance model shares the policy's base); None when neither has one."""
+    import json
+
+    directory = Path(directory)
+    for path, key in (
+        (directory / BASE_MODEL_FILE, None),
+        (directory / "guidance" / "config.json", "base_model"),
+    ):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ArtefactMismatchError(f"{path}: unreadable base-model record ({err})") from err
+        record = data.get(key) if key else data
+        if isinstance(record, dict) and record:
+            return record
+    return None
+
+
+def check_artefact_base(
+    recorded: dict | None,
+    model,
+    *,
+    artefact: str,
+    allow_mismatch: bool = False,
+    flag: str = "--allow_base_mismatch",
+) -> bool:
+    """:func:`check_base_model`, with an explicit way out: ``allow_mismatch`` turns the refusal into a warning.
+
+    Returns True when the base matches (or nothing was recorded), False for an allowed mismatch; the refusal
+    names ``flag``.
+    """
+    try:
+        check_base_model(recorded, model, artefact=artefact)
+        return True
+    except ArtefactMismatchError as err:
+        if not allow_mismatch:
+            raise ArtefactMismatchError(f"{err} (or pass {flag} true if you mean it)") from None
+        logger.warning("%s; loading it anyway (%s)", err, flag)
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# What can be known about a model before its weights load (pre-flight checks)
+# --------------------------------------------------------------------------------------------------
+
+# Tokenizers without a limit report a huge sentinel as model_max_length (int(1e30)); not a real context.
+_NO_LIMIT = 1_000_000_000
+
+
+def context_length(config, tokenizer: PreTrainedTokenizerBase | None = None) -> int | None:
+    """The most positions the model takes: its config's position limit, else the tokenizer's (or None)."""
+    config = getattr(config, "text_config", None) or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
+
+
+def load_model_config(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The ``transformers`` config of a model (no weights loaded); raises :class:`ModelLoadError`."""
+    try:
+        return AutoConfig.from_pretrained(
+            resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ModelLoadError(f"could not read the config of {str(name_or_path)!r}: {first}") from err
+
+
+def module_names(config, *, trust_remote_code: bool = False) -> list[str]:
+    """The names of every submodule of the causal LM ``config`` describes, built without weights (meta device)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return [name for name, _ in model.named_modules() if name]
+
+
+def unknown_target_modules(targets, names) -> list[str]:
+    """The entries of a LoRA ``target_modules`` list that match no module name (PEFT's rule: the whole name or
+    its dotted suffix); ``"all-linear"`` and a regular-expression string are left to PEFT."""
+    if not targets or isinstance(targets, str):
+        return []
+    return [t for t in targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]
+
+
+@contextlib.contextmanager
+def quiet_adapter_load():
+    """Silence transformers' ``is_gradient_checkpointing`` FutureWarning, which PEFT triggers on every adapter
+    load (a deprecation between the two libraries, nothing the user can act on)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

@@ -8,6 +8,7 @@ dataset loading (RTP with its held-out tail, or any local/hub table) and :func:`
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +17,18 @@ from datasets import Dataset
 from steer.constraints import Constraint
 from steer.data import RTP_HELDOUT_SIZE
 from steer.errors import InputKeyError, UserInputError
-from steer.scripts.output import check_output_dir, resolve_resume
+from steer.scripts.output import check_output_dir, resolve_resume, training_run
 from steer.trainers.constrained import STATE_NAME, ConstrainedConfig, ConstrainedTrainer
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONSTRAINTS",
     "ConstrainedConfig",
     "ConstrainedScriptArguments",
     "build_constraint",
+    "check_constrained_config",
+    "check_constrained_model",
     "check_constrained_run",
     "load_constrained_datasets",
     "train_constrained",
@@ -336,17 +341,38 @@ def load_constrained_datasets(
     return train, prompt_dataset, heldout
 
 
+def check_constrained_config(
+    script_args: ConstrainedScriptArguments, training_args: ConstrainedConfig
+) -> None:
+    """Settings of the two configs that cannot train together (one line naming both fields)."""
+    if not script_args.use_peft:
+        if training_args.guidance_backbone == "lora":
+            raise UserInputError(
+                "ConstrainedScriptArguments.use_peft=false trains the full model, but "
+                "ConstrainedConfig.guidance_backbone='lora' puts the guidance adapter on the policy's frozen base "
+                "weights; set guidance_backbone separate (or use_peft true)"
+            )
+        if training_args.kl_reference == "base":
+            raise UserInputError(
+                "ConstrainedScriptArguments.use_peft=false trains the full model, but ConstrainedConfig."
+                "kl_reference='base' needs the base under a PEFT adapter; set kl_reference policy (or use_peft true)"
+            )
+
+
 def check_constrained_run(
     script_args: ConstrainedScriptArguments, training_args: ConstrainedConfig
 ) -> tuple[str | None, Dataset, Dataset, Constraint]:
     """Everything a run can check before its model loads, in the order a user fixes it.
 
-    The resume path (``True``/``"latest"``: the newest checkpoint of ``output_dir``), the output directory
-    (no previous run unless ``overwrite_output_dir`` or resuming inside it), the model path, the constraint
-    and its kwargs, the data files and their columns. Returns ``(resume path, train, prompts, constraint)``.
+    The settings that cannot train together, the resume path (``True``/``"latest"``: the newest checkpoint of
+    ``output_dir``), the output directory (no previous run unless ``overwrite_output_dir`` or resuming inside
+    it), the model path, the constraint and its kwargs, the data files and their columns. Returns ``(resume
+    path, train, prompts, constraint)``; :func:`check_constrained_model` then checks what needs the model's
+    config and tokenizer.
     """
     from steer.models import check_model_dir
 
+    check_constrained_config(script_args, training_args)
     resume = resolve_resume(
         training_args.resume_from_checkpoint,
         training_args.output_dir,
@@ -365,32 +391,164 @@ def check_constrained_run(
     return resume, train, prompt_dataset, constraint
 
 
+def _trainable_tokens(train: Dataset, tokenizer, max_length: int, limit: int = 2048) -> tuple[int, int, int]:
+    """(samples checked, samples that keep a trained token after truncation to ``max_length``, shortest prompt)."""
+    rows = train.select(range(min(limit, len(train))))
+    if "prompt" in rows.column_names and "completion" in rows.column_names:
+        prompts = [p if isinstance(p, str) else "" for p in rows["prompt"]]
+        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        return len(lengths), sum(n < max_length for n in lengths), min(lengths, default=0)
+    return len(rows), len(rows) if max_length >= 2 else 0, 0
+
+
+def check_constrained_model(
+    script_args: ConstrainedScriptArguments,
+    training_args: ConstrainedConfig,
+    train: Dataset,
+    prompts: Dataset,
+) -> Dataset:
+    """What needs the model's config and tokenizer but not its weights; returns the guidance prompts to use.
+
+    - every ``lora_target_modules`` entry names a module of the model (PEFT's rule: the name or its suffix);
+    - ``max_length`` leaves at least one trained token in some training sample (``prompt_completion``: a
+      prompt shorter than ``max_length``; else ``max_length >= 2``);
+    - guidance-round prompts longer than the sampling budget (the model's context minus
+      ``sample_max_new_tokens``) are cut on the left, keeping their end; the count is logged.
+
+    A model whose config cannot be read here (a hub id offline, ...) skips these checks: loading it reports why.
+    """
+    from steer.data import prompt_budget, truncate_prompts
+    from steer.errors import ModelLoadError
+    from steer.models import (
+        context_length,
+        load_model_config,
+        load_tokenizer,
+        module_names,
+        unknown_target_modules,
+    )
+
+    name = script_args.model_name_or_path
+    try:
+        config = load_model_config(name, trust_remote_code=training_args.trust_remote_code)
+        tokenizer = load_tokenizer(name)
+    except (ModelLoadError, OSError, ValueError) as err:
+        logger.info("pre-flight model checks skipped (%s)", _first_line(err))
+        return prompts
+    if script_args.use_peft and script_args.lora_target_modules:
+        try:
+            names = module_names(config, trust_remote_code=training_args.trust_remote_code)
+        except (ValueError, OSError, ImportError) as err:  # an architecture that cannot be built empty
+            logger.info("LoRA target check skipped (%s)", _first_line(err))
+            names = None
+        unknown = unknown_target_modules(script_args.lora_target_modules, names) if names else []
+        if unknown:
+            leaves = sorted(
+                {n.rsplit(".", 1)[-1] for n in names if "." in n and not n.rsplit(".", 1)[-1].isdigit()}
+            )
+            raise UserInputError(
+                f"ConstrainedScriptArguments.lora_target_modules: {unknown} match no module of {name} "
+                f"(its module names end in: {', '.join(leaves[:24])})"
+            )
+    max_length = training_args.max_length
+    if max_length is not None:
+        checked, usable, shortest = _trainable_tokens(train, tokenizer, max_length)
+        if checked and not usable:
+            detail = f" (the shortest prompt has {shortest} tokens)" if shortest else ""
+            raise UserInputError(
+                f"ConstrainedConfig.max_length={max_length} leaves no trained token in any of the first {checked} "
+                f"training samples{detail}; raise max_length"
+            )
+    try:
+        budget = prompt_budget(context_length(config, tokenizer), training_args.sample_max_new_tokens)
+    except UserInputError as err:
+        raise UserInputError(f"ConstrainedConfig.sample_max_new_tokens: {err}") from None
+    texts, cut = truncate_prompts(list(prompts["prompt"]), tokenizer, budget)
+    if cut:
+        logger.warning(
+            "guidance prompts: %d of %d are longer than the sampling budget of %d tokens (the model's context "
+            "minus sample_max_new_tokens=%d) and were cut on the left, keeping their end",
+            cut,
+            len(texts),
+            budget,
+            training_args.sample_max_new_tokens,
+        )
+        prompts = Dataset.from_dict({"prompt": texts})
+    return prompts
+
+
+def _raised_by(err: BaseException, obj: Any) -> bool:
+    """Whether ``err`` was raised inside a method of ``obj`` (a frame whose ``self`` is ``obj``)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_locals.get("self") is obj:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _build_trainer(constraint: Constraint, **kwargs) -> ConstrainedTrainer:
+    """The trainer; an error of the constraint while it scores the vocabulary and the context-prior word list
+    (before any training step) is one line naming the constraint."""
+    from steer.models import quiet_adapter_load
+
+    try:
+        with quiet_adapter_load():  # the trainer puts the policy's LoRA adapter on the model
+            return ConstrainedTrainer(constraint=constraint, **kwargs)
+    except UserInputError:
+        raise
+    except Exception as err:
+        if not _raised_by(err, constraint):
+            raise
+        raise UserInputError(
+            f"constraint {constraint.name!r} failed while scoring the token prior / context-prior word list before "
+            f"training ({_first_line_typed(err)}); check ConstrainedScriptArguments.constraint_kwargs, or set "
+            "ConstrainedConfig.guidance_context_prior none"
+        ) from err
+
+
+def _first_line_typed(err: BaseException) -> str:
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
 def train_constrained(
     script_args: ConstrainedScriptArguments, training_args: ConstrainedConfig, *, callbacks=None
 ):
-    """Check the inputs (:func:`check_constrained_run`), load the model, train, and save the policy adapter +
-    ``guidance/`` to ``output_dir``.
+    """Check the inputs (:func:`check_constrained_run`, :func:`check_constrained_model`), load the model, train,
+    and save the policy adapter + ``guidance/`` + ``base_model.json`` to ``output_dir``.
 
     Returns the trainer. ``training_args.resume_from_checkpoint`` resumes a run (a checkpoint path, or
-    ``true`` for the newest checkpoint in ``output_dir``).
+    ``true`` for the newest checkpoint in ``output_dir``). With ``overwrite_output_dir`` the previous run's
+    artefacts make way for this run's (:func:`steer.scripts.output.replacing_previous_run`).
     """
-    from steer.models import load_causal_lm
+    from steer.io import atomic_write_json
+    from steer.models import BASE_MODEL_FILE, base_model_record, load_causal_lm
 
     resume, train, prompt_dataset, constraint = check_constrained_run(script_args, training_args)
+    prompt_dataset = check_constrained_model(script_args, training_args, train, prompt_dataset)
     dtype = None if script_args.dtype == "auto" else script_args.dtype
     model, tokenizer = load_causal_lm(
         script_args.model_name_or_path, dtype=dtype, trust_remote_code=training_args.trust_remote_code
     )
-    trainer = ConstrainedTrainer(
-        model,
-        training_args,
+    record = base_model_record(model)  # before any adapter: the base this run's adapter belongs to
+    record["name_or_path"] = str(script_args.model_name_or_path)
+    trainer = _build_trainer(
+        constraint,
+        model=model,
+        args=training_args,
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=script_args.peft_config(),
-        constraint=constraint,
         prompt_dataset=prompt_dataset,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
+    with training_run(
+        training_args.output_dir,
+        overwrite=script_args.overwrite_output_dir,
+        resume=resume,
+        is_main=training_args.should_save,
+    ):
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(training_args.output_dir)
+        if training_args.should_save and script_args.use_peft:
+            atomic_write_json(f"{training_args.output_dir}/{BASE_MODEL_FILE}", record)
     return trainer

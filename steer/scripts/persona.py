@@ -248,6 +248,17 @@ def check_persona_run(script_args: PersonaScriptArguments, training_args: Person
             f"{name}.opinionqa_dir: directory not found: {script_args.opinionqa_dir}"
         )
     if script_args.persona_source == "groups":
+        import dataclasses
+
+        individual = ("waves", "group_by")  # options of the individual path
+        defaults = {f.name: f.default_factory() for f in dataclasses.fields(script_args) if f.name in individual}
+        for key, default in defaults.items():
+            if list(getattr(script_args, key)) != list(default):
+                raise UserInputError(
+                    f"{name}.{key}={getattr(script_args, key)} applies to persona_source='individuals' only; under "
+                    "persona_source='groups' the waves are train_waves / valid_waves / eval_waves and the groups "
+                    "group_attributes (remove it, or set persona_source individuals)"
+                )
         split = WaveSplit(script_args.train_waves, script_args.valid_waves, script_args.eval_waves)
         waves, field_names = split.all, "train_waves / valid_waves / eval_waves"
     else:
@@ -413,7 +424,14 @@ def train_persona(script_args: PersonaScriptArguments, training_args: PersonaCon
     directories are written together once training has finished and record the same ``run_id``: a failed
     run leaves a previous run's pair as it was. Returns the trainer.
     """
+    from steer.scripts.output import training_run
+
     resume = check_persona_run(script_args, training_args)
-    if script_args.persona_source == "groups":
-        return _train_groups(script_args, training_args, resume)
-    return _train_individuals(script_args, training_args, resume)
+    train = _train_groups if script_args.persona_source == "groups" else _train_individuals
+    with training_run(
+        training_args.output_dir,
+        overwrite=script_args.overwrite_output_dir,
+        resume=resume,
+        is_main=training_args.should_save,
+    ):
+        return train(script_args, training_args, resume)
