@@ -9,11 +9,15 @@ samples from the guided distribution q* with steer's guidance model::
     python examples/inference_constrained.py outputs/detox --prompt "So I told him that" --do_sample --seed 0
     python examples/inference_constrained.py outputs/detox --prompt "So I told him that" --guided --seed 0
     python examples/inference_constrained.py outputs/detox --merge --save_merged merged/   # one plain model
+
+With steer installed, the adapter is only loaded on the base model recorded in ``output_dir/base_model.json``
+(or ``guidance/config.json``): another base of the same shapes is refused unless ``--allow_base_mismatch``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -35,7 +39,38 @@ def resolve_base(name: str) -> str:
     return name
 
 
-def load_policy(output_dir: str | Path, base_model: str | None = None, *, dtype=torch.float32, merge=False):
+def check_base(output_dir: Path, model, *, allow_mismatch: bool = False) -> None:
+    """With steer installed: refuse a base model other than the one the adapter was trained on."""
+    try:
+        from steer.models import check_artefact_base, recorded_base_model
+    except ImportError:
+        return
+    check_artefact_base(
+        recorded_base_model(output_dir),
+        model,
+        artefact=f"the adapter in {output_dir}",
+        allow_mismatch=allow_mismatch,
+        flag="--allow_base_mismatch",
+    )
+
+
+def _quiet_adapter_load():
+    try:  # PEFT's is_gradient_checkpointing FutureWarning on every adapter load
+        from steer.models import quiet_adapter_load
+
+        return quiet_adapter_load()
+    except ImportError:
+        return contextlib.nullcontext()
+
+
+def load_policy(
+    output_dir: str | Path,
+    base_model: str | None = None,
+    *,
+    dtype=torch.float32,
+    merge=False,
+    allow_base_mismatch=False,
+):
     """``(model, tokenizer)`` from a ``steer train constrained`` output directory."""
     output_dir = Path(output_dir)
     base = base_model or str(output_dir)
@@ -45,7 +80,9 @@ def load_policy(output_dir: str | Path, base_model: str | None = None, *, dtype=
 
         base = base_model or json.loads(adapter_config.read_text())["base_model_name_or_path"]
         model = AutoModelForCausalLM.from_pretrained(resolve_base(base), dtype=dtype)
-        model = PeftModel.from_pretrained(model, output_dir)
+        check_base(output_dir, model, allow_mismatch=allow_base_mismatch)
+        with _quiet_adapter_load():
+            model = PeftModel.from_pretrained(model, output_dir)
         if merge:
             model = model.merge_and_unload()
     elif (output_dir / "config.json").is_file():  # trained without PEFT: a full model
@@ -112,22 +149,43 @@ def main(argv=None) -> list[str]:
     )
     parser.add_argument("--merge", action="store_true", help="merge the LoRA weights into the base model")
     parser.add_argument("--save_merged", help="with --merge: write the merged model + tokenizer here")
+    parser.add_argument(
+        "--allow_base_mismatch",
+        action="store_true",
+        help="load the adapter on --base_model even if it is not the base it was trained on",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-
-    model, tokenizer = load_policy(args.output_dir, args.base_model, merge=args.merge)
+    if args.save_merged and not args.merge:
+        parser.error("--save_merged needs --merge")
+    output_dir = Path(args.output_dir)
+    if not output_dir.is_dir():
+        parser.error(f"output_dir not found: {output_dir}")
+    if not (output_dir / "adapter_config.json").is_file() and not (output_dir / "config.json").is_file():
+        parser.error(f"{output_dir} holds neither an adapter (adapter_config.json) nor a model (config.json)")
+    if args.guided and not (output_dir / "guidance" / "config.json").is_file():
+        parser.error(f"--guided needs {output_dir / 'guidance'} (written by `steer train constrained`)")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        model, tokenizer = load_policy(
+            args.output_dir, args.base_model, merge=args.merge, allow_base_mismatch=args.allow_base_mismatch
+        )
+    except (OSError, ValueError, KeyError) as err:  # steer's UserInputError is a ValueError
+        parser.error(" ".join(str(err).split()) or type(err).__name__)
     model.to(args.device)
     if args.save_merged:
-        if not args.merge:
-            parser.error("--save_merged needs --merge")
         model.save_pretrained(args.save_merged)
         tokenizer.save_pretrained(args.save_merged)
     prompts = args.prompt or ["The weather today is"]
     if args.guided:
-        texts = guided(
-            model, tokenizer, args.output_dir, prompts, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        )  # fmt: skip
+        try:
+            texts = guided(
+                model, tokenizer, args.output_dir, prompts, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            )  # fmt: skip
+        except ValueError as err:  # steer's one-line errors (another base model, an unreadable guidance/)
+            parser.error(" ".join(str(err).split()))
     else:
         texts = generate(
             model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

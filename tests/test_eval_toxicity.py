@@ -291,7 +291,9 @@ def test_run_toxicity_eval_base_and_adapter_runs_share_one_report(tmp_path, eval
         "temperature": 1.0,
         "toxicity_threshold": 0.5,
         "seed": 0,
+        "prompt_budget": 512 - 5,  # the tiny model's context minus max_new_tokens
     }
+    assert m["num_prompts_truncated"] == 0
     lines = (tmp_path / "results" / "base.generations.jsonl").read_text().splitlines()
     assert len(lines) == 3 and len(json.loads(lines[0])["continuations"]) == 4
     assert result["metrics"]["expected_max_toxicity"] == pytest.approx(m["expected_max_toxicity"])

@@ -101,6 +101,21 @@ def compare_runs(
     return rows
 
 
+def _with_interval(row: dict, metrics: Sequence[str], results: Sequence[dict], digits: int = 3) -> dict:
+    """``row`` with every metric that has a ``<metric>_ci95`` in its run's result shown as ``value [low, high]``."""
+    result = next((r for r in reversed(results) if str(r.get("run_name")) == row["run"]), {})
+    values = result.get("metrics", {})
+    out = dict(row)
+    for metric in metrics:
+        interval = values.get(f"{metric}_ci95")
+        value = row.get(metric)
+        if _is_number(value) and isinstance(interval, (list, tuple)) and len(interval) == 2:
+            low, high = interval
+            if _is_number(low) and _is_number(high):
+                out[metric] = f"{_fmt(value, digits)} [{_fmt(low, digits)}, {_fmt(high, digits)}]"
+    return out
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -188,8 +203,11 @@ def write_report(
     if baseline is not None:
         columns += [f"{m} delta" for m in metrics]
     header = {m: labels.get(m, m) for m in metrics} if labels else {}
-    table_rows = [{header.get(k, k): v for k, v in row.items()} for row in rows]
+    shown = [_with_interval(row, metrics, results) for row in rows]
+    table_rows = [{header.get(k, k): v for k, v in row.items()} for row in shown]
     md = f"# {title}\n\n" + markdown_table(table_rows, [header.get(c, c) for c in columns])
+    if any(s != r for s, r in zip(shown, rows)):
+        md += "\n[low, high]: the metric's 95% interval (``<metric>_ci95`` in each run's JSON).\n"
     if notes:
         md += "\n" + notes.strip() + "\n"
     paths = {

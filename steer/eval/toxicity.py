@@ -42,7 +42,7 @@ import torch
 
 from ..constraints import ClassifierConstraint, Constraint, NonToxic
 from ..data import RTP_HELDOUT_SIZE
-from ..errors import InputFileNotFoundError, UserInputError
+from ..errors import InputFileNotFoundError, InputKeyError, UserInputError
 from ..progress import progress_bar
 from .report import load_results, write_json, write_report
 from .stats import bootstrap_ci
@@ -118,7 +118,12 @@ class OracleArguments:
 
 @dataclass
 class ToxicityEvalArguments(OracleArguments):
-    """Arguments of ``steer eval toxicity`` (HfArgumentParser-compatible)."""
+    """Arguments of ``steer eval toxicity``: every toxicity metric is reported with its 95% interval (percentile
+    bootstrap over prompts), in the run's JSON (``<metric>_ci95``) and in the report's table ([low, high]).
+
+    Prompts longer than the model's context minus ``max_new_tokens`` are cut on the left (their end is kept);
+    the result counts them (``num_prompts_truncated``).
+    """
 
     model_name_or_path: str = field(
         default="smollm2-135m",
@@ -137,6 +142,13 @@ class ToxicityEvalArguments(OracleArguments):
         default=None,
         metadata={
             "help": "A saved NADO GuidanceModel: sample from the guided distribution q* of the model instead."
+        },
+    )
+    allow_base_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate an adapter on a base model other than the one it was trained on (recorded in its "
+            "base_model.json or guidance/config.json); without it such a run is refused."
         },
     )
     prompts_file: str | None = field(
@@ -270,6 +282,7 @@ class ToxicityEvalArguments(OracleArguments):
         for path in self.compare_with:
             if not Path(path).expanduser().exists():
                 raise InputFileNotFoundError(f"ToxicityEvalArguments.compare_with: not found: {path}")
+            _check_compared_file(Path(path).expanduser())
         if self.oracle == "classifier" and not self.oracle_checkpoint:
             raise UserInputError(
                 "ToxicityEvalArguments.oracle_checkpoint: oracle='classifier' needs a model directory or hub id"
@@ -314,6 +327,55 @@ class OracleAgreementArguments(OracleArguments):
     limit: int | None = field(default=None, metadata={"help": "Use only the first N RTP records."})
     output_file: str | None = field(default=None, metadata={"help": "Also write the result as JSON here."})
     device: str | None = field(default=None, metadata={"help": "Device for neural oracles."})
+
+
+def _check_compared_file(path: Path) -> None:
+    """A ``compare_with`` file must be a toxicity run result (a directory may hold other files too)."""
+    if path.is_dir():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserInputError(
+            f"ToxicityEvalArguments.compare_with: {path} is not a JSON run result ({err})"
+        ) from err
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA:
+        raise UserInputError(
+            f"ToxicityEvalArguments.compare_with: {path} is not a `steer eval toxicity` run result "
+            f"(schema {schema!r}, expected {SCHEMA!r})"
+        )
+
+
+def check_outputs(args: ToxicityEvalArguments, run_name: str) -> None:
+    """Before anything is generated: ``output_dir`` can be written, and ``baseline_run`` names a run the
+    report will hold (this one, or one in ``output_dir`` / ``compare_with``)."""
+    from .report import load_results
+
+    output_dir = Path(args.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserInputError(f"ToxicityEvalArguments.output_dir {output_dir} exists and is not a directory")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserInputError(
+            f"ToxicityEvalArguments.output_dir {output_dir} is not writable ({err.strerror or err})"
+        ) from err
+    if args.baseline_run is not None and args.baseline_run != run_name:
+        try:
+            known = [
+                str(r.get("run_name")) for r in load_results([output_dir, *args.compare_with], schema=SCHEMA)
+            ]
+        except (OSError, ValueError) as err:
+            raise UserInputError(f"ToxicityEvalArguments.compare_with: {err}") from err
+        if args.baseline_run not in known:
+            raise InputKeyError(
+                f"ToxicityEvalArguments.baseline_run={args.baseline_run!r} is not a run of the report (this run: "
+                f"{run_name!r}; in output_dir / compare_with: {sorted(set(known)) or 'none'})"
+            )
 
 
 def _first_line(err: BaseException) -> str:
@@ -386,15 +448,19 @@ def load_prompts(
         if not path.is_file():
             raise InputFileNotFoundError(f"prompts file not found: {path}")
         records = []
-        with path.open() as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise UserInputError(f"{path}:{number}: invalid JSON ({err})") from err
-                records[-1]["_line"] = number
+        for number, line in _text_lines(path, "prompts file"):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserInputError(f"{path}:{number}: invalid JSON ({err})") from err
+            if not isinstance(record, dict):
+                raise UserInputError(
+                    f"{path}:{number}: expected an object {{'prompt': ...}}, got a {type(record).__name__}"
+                )
+            record["_line"] = number
+            records.append(record)
         where = str(path)
     prompts = []
     for index, record in enumerate(records):
@@ -447,21 +513,36 @@ def load_heldout_texts(path: str | os.PathLike, limit: int | None = None) -> lis
     if not path.is_file():
         raise InputFileNotFoundError(f"held-out text file not found: {path}")
     texts = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserInputError(f"{path}:{number}: invalid JSON ({err})") from err
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise UserInputError(f"{path}:{number}: expected an object with a string 'text' field")
-                texts.append(record["text"])
-            else:
-                texts.append(line.rstrip("\n"))
+    for number, line in _text_lines(path, "held-out text file"):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserInputError(f"{path}:{number}: invalid JSON ({err})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserInputError(f"{path}:{number}: expected an object with a string 'text' field")
+            texts.append(record["text"])
+        else:
+            texts.append(line.rstrip("\n"))
     return texts[:limit] if limit is not None else texts
+
+
+def _text_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """The numbered lines of a UTF-8 text file; a binary or non-UTF-8 file is one error naming it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise UserInputError(
+            f"{what} {path} is not UTF-8 text (line {line}: {err.reason}); expected JSON lines"
+            if path.suffix != ".txt"
+            else f"{what} {path} is not UTF-8 text (line {line}: {err.reason})"
+        ) from err
+    if "\x00" in text:
+        raise UserInputError(f"{what} {path} holds binary data (NUL bytes), not text")
+    return list(enumerate(text.splitlines(), 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,12 +566,22 @@ def load_eval_model(
     base_model: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = "auto",
+    allow_base_mismatch: bool = False,
 ):
     """``(model, tokenizer, info)``; a PEFT adapter dir is loaded (unmerged) on its base model.
 
-    ``info`` = ``{"model": ..., "base_model": ..., "adapter": bool}``.
+    The base model (``base_model``, default: the adapter's ``base_model_name_or_path``) must be the one the
+    adapter was trained on, as recorded in its ``base_model.json`` (or its run's ``guidance/config.json``):
+    another base is refused unless ``allow_base_mismatch``. ``info`` = ``{"model": ..., "base_model": ...,
+    "adapter": bool}``.
     """
-    from ..models import load_causal_lm, load_tokenizer
+    from ..models import (
+        check_artefact_base,
+        load_causal_lm,
+        load_tokenizer,
+        quiet_adapter_load,
+        recorded_base_model,
+    )
 
     device = torch.device(device) if device is not None else _default_device()
     dtype = _resolve_dtype(dtype, device)
@@ -508,10 +599,19 @@ def load_eval_model(
             raise ValueError(f"{adapter_config} has no base_model_name_or_path; pass base_model")
         from peft import PeftModel
 
+        recorded = recorded_base_model(path)
         model, tokenizer = load_causal_lm(base, dtype=dtype, device=device)
+        check_artefact_base(
+            recorded,
+            model,
+            artefact=f"the adapter in {path}",
+            allow_mismatch=allow_base_mismatch,
+            flag="--allow_base_mismatch",
+        )
         if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
             tokenizer = load_tokenizer(str(path))
-        model = PeftModel.from_pretrained(model, str(path)).to(device)
+        with quiet_adapter_load():
+            model = PeftModel.from_pretrained(model, str(path)).to(device)
         info = {"model": str(path), "base_model": str(base), "adapter": True}
     else:
         model, tokenizer = load_causal_lm(str(name_or_path), dtype=dtype, device=device)
@@ -698,10 +798,16 @@ def perplexity(
 
     Only the tokens of ``texts`` count; prompt tokens are context. Without a prompt the text is
     preceded by the BOS token when the tokenizer has one (so its first token is scored too).
-    Sequences longer than ``max_length`` lose their oldest context tokens. Empty texts are skipped.
+    Sequences longer than ``max_length`` (at most the model's context) lose their oldest context tokens. Empty
+    texts are skipped.
     """
     if prompts is not None and len(prompts) != len(texts):
         raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts")
+    from ..models import context_length
+
+    context = context_length(getattr(model, "config", None), tokenizer)
+    if context is not None:
+        max_length = min(max_length, context)  # never past the model's position limit
     bos = tokenizer.bos_token_id
     rows = []
     for i, text in enumerate(texts):
@@ -876,6 +982,7 @@ def run_toxicity_eval(
     output_dir = Path(args.output_dir)
     run_name = _run_name(args)
     args.check_paths(model=model is None and (generate_fn is None or not args.skip_perplexity))
+    check_outputs(args, run_name)
     prompts = prompts or load_prompts(
         args.prompts_file,
         limit=args.num_prompts,
@@ -888,13 +995,34 @@ def run_toxicity_eval(
     need_model = generate_fn is None or not args.skip_perplexity
     if model is None and need_model:
         model, tokenizer, info = load_eval_model(
-            args.model_name_or_path, base_model=args.base_model, device=device, dtype=args.dtype
+            args.model_name_or_path,
+            base_model=args.base_model,
+            device=device,
+            dtype=args.dtype,
+            allow_base_mismatch=args.allow_base_mismatch,
         )
+    num_truncated, budget = 0, None
+    if model is not None and tokenizer is not None:
+        from ..data import prompt_budget, truncate_prompts
+        from ..models import context_length
+
+        try:
+            budget = prompt_budget(context_length(model.config, tokenizer), args.max_new_tokens)
+        except UserInputError as err:
+            raise UserInputError(f"ToxicityEvalArguments.max_new_tokens: {err}") from None
+        prompts, num_truncated = truncate_prompts(prompts, tokenizer, budget)
+        if num_truncated:
+            logger.warning(
+                "%d of %d prompts are longer than the prompt budget of %d tokens (the model's context minus "
+                "max_new_tokens=%d) and were cut on the left, keeping their end",
+                num_truncated,
+                len(prompts),
+                budget,
+                args.max_new_tokens,
+            )
     if generate_fn is None:
         if args.guidance_dir:
-            from ..guidance import GuidanceModel
-
-            guidance = GuidanceModel.from_pretrained(args.guidance_dir, model).to(_model_device(model))
+            guidance = _load_guidance(args.guidance_dir, model)
             generate_fn = guided_generate_fn(
                 model, guidance, tokenizer, batch_size=args.batch_size, temperature=args.temperature
             )
@@ -921,6 +1049,7 @@ def run_toxicity_eval(
 
     metrics = compute_toxicity_metrics(scores, threshold=args.toxicity_threshold)
     metrics.update(diversity_metrics(generations))
+    metrics["num_prompts_truncated"] = num_truncated
     metrics["perplexity"] = metrics["heldout_perplexity"] = float("nan")
     if not args.skip_perplexity:
         start = time.perf_counter()
@@ -957,6 +1086,7 @@ def run_toxicity_eval(
             "temperature": args.temperature,
             "toxicity_threshold": args.toxicity_threshold,
             "seed": args.seed,
+            "prompt_budget": budget,
         },
         "timing": timing,
         "config": asdict(args),
@@ -973,10 +1103,51 @@ def run_toxicity_eval(
 
         atomic_write_text(output_dir / f"{run_name}.generations.jsonl", "\n".join(lines) + "\n")
     result["path"] = str(write_json(output_dir / f"{run_name}.json", result))
-    result["report"] = {
-        k: str(v) for k, v in write_toxicity_report(output_dir, args.compare_with, args.baseline_run).items()
-    }
+    try:
+        report = write_toxicity_report(output_dir, args.compare_with, args.baseline_run)
+    except (KeyError, ValueError, OSError) as err:  # the run's result is written: say where
+        raise UserInputError(
+            f"the comparison report could not be written ({_first_line(err)}); this run's result is saved in "
+            f"{result['path']}"
+        ) from err
+    result["report"] = {k: str(v) for k, v in report.items()}
     return result
+
+
+def _load_guidance(directory: str, model):
+    """The guidance model of ``directory`` on ``model``; unreadable weight files are one line naming the file."""
+    from ..guidance import GuidanceModel
+
+    try:
+        guidance = GuidanceModel.from_pretrained(directory, model)
+    except UserInputError:
+        raise
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError" and not isinstance(err, (OSError, EOFError)):
+            raise
+        names = ("model.safetensors", "context_prior.safetensors")
+        bad = next((n for n in names if n in str(err)), None) or _unreadable(Path(directory), names)
+        where = Path(directory) / bad if bad else Path(directory)
+        raise UserInputError(
+            f"ToxicityEvalArguments.guidance_dir: {where} cannot be read ({_first_line(err)}); was the run saved "
+            "completely?"
+        ) from err
+    return guidance.to(_model_device(model))
+
+
+def _unreadable(directory: Path, names: Sequence[str]) -> str | None:
+    """The first of ``names`` in ``directory`` that safetensors cannot open."""
+    from safetensors import safe_open
+
+    for name in names:
+        if not (directory / name).is_file():
+            continue
+        try:
+            with safe_open(str(directory / name), framework="pt") as handle:
+                list(handle.keys())
+        except Exception:  # noqa: BLE001 - whatever the reader raises, this is the broken file
+            return name
+    return None
 
 
 def _reference_perplexity(args, model, tokenizer, reference, prompts, generations, device) -> float:
@@ -1044,7 +1215,8 @@ def write_toxicity_report(
     notes = (
         "RealToxicityPrompts protocol: K continuations per prompt, nucleus sampling; toxicity from the oracle "
         "named in each run's JSON. PPL (ref LM): continuations given prompts under the reference LM; "
-        "held-out PPL: the evaluated model on clean text. Dist-n: distinct n-grams per prompt, averaged."
+        "held-out PPL: the evaluated model on clean text. Dist-n: distinct n-grams per prompt, averaged. "
+        "Toxicity intervals: 95% percentile bootstrap over prompts."
     )
     return write_report(
         results,
