@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from steer.errors import InputFileNotFoundError, InputKeyError, UserInputError
 from steer.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -180,13 +181,24 @@ class Question:
         )
 
 
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` with one-line errors naming the file (empty, not CSV, not text)."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError as err:
+        raise UserInputError(f"{path}: the file is empty") from err
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserInputError(f"{path}: cannot read the file as CSV ({first})") from err
+
+
 def _literal(value: object, path: Path, key: str, column: str) -> object:
     if not isinstance(value, str):
-        raise ValueError(f"{path}: column {column!r} of {key} is empty or not a literal ({value!r})")
+        raise UserInputError(f"{path}: column {column!r} of {key} is empty or not a literal ({value!r})")
     try:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError) as err:
-        raise ValueError(f"{path}: cannot parse column {column!r} of {key}: {value[:80]!r}") from err
+        raise UserInputError(f"{path}: cannot parse column {column!r} of {key}: {value[:80]!r}") from err
 
 
 def load_wave(path: str | os.PathLike, *, on_error: str = "raise") -> dict[str, Question]:
@@ -195,11 +207,11 @@ def load_wave(path: str | os.PathLike, *, on_error: str = "raise") -> dict[str, 
     path = Path(path)
     csv = path / "info.csv" if path.is_dir() else path
     if not csv.is_file():
-        raise FileNotFoundError(f"OpinionQA question file not found: {csv}")
-    frame = pd.read_csv(csv)
+        raise InputFileNotFoundError(f"OpinionQA question file not found: {csv}")
+    frame = _read_csv(csv)
     for column in ("key", "question", "references", "option_ordinal"):
         if column not in frame.columns:
-            raise ValueError(f"{csv}: missing column {column!r} (has {list(frame.columns)})")
+            raise UserInputError(f"{csv}: missing column {column!r} (has {list(frame.columns)})")
     questions: dict[str, Question] = {}
     skipped = duplicates = 0
     for row in frame.itertuples(index=False):
@@ -211,7 +223,7 @@ def load_wave(path: str | os.PathLike, *, on_error: str = "raise") -> dict[str, 
                 _literal(row.option_mapping, csv, key, "option_mapping") if "option_mapping" in frame else {}
             )
             if not isinstance(references, (list, tuple)) or not isinstance(ordinals, (list, tuple)):
-                raise ValueError(f"{csv}: references/option_ordinal of {key} are not lists")
+                raise UserInputError(f"{csv}: references/option_ordinal of {key} are not lists")
             question = Question.from_lists(key, row.question, references, ordinals, mapping)
             if key in questions:
                 # the release repeats a few keys with piped texts (IDIMPORT_W43: "being white/black/...")
@@ -220,7 +232,7 @@ def load_wave(path: str | os.PathLike, *, on_error: str = "raise") -> dict[str, 
                     question.references,
                     question.ordinals,
                 ):
-                    raise ValueError(f"{csv}: duplicate question key {key} with different options")
+                    raise UserInputError(f"{csv}: duplicate question key {key} with different options")
                 duplicates += 1
                 continue
             questions[key] = question
@@ -228,7 +240,7 @@ def load_wave(path: str | os.PathLike, *, on_error: str = "raise") -> dict[str, 
             if on_error == "raise":
                 if str(csv) in str(err):
                     raise
-                raise ValueError(f"{csv}: {err}") from err
+                raise UserInputError(f"{csv}: {err}") from err
             skipped += 1
             logger.warning("skipping question %s of %s: %s", key, csv, err)
     nominal = sum(q.is_nominal for q in questions.values())
@@ -258,7 +270,7 @@ def wave_dirs(root: str | os.PathLike | None = None, waves: Iterable[int | str] 
             key=lambda d: int(d.name.rsplit("W", 1)[1]),
         )
         if not dirs:
-            raise FileNotFoundError(f"no {WAVE_PREFIX}W* directories under {root}")
+            raise InputFileNotFoundError(f"no {WAVE_PREFIX}W* directories under {root}")
         return dirs
     dirs = []
     for wave in waves:
@@ -267,7 +279,7 @@ def wave_dirs(root: str | os.PathLike | None = None, waves: Iterable[int | str] 
             name = WAVE_PREFIX + (name if name.upper().startswith("W") else f"W{name}")
         directory = root / name
         if not directory.is_dir():
-            raise FileNotFoundError(f"wave directory not found: {directory}")
+            raise InputFileNotFoundError(f"wave directory not found: {directory}")
         dirs.append(directory)
     return dirs
 
@@ -283,7 +295,7 @@ def load_waves(
     for directory in wave_dirs(root, waves):
         for key, question in load_wave(directory, on_error=on_error).items():
             if key in questions:
-                raise ValueError(f"{directory}: question key {key} already loaded from another wave")
+                raise UserInputError(f"{directory}: question key {key} already loaded from another wave")
             questions[key] = question
     return questions
 
@@ -293,11 +305,11 @@ def load_metadata(wave_dir: str | os.PathLike) -> dict[str, list[str]]:
     path = Path(wave_dir)
     csv = path / "metadata.csv" if path.is_dir() else path
     if not csv.is_file():
-        raise FileNotFoundError(f"OpinionQA metadata file not found: {csv}")
-    frame = pd.read_csv(csv)
+        raise InputFileNotFoundError(f"OpinionQA metadata file not found: {csv}")
+    frame = _read_csv(csv)
     for column in ("key", "options"):
         if column not in frame.columns:
-            raise ValueError(f"{csv}: missing column {column!r} (has {list(frame.columns)})")
+            raise UserInputError(f"{csv}: missing column {column!r} (has {list(frame.columns)})")
     out = {}
     for row in frame.itertuples(index=False):
         options = _literal(row.options, csv, str(row.key), "options")
@@ -388,8 +400,8 @@ def _group_file(wave_dir: Path, attributes: tuple[str, ...]) -> tuple[Path, bool
         reverse = wave_dir / f"{attributes[1]}_{attributes[0]}_data.json"
         if reverse.is_file():
             return reverse, True
-        raise FileNotFoundError(f"group counts not found: {path} (nor {reverse.name})")
-    raise FileNotFoundError(f"group counts not found: {path}")
+        raise InputFileNotFoundError(f"group counts not found: {path} (nor {reverse.name})")
+    raise InputFileNotFoundError(f"group counts not found: {path}")
 
 
 def available_groupings(wave_dir: str | os.PathLike) -> list[tuple[str, ...]]:
@@ -429,21 +441,23 @@ def group_distributions(
     if population and not path.is_file():
         path = wave_dir / "POLPARTY_data.json"
         if not path.is_file():
-            raise FileNotFoundError(
+            raise InputFileNotFoundError(
                 f"population counts not found: {wave_dir / 'NONE_data.json'} (nor {path.name})"
             )
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         try:
             data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid json ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserInputError(f"{path}: invalid json ({err})") from err
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: expected a JSON object of question keys, got a {type(data).__name__}")
     out: dict[str, GroupDistribution] = {}
     dropped = 0
     for key, entry in data.items():
         question = questions.get(key)
         if question is None:
             if on_error == "raise":
-                raise KeyError(f"{path}: question {key} is not in the wave's info.csv")
+                raise InputKeyError(f"{path}: question {key} is not in the wave's info.csv")
             dropped += 1
             continue
         index = question.lookup()
@@ -456,7 +470,7 @@ def group_distributions(
             else:
                 leaves = list(_leaves(entry, len(attrs), ()))
         except ValueError as err:
-            raise ValueError(f"{path}: {key}: {err}") from err
+            raise UserInputError(f"{path}: {key}: {err}") from err
         groups: list[tuple[str, ...]] = []
         rows: list[np.ndarray] = []
         for group, option_counts in leaves:
@@ -465,7 +479,7 @@ def group_distributions(
                 position = index.get(str(text).strip(), index.get(_normalise(text)))
                 if position is None:
                     if on_error == "raise":
-                        raise ValueError(
+                        raise UserInputError(
                             f"{path}: answer {text!r} of question {key} (group {group}) is not among its "
                             f"options {list(question.all_options)}"
                         )
@@ -474,7 +488,7 @@ def group_distributions(
                 value = float(count)
                 if not math.isfinite(value) or value < 0:
                     if on_error == "raise":
-                        raise ValueError(f"{path}: invalid count {count!r} for {key} / {group} / {text!r}")
+                        raise UserInputError(f"{path}: invalid count {count!r} for {key} / {group} / {text!r}")
                     dropped += 1
                     continue
                 row[position] += value
@@ -688,30 +702,30 @@ def load_responses(
     frames = []
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"responses file not found: {path}")
-        frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+            raise InputFileNotFoundError(f"responses file not found: {path}")
+        frame = _read_csv(path, dtype=str, keep_default_na=True)
         if "QKEY" not in frame.columns:
-            raise ValueError(f"{path}: missing column 'QKEY' (has {list(frame.columns)[:20]})")
+            raise UserInputError(f"{path}: missing column 'QKEY' (has {list(frame.columns)[:20]})")
         frame["QKEY"] = frame["QKEY"].str.strip()
         if frame["QKEY"].isna().any():
-            raise ValueError(
+            raise UserInputError(
                 f"{path}: empty QKEY in row(s) {list(np.nonzero(frame['QKEY'].isna().to_numpy())[0][:5])}"
             )
         dupes = frame["QKEY"].duplicated()
         if dupes.any():
             if on_error == "raise":
-                raise ValueError(f"{path}: duplicate QKEY {frame['QKEY'][dupes].iloc[0]!r}")
+                raise UserInputError(f"{path}: duplicate QKEY {frame['QKEY'][dupes].iloc[0]!r}")
             stats["duplicate_qkeys"] += int(dupes.sum())
             frame = frame[~dupes]
         weight_columns = [c for c in frame.columns if c.startswith("WEIGHT_W")]
         if not weight_columns:
             if on_error == "raise":
-                raise ValueError(f"{path}: missing column 'WEIGHT_W<n>'")
+                raise UserInputError(f"{path}: missing column 'WEIGHT_W<n>'")
             stats["missing_columns"] += 1
         for column in demographic_columns:
             if column not in frame.columns:
                 if on_error == "raise":
-                    raise ValueError(f"{path}: missing demographic column {column!r}")
+                    raise UserInputError(f"{path}: missing demographic column {column!r}")
                 stats["missing_columns"] += 1
         frames.append((path, frame.set_index("QKEY"), weight_columns))
 
