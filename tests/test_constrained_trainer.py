@@ -7,88 +7,20 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from helpers.constrained import config as _config
+from helpers.constrained import corpus as _corpus
+from helpers.constrained import lora as _lora
+from helpers.constrained import losses as _losses
+from helpers.constrained import trainer as _trainer
+from helpers.constrained import values as _values
+from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from steer.constraints import KeywordConstraint
 from steer.guidance import GuidanceModel, constraint_kl_naive
 from steer.models import tiny_causal_lm
 from steer.scripts.constrained import ConstrainedScriptArguments, build_constraint
-from steer.trainers.constrained import ConstrainedConfig, ConstrainedTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-WORDS = "the a cat dog bird is was good bad nice rude calm warm cold runs sees likes and but".split()
-
-
-def _corpus(n: int = 48, seed: int = 0) -> Dataset:
-    gen = torch.Generator().manual_seed(seed)
-    texts = []
-    for _ in range(n):
-        idx = torch.randint(0, len(WORDS), (int(torch.randint(4, 10, (1,), generator=gen)),), generator=gen)
-        texts.append(" ".join(WORDS[i] for i in idx.tolist()).capitalize() + ".")
-    return Dataset.from_dict({"text": texts})
-
-
-PROMPTS = Dataset.from_dict({"prompt": ["The cat", "A dog", "The bird is", "Good and", "It was", "The calm"]})
-
-
-def _values(tmp_path, **overrides) -> dict:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        max_length=24,
-        seed=0,
-        dataloader_num_workers=0,
-        kl_coef=1.0,
-        guidance_interval=2,
-        guidance_steps_per_round=2,
-        guidance_batch_size=8,
-        guidance_lr=1e-2,
-        guidance_lora_r=4,
-        samples_per_round=8,
-        sample_max_new_tokens=6,
-        sample_batch_size=8,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return values
-
-
-def _config(tmp_path, **overrides) -> ConstrainedConfig:
-    return ConstrainedConfig(**_values(tmp_path, **overrides))
-
-
-def _lora() -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
-
-
-def _trainer(tmp_path, *, model=None, peft=True, constraint=None, prompts=PROMPTS, train=None, **overrides):
-    if model is None:
-        model, tokenizer = tiny_causal_lm("llama", seed=0)
-    else:
-        model, tokenizer = model
-    return ConstrainedTrainer(
-        model,
-        _config(tmp_path, **overrides),
-        train_dataset=train if train is not None else _corpus(),
-        processing_class=tokenizer,
-        peft_config=_lora() if peft else None,
-        constraint=constraint or KeywordConstraint(banned=["bad", "rude"]),
-        prompt_dataset=prompts,
-    )
-
-
-def _losses(trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -234,13 +234,13 @@ def test_trainer_needs_the_token_prior_for_a_context_prior(tmp_path):
 def test_corpus_kl_stops_where_a_split_flagged_word_completes(tmp_path):
     """ " bad" is " b" + "ad" for the tiny tokenizer: the token prior flags neither piece, so only the context prior
     stops the corpus KL at "ad" (and the guidance model's z there starts at the word's own score)."""
-    import test_constrained_trainer as ct
     from datasets import Dataset
+    from helpers import constrained as ct
 
     corpus = Dataset.from_dict({"text": ["The cat is bad and the dog is good."] * 8})
     masks = {}
     for mode in ("none", "corpus"):
-        trainer = ct._trainer(
+        trainer = ct.trainer(
             tmp_path / mode,
             train=corpus,
             guidance_context_prior=mode,

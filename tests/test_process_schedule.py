@@ -389,18 +389,18 @@ needs_trainer = pytest.mark.skipif(
 
 
 def _trainer(tmp_path, **overrides):
-    """``test_constrained_trainer``'s tiny trainer, 6 steps, the worker on one thread."""
-    import test_constrained_trainer
+    """The tiny trainer of ``helpers.constrained``, 6 steps, the worker on one thread."""
+    from helpers.constrained import trainer
 
-    return test_constrained_trainer._trainer(
+    return trainer(
         tmp_path, **{"max_steps": 6, "parallel_worker_threads": 1, **overrides}
     )
 
 
 def _losses(trainer) -> list[float]:
-    import test_constrained_trainer
+    from helpers.constrained import losses
 
-    return test_constrained_trainer._losses(trainer)
+    return losses(trainer)
 
 
 def _staleness(trainer) -> list[float]:
