@@ -179,8 +179,14 @@ def load_table(name: str, split: str = "train", *, what: str = "dataset_name") -
         else:
             try:
                 dataset = load_dataset(kind, data_files=str(path), split="train")
-            except (StopIteration, ValueError) as err:
+            except (StopIteration, ValueError, UnicodeDecodeError) as err:
                 raise UserInputError(f"{what}={name!r}: cannot read the file as {kind} ({err})") from err
+            except Exception as err:  # datasets wraps parse errors in DatasetGenerationError
+                if type(err).__name__ != "DatasetGenerationError":
+                    raise
+                cause = err.__cause__ or err
+                first = next((line for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+                raise UserInputError(f"{what}={name!r}: cannot read the file as {kind} ({first})") from err
     elif looks_like_path(name) or path.is_dir():
         raise InputFileNotFoundError(f"{what}={name!r}: file not found ({path})")
     else:

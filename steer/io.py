@@ -15,6 +15,7 @@ from pathlib import Path
 
 __all__ = [
     "atomic_dir",
+    "check_writable_dir",
     "atomic_save_file",
     "atomic_torch_save",
     "atomic_write",
@@ -93,3 +94,21 @@ def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def check_writable_dir(directory: str | os.PathLike, *, what: str) -> Path:
+    """Create ``directory`` if needed and check a file can be written in it, before an expensive step whose
+    result would otherwise be lost; one :class:`~steer.errors.UserInputError` naming ``what`` otherwise."""
+    from steer.errors import UserInputError
+
+    directory = Path(directory).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise UserInputError(f"{what} {directory} exists and is not a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise UserInputError(f"{what} {directory} is not writable ({err.strerror or err})") from err
+    return directory

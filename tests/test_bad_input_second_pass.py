@@ -437,3 +437,32 @@ def test_no_deepspeed_or_matplotlib_noise(tmp_path):
     )
     assert out.stdout.split()[-2:] == ["cpu", str(logging.WARNING)], out.stderr
     assert "Setting accelerator to CPU" not in out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Found by a new user's pass over `steer --help`'s commands
+# --------------------------------------------------------------------------------------------------
+
+
+def test_new_user_pass(tiny_dir, prompts, tmp_path, capsys, monkeypatch):
+    _never_load(monkeypatch)
+    binary = tmp_path / "data.csv"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    _fails(capsys, ["eval", "agreement", "--limit", "0"], "OracleAgreementArguments.limit")
+    _fails(
+        capsys,
+        ["eval", "agreement", "--output_file", str(binary / "x.json")],
+        "output_file",
+        "not a directory",
+    )
+    argv = _eval(tiny_dir, prompts, tmp_path / "eval", "--reference_model", str(tmp_path / "nowhere"))
+    _fails(capsys, argv, "ToxicityEvalArguments.reference_model", "not found")
+    argv = _eval(
+        tiny_dir, prompts, tmp_path / "eval", "--oracle", "detoxify", "--oracle_checkpoint", str(checkpoint)
+    )
+    _fails(capsys, argv, str(checkpoint), "not a readable detoxify checkpoint")
+    argv = [*CONSTRAINED, "--output_dir", str(tmp_path / "out"), "--dataset_name", str(binary)]
+    _fails(capsys, argv, "dataset_name", "data.csv", "cannot read the file as csv")
+    assert not list((tmp_path / "eval").glob("*.json")) if (tmp_path / "eval").exists() else True

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputFileNotFoundError, UserInputError
 from ..io import atomic_torch_save
 from .base import Constraint
 from .classifier import SequenceClassifierRunner, default_device, resolve_label
@@ -178,6 +180,10 @@ class NonToxic(Constraint):
 # --------------------------------------------------------------------------------------------------
 
 
+class UnreadableCheckpointError(UserInputError, pickle.UnpicklingError):
+    """A checkpoint file ``torch.load(weights_only=True)`` refuses (still an ``UnpicklingError``)."""
+
+
 def read_detoxify_checkpoint(
     model_type: str = "original", checkpoint: str | os.PathLike | None = None
 ) -> dict:
@@ -196,19 +202,32 @@ def read_detoxify_checkpoint(
     else:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"detoxify checkpoint not found: {path}")
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+            raise InputFileNotFoundError(f"detoxify checkpoint not found: {path}")
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # not a checkpoint, or one holding more than tensors
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            why = next(
+                (line for line in lines if line.startswith("WeightsUnpickler error")),
+                lines[0] if lines else "",
+            )
+            raise UnreadableCheckpointError(f"{path}: not a readable detoxify checkpoint ({why})") from err
+        except (EOFError, RuntimeError, ValueError) as err:  # truncated, or not a torch file at all
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise UserInputError(
+                f"{path}: not a readable detoxify checkpoint ({type(err).__name__}: {first})"
+            ) from err
         where = str(path)
     if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
         keys = sorted(loaded) if isinstance(loaded, dict) else type(loaded).__name__
-        raise ValueError(
+        raise UserInputError(
             f"{where}: not a detoxify checkpoint (needs keys 'config' and 'state_dict'; found {keys})"
         )
     try:
         loaded["config"]["arch"]["args"]["model_name"]
         loaded["config"]["dataset"]["args"]["classes"]
     except (KeyError, TypeError) as err:
-        raise ValueError(
+        raise UserInputError(
             f"{where}: detoxify checkpoint config lacks {err}; expected config.arch.args.{{model_type, model_name, "
             "tokenizer_name, num_classes}} and config.dataset.args.classes"
         ) from err

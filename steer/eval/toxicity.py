@@ -299,6 +299,8 @@ class ToxicityEvalArguments(OracleArguments):
             raise InputFileNotFoundError(
                 f"ToxicityEvalArguments.oracle_config_dir: directory not found: {self.oracle_config_dir}"
             )
+        if self.reference_model is not None and not self.skip_perplexity:
+            _check_local_model(self.reference_model, "ToxicityEvalArguments.reference_model")
         if model:
             check_model_dir(self.model_name_or_path, what="ToxicityEvalArguments.model_name_or_path")
             if self.base_model is not None:
@@ -328,6 +330,26 @@ class OracleAgreementArguments(OracleArguments):
     output_file: str | None = field(default=None, metadata={"help": "Also write the result as JSON here."})
     device: str | None = field(default=None, metadata={"help": "Device for neural oracles."})
 
+    def __post_init__(self) -> None:
+        name = "OracleAgreementArguments"
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"{name}.limit must be >= 1 (or unset), got {self.limit}")
+        for key in ("label_threshold", "oracle_threshold"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{name}.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.oracle_batch_size is not None and self.oracle_batch_size < 1:
+            raise ValueError(f"{name}.oracle_batch_size must be >= 1, got {self.oracle_batch_size}")
+
+
+def _check_local_model(name: str, what: str) -> None:
+    """A model named by a path must exist and hold a model (an embedded name or hub id passes)."""
+    from ..models import EMBEDDED_MODELS, check_model_dir
+
+    path = Path(name).expanduser()
+    if name not in EMBEDDED_MODELS and not path.exists() and name.startswith(("/", "./", "../", "~")):
+        raise InputFileNotFoundError(f"{what}: not found: {path}")
+    check_model_dir(name, what=what)
+
 
 def _check_compared_file(path: Path) -> None:
     """A ``compare_with`` file must be a toxicity run result (a directory may hold other files too)."""
@@ -350,20 +372,10 @@ def _check_compared_file(path: Path) -> None:
 def check_outputs(args: ToxicityEvalArguments, run_name: str) -> None:
     """Before anything is generated: ``output_dir`` can be written, and ``baseline_run`` names a run the
     report will hold (this one, or one in ``output_dir`` / ``compare_with``)."""
+    from ..io import check_writable_dir
     from .report import load_results
 
-    output_dir = Path(args.output_dir).expanduser()
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserInputError(f"ToxicityEvalArguments.output_dir {output_dir} exists and is not a directory")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserInputError(
-            f"ToxicityEvalArguments.output_dir {output_dir} is not writable ({err.strerror or err})"
-        ) from err
+    output_dir = check_writable_dir(args.output_dir, what="ToxicityEvalArguments.output_dir")
     if args.baseline_run is not None and args.baseline_run != run_name:
         try:
             known = [
@@ -892,7 +904,9 @@ def oracle_agreement(
         texts.append(record["text"])
         labels.append(bool(value > label_threshold))
     if not texts:
-        raise ValueError(f"no RTP records with a {field}.{attribute} score")
+        raise UserInputError(
+            f"no RTP records with a {field}.{attribute} score (attribute: a Perspective score)"
+        )
     start = time.perf_counter()
     scores = oracle.evaluate(texts)
     seconds = time.perf_counter() - start
@@ -921,7 +935,13 @@ def oracle_agreement(
 def run_oracle_agreement(
     args: OracleAgreementArguments, *, oracle: Constraint | None = None, dataset=None
 ) -> dict:
-    """CLI entry point of the agreement report; writes ``args.output_file`` when set."""
+    """CLI entry point of the agreement report; writes ``args.output_file`` when set (checked first)."""
+    if args.output_file:
+        from ..io import check_writable_dir
+
+        check_writable_dir(
+            Path(args.output_file).expanduser().parent, what="OracleAgreementArguments.output_file: directory"
+        )
     oracle = oracle or build_oracle(args, device=args.device)
     result = oracle_agreement(
         oracle,

@@ -529,7 +529,10 @@ def train_constrained(
     model, tokenizer = load_causal_lm(
         script_args.model_name_or_path, dtype=dtype, trust_remote_code=training_args.trust_remote_code
     )
-    record = base_model_record(model)  # before any adapter: the base this run's adapter belongs to
+    from steer.trainers.sharding import zero3_gathered
+
+    with zero3_gathered(model.get_input_embeddings().parameters()):  # ZeRO-3 may partition at load
+        record = base_model_record(model)  # before any adapter: the base this run's adapter belongs to
     record["name_or_path"] = str(script_args.model_name_or_path)
     trainer = _build_trainer(
         constraint,
