@@ -167,6 +167,8 @@ def main(argv=None) -> list[str]:
         parser.error(f"--guided needs {output_dir / 'guidance'} (written by `steer train constrained`)")
     if args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     try:
         model, tokenizer = load_policy(
             args.output_dir, args.base_model, merge=args.merge, allow_base_mismatch=args.allow_base_mismatch

@@ -123,8 +123,10 @@ class ConstrainedScriptArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Replace a previous run in output_dir. Without it a run refuses an output_dir that holds "
-            "another run's model, guidance/ or checkpoints (resuming from a checkpoint inside it is allowed)."
+            "help": "Replace a previous run in output_dir: its artefacts (model or adapter, guidance/, checkpoints, "
+            "logs) are moved to output_dir/.replaced-run when training starts and deleted once this run has "
+            "saved, so only this run's files remain. Without it a run refuses an output_dir that holds another "
+            "run's model, guidance/ or checkpoints (resuming from a checkpoint inside it is allowed)."
         },
     )
 
