@@ -91,7 +91,7 @@ def test_split_parts_score_their_own_questions():
     ]
     with pytest.raises(ValueError, match="no valid questions"):
         eval_question_keys({"eval_question_keys": ["C_W49"]}, "valid")
-    with pytest.raises(ValueError, match="split must be 'eval', 'valid' or 'train'"):
+    with pytest.raises(ValueError, match="split must be 'eval', 'within', 'valid' or 'train'"):
         OpinionEvalArguments(persona_dir="x", split="test")
 
 

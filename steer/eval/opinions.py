@@ -46,13 +46,17 @@ import numpy as np
 import torch
 
 from steer.errors import ArtefactMismatchError, InputFileNotFoundError, UserInputError
+from steer.persona.text_baseline import TEXT_BASELINES, fit_text_baselines
 
 logger = logging.getLogger(__name__)
 
 RESULT_SCHEMA = "steer.eval.opinions/v2"
+SPLITS = ("eval", "within", "valid", "train")
 LM_METHODS = ("steered", "zero", "shuffled", "raw", "demographic", "few_shot", "cohort")
 DERIVED_METHODS = ("wrong_group",)
 REFERENCE_METHODS = (
+    "text_ridge",
+    "text_knn",
     "population",
     "majority",
     "uniform",
@@ -69,6 +73,8 @@ GROUP_METHODS = (
     "raw",
     "demographic",
     "few_shot",
+    "text_ridge",
+    "text_knn",
     "population",
     "majority",
     "uniform",
@@ -85,7 +91,19 @@ INDIVIDUAL_METHODS = (
     "cohort",
     "population_mode",
 )
-CONTRASTS = ("raw", "demographic", "few_shot", "zero", "shuffled", "wrong_group", "population")
+CONTRASTS = (
+    "raw",
+    "demographic",
+    "few_shot",
+    "zero",
+    "shuffled",
+    "wrong_group",
+    "text_ridge",
+    "text_knn",
+    "population",
+)
+# the real difference of two groups' expected answers a question needs for its direction to count
+DIRECTION_MIN_GAP = 0.05
 ATTRIBUTE_WORDS = {
     "CREGION": "region of the US",
     "AGE": "age",
@@ -146,8 +164,10 @@ class OpinionEvalArguments:
     split: str = field(
         default="eval",
         metadata={
-            "help": "'eval': score the evaluation questions (the reported numbers); 'valid': score the validation "
-            "questions instead (for choices such as settings or checkpoints, never for reporting); 'train': the "
+            "help": "'eval': score the evaluation questions (the reported numbers); 'within': the within-wave held-out "
+            "questions of the training waves (training's within_wave_holdout; reported as the second protocol); "
+            "'valid': score the validation questions instead (for choices such as settings or checkpoints, never "
+            "for reporting); 'train': the "
             "training questions (a diagnostic of fit, e.g. persona specificity where the network learned it; never "
             "evidence of steering)."
         },
@@ -158,14 +178,21 @@ class OpinionEvalArguments:
         default=None, metadata={"help": "Device (default: cuda if available, else cpu)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for the user / question / few-shot choices."})
+    cohorts: bool = field(
+        default=True,
+        metadata={
+            "help": "groups: also score the cohorts of the training groups (k-means over their persona vectors, "
+            "the paper's cluster personas) against their members' mean real distribution (needs steered)."
+        },
+    )
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"OpinionEvalArguments.methods: unknown {unknown}; choose from {list(METHODS)}")
-        if self.split not in ("eval", "valid", "train"):
+        if self.split not in SPLITS:
             raise ValueError(
-                f"OpinionEvalArguments.split must be 'eval', 'valid' or 'train', got {self.split!r}"
+                f"OpinionEvalArguments.split must be 'eval', 'within', 'valid' or 'train', got {self.split!r}"
             )
         if not self.methods:
             raise ValueError(f"OpinionEvalArguments.methods must not be empty; choose from {list(METHODS)}")
@@ -272,6 +299,14 @@ def _stem(key: str) -> str:
 
 def eval_question_keys(split: dict, part: str = "eval") -> list[str]:
     """The scored questions of a split (``eval_question_keys``; older splits: every question, logged)."""
+    if part == "within":
+        keys = split.get("within_question_keys")
+        if not keys:
+            raise UserInputError(
+                "OpinionEvalArguments.split=within: split.json holds no within-wave held-out questions (train with "
+                "within_wave_holdout > 0)"
+            )
+        return list(keys)
     if part in ("valid", "train"):
         keys = split.get(f"{part}_question_keys")
         if not keys:
@@ -616,6 +651,30 @@ def evaluate_groups(steered, split, methods, args: OpinionEvalArguments) -> dict
         if method in reference:
             outputs[method] = {(g, k): reference[method](g, k) for g, k in pairs}
 
+    def rep_any(p, g, k) -> float:  # any question of the table (the text baselines' validation choice)
+        q = table.distribution(g, k)
+        if p is None or q is None:
+            return math.nan
+        return representativeness(p / p.sum(), q, table.questions[k].scaled)
+
+    text_records = {}
+    wanted_text = [m for m in methods if m in TEXT_BASELINES]
+    if wanted_text:
+        valid_keys = [k for k in split.get("valid_question_keys") or [] if k in table.probs]
+        fold_keys = {g: split.get("fold_in", {}).get(g, {}).get("question_keys") for g in scored}
+        fitted = fit_text_baselines(
+            table,
+            sorted(train_keys & set(table.probs)),
+            valid_keys,
+            scored,
+            rep_any,
+            group_keys={g: v for g, v in fold_keys.items() if v},
+        )
+        for name in wanted_text:
+            baseline, text_records[name] = fitted[name]
+            outputs[name] = {(g, k): baseline.predict(g, k) for g, k in pairs}
+            logger.info("groups / %s: %d predictions (no LLM)", name, len(pairs))
+
     def rep(p, g, k) -> float:
         q = real[(g, k)]
         if p is None or q is None:
@@ -684,6 +743,11 @@ def evaluate_groups(steered, split, methods, args: OpinionEvalArguments) -> dict
                     "model_tv": float(np.mean(model_tv)),
                     "real_tv": float(np.mean(real_tv)),
                 }
+    direction = direction_agreement(outputs, real, questions, groups, keys, args)
+    cohorts = {}
+    if "steered" in outputs and args.cohorts:
+        by_key = {m: {k: outputs[m][(groups[0], k)] for k in keys} for m in ("raw", "zero") if m in outputs}
+        cohorts = evaluate_cohorts(steered, split, keys, questions, by_key, args)
     return {
         "attribute": attribute,
         "groups": groups,
@@ -699,11 +763,129 @@ def evaluate_groups(steered, split, methods, args: OpinionEvalArguments) -> dict
         "specificity": specificity,
         "real_specificity": real_specificity,
         "separation": separation,
+        "direction": direction,
+        "cohorts": cohorts,
+        "text_baselines": text_records,
         "not_defined": {
             "mf": "the evaluated questions are unknown to the embedder (it saw only training questions)",
             **({} if twins else {"train_frequency": "no evaluated question repeats a training question"}),
         },
     }
+
+
+def evaluate_cohorts(steered, split, keys, questions, persona_blind: dict, args) -> dict:
+    """The paper's cluster personas scored like groups: k-means cohorts of the training groups' persona vectors
+    (stored by training as ``cohort:<c>``, else clustered here the same way), each cohort's real distribution the
+    mean of its member groups' distributions; representativeness of the steered centroid, paired differences to
+    the persona-blind methods in ``persona_blind`` (``{"raw": {key: p}, ...}``) and the cohort specificity (own
+    centroid minus the other cohorts' centroids, on this cohort's real distribution)."""
+    from steer.persona.data import cluster_groups
+    from steer.persona.groups import load_group_table
+
+    attributes = split.get("group_attributes")
+    if not attributes:
+        return {}
+    table = load_group_table(split.get("opinionqa_dir"), split["waves"], attributes=attributes)
+    members = split.get("group_cohorts")
+    centroids = {f"cohort:{c}": steered.personas.get(f"cohort:{c}") for c in members or {}}
+    if not members or any(v is None for v in centroids.values()):
+        if steered.embedder is None:
+            return {}
+        groups = [str(u) for u in steered.embedder.user_ids]
+        train = [k for k in split.get("train_question_keys", []) if k in table.probs]
+        centroids, members = cluster_groups(
+            steered.embedder, table.to_responses(groups, train), groups, seed=args.seed
+        )
+    if len(members) < 2:
+        return {}
+    names = sorted(members, key=int)
+    real = {}
+    for c in names:
+        for k in keys:
+            dists = [table.distribution(m, k) for m in members[c] if m in table.names]
+            dists = [d for d in dists if d is not None]
+            real[(c, k)] = np.mean(dists, 0) if dists else None
+    rows = [(c, k) for c in names for k in keys]
+    vectors = torch.stack([centroids[f"cohort:{c}"].reshape(-1) for c, _ in rows])
+    probs = steered.option_probs_batch(
+        [(questions[k].text, list(questions[k].options)) for _, k in rows],
+        vectors,
+        batch_size=args.batch_size,
+        desc="cohorts / steered",
+    )
+    out = {row: p.numpy().astype(np.float64) for row, p in zip(rows, probs)}
+
+    def rep(p, c, k) -> float:
+        q = real[(c, k)]
+        if p is None or q is None:
+            return math.nan
+        return representativeness(p / p.sum(), q / q.sum(), questions[k].scaled)
+
+    result = {}
+    for c in names:
+        steered_c = np.asarray([rep(out[(c, k)], c, k) for k in keys])
+        others = np.asarray([np.nanmean([rep(out[(d, k)], c, k) for d in names if d != c]) for k in keys])
+        entry = {
+            "members": members[c],
+            "steered": _interval(steered_c, args),
+            "specificity": _interval(steered_c, args, paired_with=others),
+        }
+        for method, by_key in persona_blind.items():
+            blind = np.asarray([rep(by_key.get(k), c, k) for k in keys])
+            entry[method] = _interval(blind, args)
+            entry[f"steered - {method}"] = _interval(steered_c, args, paired_with=blind)
+        result[c] = entry
+    return result
+
+
+# methods whose outputs can differ between groups (a persona-blind method never gets a direction right)
+DIRECTION_METHODS = ("steered", "demographic", "few_shot", "text_ridge", "text_knn", "group_train_frequency")
+
+
+def _expected(p: np.ndarray, scale) -> float:
+    p = np.asarray(p, dtype=np.float64)
+    return float(np.dot(p / p.sum(), np.asarray(scale, dtype=np.float64)))
+
+
+def direction_agreement(outputs, real, questions, groups, keys, args) -> dict:
+    """Per pair of groups ``g - h``: on the questions where their real expected scaled answers differ by at
+    least ``DIRECTION_MIN_GAP``, the share where a method's ``g - h`` difference has the real sign (a tie counts
+    as wrong), with a bootstrap interval over those questions; and Pearson's r of the two differences over all
+    scored questions."""
+    result = {}
+    for i, g in enumerate(groups):
+        for h in groups[i + 1 :]:
+            gaps = {
+                k: _expected(real[(g, k)], questions[k].scaled) - _expected(real[(h, k)], questions[k].scaled)
+                for k in keys
+                if real.get((g, k)) is not None and real.get((h, k)) is not None
+            }
+            counted = [k for k, v in gaps.items() if abs(v) >= DIRECTION_MIN_GAP]
+            methods = {}
+            for method in DIRECTION_METHODS:
+                out = outputs.get(method)
+                if not out:
+                    continue
+                model = {}
+                for k in gaps:
+                    a, b = out.get((g, k)), out.get((h, k))
+                    if a is not None and b is not None:
+                        model[k] = _expected(a, questions[k].scaled) - _expected(b, questions[k].scaled)
+                right = [float(np.sign(model[k]) == np.sign(gaps[k])) for k in counted if k in model]
+                shared = [k for k in gaps if k in model]
+                r = math.nan
+                if len(shared) > 2:
+                    x = np.asarray([model[k] for k in shared])
+                    y = np.asarray([gaps[k] for k in shared])
+                    if x.std() > 0 and y.std() > 0:
+                        r = float(np.corrcoef(x, y)[0, 1])
+                methods[method] = {"sign_right": _interval(np.asarray(right), args), "pearson_r": r}
+            result[f"{g} - {h}"] = {
+                "questions": len(counted),
+                "min_gap": DIRECTION_MIN_GAP,
+                "methods": methods,
+            }
+    return result
 
 
 def _fmt_interval(value: dict | None, digits: int = 3) -> str:
@@ -713,6 +895,7 @@ def _fmt_interval(value: dict | None, digits: int = 3) -> str:
 
 
 def _chart(groups: dict, path: Path) -> Path:
+    """Per-group representativeness of every method and the group specificity, each with its 95% interval."""
     from steer.eval.report import bar_chart
 
     names = groups["groups"] + groups.get("fold_in_groups", [])
@@ -720,12 +903,22 @@ def _chart(groups: dict, path: Path) -> Path:
     for method, values in groups["methods"].items():
         row = {"run": method}
         for g in names:
-            row[f"rep:{g}"] = (values["per_group"].get(g) or {}).get("mean")
+            row[f"rep:{g}"] = values["per_group"].get(g)
         rows.append(row)
-    metrics = [f"rep:{g}" for g in names]
+    rows.append({"run": "specificity", **{f"spec:{g}": groups["specificity"].get(g) for g in names}})
+    rows.append(
+        {"run": "specificity (real data)", **{f"spec:{g}": groups["real_specificity"].get(g) for g in names}}
+    )
+    metrics = [f"rep:{g}" for g in names] + [f"spec:{g}" for g in names if groups["specificity"].get(g)]
     labels = {f"rep:{g}": f"representativeness\n{g}" for g in names}
+    labels.update({f"spec:{g}": f"group specificity\n{g}" for g in names})
+    split = {"eval": "evaluation waves", "within": "within-wave held out", "valid": "validation"}
     return bar_chart(
-        rows, metrics, path, title="Persona steering on OpinionQA (evaluation waves)", labels=labels
+        rows,
+        metrics,
+        path,
+        title=f"Persona steering on OpinionQA ({split.get(groups.get('split'), groups.get('split'))}; 95% intervals)",
+        labels=labels,
     )
 
 
@@ -745,9 +938,11 @@ def opinion_markdown(result: dict) -> str:
         lines.append(
             f"Representativeness 1 - WD/(max-min) toward each {groups['attribute']} group against the real Pew "
             f"distributions on {groups['num_questions']} "
-            + {"eval": "unseen questions (evaluation waves ", "valid": "validation questions (waves "}.get(
-                groups.get("split", "eval"), "TRAINING questions, a diagnostic of fit only (waves "
-            )
+            + {
+                "eval": "unseen questions (evaluation waves ",
+                "within": "unseen questions of the training waves (within-wave held out; waves ",
+                "valid": "validation questions (waves ",
+            }.get(groups.get("split", "eval"), "TRAINING questions, a diagnostic of fit only (waves ")
             + f"{groups.get('eval_waves')}); mean [95% bootstrap interval over questions]. "
             f"Folded-in groups: {groups.get('fold_in_groups') or 'none'}.\n"
         )
@@ -785,6 +980,58 @@ def opinion_markdown(result: dict) -> str:
                 for g in names
             ]
             lines.append(markdown_table(rows, ["group", "steered", "real", "n"]))
+        if groups.get("direction"):
+            lines.append(
+                "\nDirection: on the questions where two groups' real expected scaled answers differ by at least "
+                f"{DIRECTION_MIN_GAP}, the share where a method's difference has the real sign [95% bootstrap "
+                "interval over those questions] (a persona-blind method scores 0), and Pearson's r of the two "
+                "differences over all scored questions:\n"
+            )
+            rows = []
+            for pair, value in groups["direction"].items():
+                for method, entry in value["methods"].items():
+                    rows.append(
+                        {
+                            "pair": pair,
+                            "method": method,
+                            "sign right": _fmt_interval(entry["sign_right"]),
+                            "n": entry["sign_right"]["n"],
+                            "r": entry["pearson_r"],
+                        }
+                    )
+            lines.append(markdown_table(rows, ["pair", "method", "sign right", "n", "r"]))
+        if groups.get("cohorts"):
+            lines.append(
+                "\nCohorts (k-means over the training groups' persona vectors; real distribution = the mean of the "
+                "member groups'): representativeness of the steered centroid, paired differences, and the cohort "
+                "specificity (own centroid minus the other cohorts' centroids):\n"
+            )
+            blind = [m for m in ("raw", "zero") if any(m in v for v in groups["cohorts"].values())]
+            rows = []
+            for c, entry in groups["cohorts"].items():
+                row = {
+                    "cohort": c,
+                    "members": len(entry["members"]),
+                    "steered": _fmt_interval(entry["steered"]),
+                }
+                for m in blind:
+                    row[f"steered - {m}"] = _fmt_interval(entry.get(f"steered - {m}"))
+                row["specificity"] = _fmt_interval(entry["specificity"])
+                row["n"] = entry["steered"]["n"]
+                rows.append(row)
+            lines.append(
+                markdown_table(
+                    rows,
+                    ["cohort", "members", "steered", *[f"steered - {m}" for m in blind], "specificity", "n"],
+                )
+            )
+        if groups.get("text_baselines"):
+            chosen = "; ".join(
+                f"{name}: {record['chosen']} ({record['chosen_on']}, mean representativeness "
+                f"{record['valid_score']:.3f})"
+                for name, record in groups["text_baselines"].items()
+            )
+            lines.append(f"\nText baselines (no LLM), settings chosen on the validation questions: {chosen}.")
         if groups.get("separation"):
             rows = [{"pair": k, **v} for k, v in groups["separation"].items()]
             lines.append("\nMean total-variation distance between two groups' answer distributions:\n")

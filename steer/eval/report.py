@@ -151,7 +151,11 @@ def bar_chart(
     title: str | None = None,
     labels: dict[str, str] | None = None,
 ) -> Path:
-    """One bar panel per metric, one bar per run (matplotlib Agg); written atomically as PNG."""
+    """One bar panel per metric, one bar per run (matplotlib Agg); written atomically as PNG.
+
+    A value may be an interval ``{"mean", "low", "high"}``: its bar then carries an error bar. A run without a
+    value for a panel's metric is left out of that panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -159,17 +163,33 @@ def bar_chart(
 
     labels = labels or {}
     runs = [str(r["run"]) for r in rows]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(3.2 * len(metrics), 4), 3.6), squeeze=False)
+    columns = min(len(metrics), 5)
+    lines = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(max(3.2 * columns, 4), 3.6 * lines), squeeze=False)
+    for ax in axes.ravel()[len(metrics) :]:
+        ax.set_visible(False)
     colors = [plt.cm.tab10(i % 10) for i in range(len(runs))]
-    for ax, metric in zip(axes[0], metrics):
-        values = [r.get(metric) if _is_number(r.get(metric)) else 0.0 for r in rows]
-        bars = ax.bar(range(len(runs)), values, color=colors)
-        ax.bar_label(bars, labels=[_fmt(r.get(metric), 3) for r in rows], fontsize=7)
-        if min(values, default=0.0) >= 0:
+    for ax, metric in zip(axes.ravel(), metrics):
+        shown = [i for i, r in enumerate(rows) if r.get(metric) is not None]
+        cells = [rows[i][metric] for i in shown]
+        means = [c.get("mean") if isinstance(c, dict) else c for c in cells]
+        values = [m if _is_number(m) else 0.0 for m in means]
+        errors = None
+        if any(isinstance(c, dict) for c in cells):
+            errors = [
+                [max(v - c["low"], 0.0), max(c["high"] - v, 0.0)]
+                if isinstance(c, dict) and _is_number(c.get("low")) and _is_number(c.get("high"))
+                else [0.0, 0.0]
+                for v, c in zip(values, cells)
+            ]
+            errors = list(map(list, zip(*errors))) if errors else None
+        bars = ax.bar(range(len(shown)), values, color=[colors[i] for i in shown], yerr=errors, capsize=2)
+        ax.bar_label(bars, labels=[_fmt(m, 3) for m in means], fontsize=7)
+        if min(values, default=0.0) >= 0 and errors is None:
             top = max(values, default=0.0)
             ax.set_ylim(bottom=0, top=top * 1.15 if top > 0 else 1.0)
-        ax.set_xticks(range(len(runs)))
-        ax.set_xticklabels(runs, rotation=35, ha="right", fontsize=8)
+        ax.set_xticks(range(len(shown)))
+        ax.set_xticklabels([runs[i] for i in shown], rotation=35, ha="right", fontsize=8)
         ax.set_title(labels.get(metric, metric), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     if title:

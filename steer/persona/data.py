@@ -36,12 +36,15 @@ __all__ = [
     "PersonaData",
     "WaveSplit",
     "answer_examples",
+    "cluster_groups",
     "group_examples",
     "persona_table",
     "prepare_group_data",
     "prepare_persona_data",
+    "question_batteries",
     "split_questions",
     "wave_label",
+    "within_wave_split",
 ]
 
 _WAVE = re.compile(r"(\d+)$")
@@ -178,6 +181,89 @@ def group_examples(
     return examples
 
 
+def question_batteries(table, keys) -> list[list[str]]:
+    """``keys`` grouped into batteries: the items of one question stem (``GUNACTIVITYA_W26`` ... ``E``: a stem
+    that differs only in its last letter from another key of the same wave) and questions with the same text.
+    Order: first appearance."""
+    parent = {k: k for k in keys}
+
+    def find(k):
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def union(a, b):
+        parent[find(b)] = find(a)
+
+    stems = {k: re.sub(r"_W\d+$", "", k) for k in keys}
+    by_prefix: dict[tuple, list[str]] = {}
+    by_text: dict[tuple, list[str]] = {}
+    for k in keys:
+        stem, wave = stems[k], table.wave_of(k)
+        if len(stem) > 1 and stem[-1].isalpha() and stem[-1].isupper():
+            by_prefix.setdefault((wave, stem[:-1]), []).append(k)
+        by_text.setdefault((wave, table.questions[k].text.strip()), []).append(k)
+    for members in [*by_prefix.values(), *by_text.values()]:
+        if len(members) > 1:
+            for other in members[1:]:
+                union(members[0], other)
+    batteries: dict[str, list[str]] = {}
+    for k in keys:
+        batteries.setdefault(find(k), []).append(k)
+    return list(batteries.values())
+
+
+def within_wave_split(table, keys, share: float, *, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(kept, held_out)``: about ``share`` of each wave's questions held out, whole batteries at a time
+    (:func:`question_batteries`), seeded. Keys keep their order."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"within_wave_holdout must be in (0, 1), got {share}")
+    rng = np.random.default_rng([seed, 7])
+    held: set[str] = set()
+    by_wave: dict[str, list[list[str]]] = {}
+    for battery in question_batteries(table, keys):
+        by_wave.setdefault(table.wave_of(battery[0]), []).append(battery)
+    for wave in sorted(by_wave):
+        batteries = by_wave[wave]
+        total = sum(len(b) for b in batteries)
+        target, taken = share * total, 0
+        for j in rng.permutation(len(batteries)):
+            if taken >= target:
+                break
+            if taken + len(batteries[j]) > target + 0.5 * len(batteries[j]) and taken > 0:
+                continue  # a large battery that would overshoot; a smaller one may fit
+            held.update(batteries[j])
+            taken += len(batteries[j])
+    return [k for k in keys if k not in held], [k for k in keys if k in held]
+
+
+def cluster_groups(
+    embedder, responses, groups: list[str], *, k: int | None = None, k_max: int = 10, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """The paper's cluster personas for groups: k-means over the groups' persona vectors (``embedder``'s rows,
+    in ``groups`` order; k by the elbow of the MF loss on ``responses`` unless given). Returns the centroids as
+    named personas ``{"cohort:<c>": vector}`` and each cohort's member groups ``{"<c>": [group, ...]}``; nothing
+    for fewer than 3 groups."""
+    if len(groups) < 3:
+        return {}, {}
+    from steer.persona.cohorts import find_cohorts
+
+    cohorts = find_cohorts(
+        embedder.embeddings,
+        k=k,
+        k_range=range(2, min(k_max, len(groups) - 1) + 1),
+        embedder=embedder,
+        responses=responses,
+        seed=seed,
+    )
+    centroids, members = {}, {}
+    for c in range(cohorts.k):
+        centroids[f"cohort:{c}"] = cohorts.centroids[c].detach().float().cpu()
+        members[str(c)] = [n for n, label in zip(groups, cohorts.labels) if int(label) == c]
+    return centroids, members
+
+
 def prepare_group_data(args) -> GroupData:
     """Real group table -> wave split -> MF over groups x training questions -> personas -> examples."""
     from steer.persona.embedder import PersonaEmbedder
@@ -192,6 +278,12 @@ def prepare_group_data(args) -> GroupData:
             raise ValueError(f"question {key} belongs to no wave of the split")
         keys[part].append(key)
     rng = np.random.default_rng(args.dataset_seed)
+    holdout = float(getattr(args, "within_wave_holdout", 0.0) or 0.0)
+    keys["within"] = []
+    if holdout > 0:
+        keys["train"], keys["within"] = within_wave_split(
+            table, keys["train"], holdout, seed=args.dataset_seed
+        )
     if args.max_questions is not None and args.max_questions < len(keys["train"]):
         chosen = rng.choice(len(keys["train"]), size=args.max_questions, replace=False)
         keys["train"] = [keys["train"][i] for i in sorted(chosen)]
@@ -208,6 +300,10 @@ def prepare_group_data(args) -> GroupData:
     if args.standardize_personas:
         embedder.standardize_()
     personas = {n: embedder.embeddings[i].detach().float().cpu() for i, n in enumerate(train_groups)}
+    centroids, group_cohorts = cluster_groups(
+        embedder, responses, train_groups, k=args.num_cohorts, k_max=args.cohort_k_max, seed=args.dataset_seed
+    )
+    personas.update(centroids)
     folded = {}
     for name in args.fold_in_groups:
         new = table.to_responses([name], keys["train"])
@@ -249,9 +345,12 @@ def prepare_group_data(args) -> GroupData:
         "train_question_keys": keys["train"],
         "valid_question_keys": keys["valid"],
         "eval_question_keys": keys["eval"],
+        "within_question_keys": keys["within"],
+        "within_wave_holdout": holdout,
         "group_attributes": list(args.group_attributes),
         "train_groups": train_groups,
         "fold_in": folded,
+        "group_cohorts": group_cohorts,
         "persona_norms": norms,
         "contrast_scale": contrast_scale,
         "standardized": bool(args.standardize_personas),
@@ -261,11 +360,13 @@ def prepare_group_data(args) -> GroupData:
         "valid_examples": len(valid_examples),
     }
     logger.info(
-        "group data: %d groups, questions train %d / valid %d / eval %d, examples train %d / valid %d",
+        "group data: %d groups, questions train %d / valid %d / eval %d / within-wave held out %d, examples train "
+        "%d / valid %d",
         len(train_groups),
         len(keys["train"]),
         len(keys["valid"]),
         len(keys["eval"]),
+        len(keys["within"]),
         len(train_examples),
         len(valid_examples),
     )

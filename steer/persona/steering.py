@@ -19,6 +19,14 @@ import torch
 
 from steer.errors import ArtefactMismatchError, InputFileNotFoundError, InputKeyError, UserInputError
 from steer.io import atomic_save_file, atomic_write_text
+from steer.persona.adapter import (
+    ADAPTER_DIR,
+    adapter_disabled,
+    has_lm_adapter,
+    load_lm_adapter,
+    persona_active,
+    save_lm_adapter,
+)
 from steer.persona.soft_prompt import SoftPromptNetwork, steered_inputs, text_position_ids
 from steer.progress import progress_bar
 
@@ -230,6 +238,11 @@ class PersonaSteeredModel:
         personas: optional named persona vectors (cohort centroids ``"cohort:<k>"``, demographic centroids
             ``"<ATTR>=<value>"``, ...).
         prompt_format: the :class:`PromptFormat` used in training.
+        gate: the :class:`~steer.persona.adapter.PersonaGate` of an LM adapter trained with ``lm_adapter_gate``
+            (attached to ``model``, a ``PeftModel``).
+
+    With an LM adapter (``lm_adapter: lora`` in training; ``model`` is then a ``PeftModel``) the steered outputs
+    run through it, and ``persona=None`` (the unsteered baselines) runs the base LM without it.
     """
 
     def __init__(
@@ -242,9 +255,11 @@ class PersonaSteeredModel:
         personas: Mapping[str, torch.Tensor] | None = None,
         prompt_format: PromptFormat | None = None,
         metadata: dict | None = None,
+        gate=None,
     ) -> None:
         network.check_model(model)
         self.model = model.eval().requires_grad_(False)
+        self.gate = None if gate is None else gate.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.network = network.to(self.device).eval()
         self.embedder = embedder
@@ -298,6 +313,9 @@ class PersonaSteeredModel:
         except ValueError as err:
             raise ArtefactMismatchError(f"the persona network in {directory}: {err}") from err
         check_base_model(recorded, model, artefact=f"the persona network in {directory}")
+        gate = None
+        if (directory / ADAPTER_DIR).is_dir():
+            model, gate = load_lm_adapter(model, directory / ADAPTER_DIR)
         fmt_path = directory / FORMAT_NAME
         prompt_format = PromptFormat.from_dict(_read_json(fmt_path)) if fmt_path.is_file() else None
         personas, metadata = {}, {}
@@ -316,6 +334,7 @@ class PersonaSteeredModel:
             personas=personas,
             prompt_format=prompt_format,
             metadata=metadata,
+            gate=gate,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -338,6 +357,8 @@ class PersonaSteeredModel:
         atomic_write_text(directory / PERSONAS_INDEX, json.dumps(index, indent=2, default=str) + "\n")
         if self.embedder is not None:
             self.embedder.save_pretrained(directory / EMBEDDER_DIR)
+        if has_lm_adapter(self.model):
+            save_lm_adapter(self.model, self.gate, directory / ADAPTER_DIR)
 
     # ------------------------------------------------------------------------------------------
     def resolve_persona(self, persona) -> torch.Tensor:
@@ -447,13 +468,19 @@ class PersonaSteeredModel:
             prompts = [fmt.build(self.tokenizer, q, o, p) for (q, o), p in zip(chunk, preambles[start:])]
             ids, mask = self._encode(prompts, fmt.add_special_tokens)
             if vectors is None:
-                logits = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=text_position_ids(mask), logits_to_keep=1
-                ).logits[:, -1]
+                with adapter_disabled(self.model):
+                    logits = self.model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        position_ids=text_position_ids(mask),
+                        logits_to_keep=1,
+                    ).logits[:, -1]
             else:
                 rows = vectors if vectors.shape[0] == 1 else vectors[start : start + len(chunk)]
-                kwargs = steered_inputs(self.model, self.network, rows.to(self.device), ids, mask)
-                logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1]
+                rows = rows.to(self.device).expand(len(chunk), -1)
+                kwargs = steered_inputs(self.model, self.network, rows, ids, mask)
+                with persona_active(self.gate, rows):
+                    logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1]
             log_probs = logits.float().log_softmax(-1)
             for row, (prompt, (_, options)) in enumerate(zip(prompts, chunk)):
                 letters = [fmt.answer_text(x) for x in fmt.letters(len(options))]
@@ -502,24 +529,27 @@ class PersonaSteeredModel:
             chunk = prompts[start : start + batch_size]
             ids, mask = self._encode(chunk, add_special_tokens=not chat)
             rows = None
+            context = adapter_disabled(self.model)
             if vectors is not None:
                 rows = vectors if vectors.shape[0] == 1 else vectors[start : start + len(chunk)]
-                rows = rows.to(self.device)
-            new = decode(
-                self.model,
-                ids,
-                mask,
-                network=self.network if rows is not None else None,
-                persona=rows,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                generator=generator,
-            )
+                rows = rows.to(self.device).expand(len(chunk), -1)
+                context = persona_active(self.gate, rows)
+            with context:
+                new = decode(
+                    self.model,
+                    ids,
+                    mask,
+                    network=self.network if rows is not None else None,
+                    persona=rows,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    generator=generator,
+                )
             texts.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
         return texts
 

@@ -1,6 +1,7 @@
 """``steer train persona``: the recipe runner (model, survey data, split, load → train → save).
 
-The trainer, its config, collator and model live in :mod:`steer.trainers.persona`; the data preparation in
+The trainer and its config live in :mod:`steer.trainers.persona`, the collator and model in :mod:`steer.persona`
+(``collator``, ``modeling``, ``adapter``); the data preparation in
 :mod:`steer.persona.data`. This module holds :class:`PersonaScriptArguments` and :func:`train_persona`, which
 trains on demographic groups (real Pew distributions, split by wave) or individual respondents.
 """
@@ -69,6 +70,15 @@ class PersonaScriptArguments:
     eval_waves: list[int] = field(
         default_factory=lambda: [49, 50, 82],
         metadata={"help": "Waves scored by `steer eval opinions` (never seen in training)."},
+    )
+    within_wave_holdout: float = field(
+        default=0.0,
+        metadata={
+            "help": "groups: share of each training wave's questions held out of all training and scored by "
+            "`steer eval opinions --split within` (Li et al.'s protocol: unseen questions of surveys the personas "
+            "answered). A question battery (same stem, different item letter, or the same question text) stays on one "
+            "side; seeded by dataset_seed. 0: none."
+        },
     )
     group_attributes: list[str] = field(
         default_factory=lambda: [
@@ -192,6 +202,8 @@ class PersonaScriptArguments:
             raise ValueError(f"{name}.observed_frac must be in (0, 1], got {self.observed_frac}")
         if not 0.0 < self.holdout_fraction < 0.5:
             raise ValueError(f"{name}.holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
+        if not 0.0 <= self.within_wave_holdout < 0.5:
+            raise ValueError(f"{name}.within_wave_holdout must be in [0, 0.5), got {self.within_wave_holdout}")
         if self.embedder_l2 < 0:
             raise ValueError(f"{name}.embedder_l2 must be >= 0, got {self.embedder_l2}")
         if not 1 <= len(self.group_by) <= 2:
@@ -324,9 +336,10 @@ def _train_groups(script_args: PersonaScriptArguments, training_args: PersonaCon
     trainer.train(resume_from_checkpoint=resume)
     if training_args.should_save:
         steered = PersonaSteeredModel(
-            model,
+            trainer.lm,
             tokenizer,
             trainer.network,
+            gate=trainer.gate,
             embedder=data.embedder,
             personas=data.personas,
             prompt_format=trainer.prompt_format,
@@ -391,9 +404,10 @@ def _train_individuals(script_args: PersonaScriptArguments, training_args: Perso
     if training_args.should_save:
         cohort_of = {str(u): int(c) for u, c in zip(data.train.user_ids, data.cohorts.labels)}
         steered = PersonaSteeredModel(
-            model,
+            trainer.lm,
             tokenizer,
             trainer.network,
+            gate=trainer.gate,
             embedder=data.embedder,
             personas=data.personas,
             prompt_format=trainer.prompt_format,
