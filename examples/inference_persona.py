@@ -4,9 +4,13 @@
 ``soft_prompt.safetensors`` (a 2-layer MLP: persona vector -> virtual tokens), ``personas.safetensors``
 (named persona vectors: ``<ATTR>=<value>`` for every demographic group, including folded-in ones, on the
 default group path; ``cohort:<k>`` and demographic centroids on the individual path),
-``personas.json`` (their names + the base model) and ``embedder/``. This script rebuilds the soft prompt
-from those files with plain torch and decodes with a transformers KV cache; it does not import steer
-(except to locate steer's embedded base model when ``base_model`` is an embedded name)::
+``personas.json`` (their names + the base model), ``embedder/`` and, for a run trained with ``lm_adapter: lora``,
+``lm_adapter/``: an ordinary PEFT LoRA adapter (``peft.PeftModel.from_pretrained``) and, with
+``lm_adapter_gate``, ``persona_gate.json`` + ``persona_gate.safetensors`` (per adapted module, the persona's
+gates ``1 + G p`` on the LoRA update ``B diag(gates) A x``). This script rebuilds the soft prompt (and the gate)
+from those files with plain torch + peft and decodes with a transformers KV cache; it does not need steer
+(with steer installed it locates steer's embedded base model and refuses a base model other than the one recorded
+in ``base_model.json`` unless ``--allow_base_mismatch``)::
 
     python examples/inference_persona.py outputs/persona_opinionqa/persona --list
     python examples/inference_persona.py outputs/persona_opinionqa/persona --persona "POLPARTY=Democrat" \\
@@ -27,6 +31,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+ADAPTER_DIR = "lm_adapter"
+
 
 def resolve_base(name: str) -> str:
     """A local directory or hub id as is; steer's embedded names (``smollm2-135m``) via steer's cache."""
@@ -40,6 +46,56 @@ def resolve_base(name: str) -> str:
     except ImportError:
         pass
     return name
+
+
+def check_base(persona_dir: Path, model, *, allow_mismatch: bool = False) -> None:
+    """With steer installed: refuse a base model other than the one the persona was trained on."""
+    try:
+        from steer.models import check_artefact_base
+    except ImportError:
+        return
+    record = persona_dir / "base_model.json"
+    check_artefact_base(
+        json.loads(record.read_text()) if record.is_file() else None,
+        model,
+        artefact=f"the persona in {persona_dir}",
+        allow_mismatch=allow_mismatch,
+        flag="--allow_base_mismatch",
+    )
+
+
+def load_adapter(model, persona_dir: Path):
+    """The persona LM adapter (plain PEFT) and its gate hooks; ``(model, set_gate)``, where ``set_gate(persona)``
+    sets the gates every LoRA layer multiplies its ``A x`` by (a no-op without a gate)."""
+    directory = persona_dir / ADAPTER_DIR
+    if not directory.is_dir():
+        return model, lambda persona: None
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(directory)).eval()
+    config_path = directory / "persona_gate.json"
+    if not config_path.is_file():
+        return model, lambda persona: None
+    config = json.loads(config_path.read_text())
+    weights = load_file(str(directory / "persona_gate.safetensors"))
+    modules = dict(model.named_modules())
+    state = {"gates": None}
+
+    def hook(index):
+        def apply(module, args, output):
+            gates = state["gates"][index].to(output.dtype)  # [r]
+            return output * gates
+
+        return apply
+
+    for index, name in enumerate(config["module_names"]):
+        modules[name].lora_A["default"].register_forward_hook(hook(index))
+
+    def set_gate(persona: torch.Tensor) -> None:
+        gates = 1.0 + persona.float() @ weights["proj.weight"].T + weights["proj.bias"]
+        state["gates"] = gates.view(len(config["module_names"]), config["r"]).to(model.device)
+
+    return model, set_gate
 
 
 class SoftPrompt:
@@ -160,6 +216,11 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--list", action="store_true", help="print the stored persona names and exit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--allow_base_mismatch",
+        action="store_true",
+        help="load the persona onto a base model other than the one it was trained on",
+    )
     args = parser.parse_args(argv)
 
     soft_prompt = SoftPrompt(args.persona_dir)
@@ -175,7 +236,10 @@ def main(argv=None) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_base(Path(args.persona_dir), model, allow_mismatch=args.allow_base_mismatch)
+    model, set_gate = load_adapter(model, Path(args.persona_dir))
     persona = soft_prompt.persona(args.persona)
+    set_gate(persona)
     prompts = args.prompt or ["What matters most to you in an election?"]
     texts = generate(
         model, tokenizer, soft_prompt, persona, prompts, max_new_tokens=args.max_new_tokens, chat=args.chat

@@ -354,6 +354,17 @@ def test_adapted_group_protocol_end_to_end(tmp_path):
         split["group_cohorts"]
         and (tmp_path / "run" / "persona" / "lm_adapter" / "persona_gate.json").is_file()
     )
+    with pytest.raises(
+        UserInputError, match=r"group_attribute: .* stores no 'POLPARTYY' personas .*'POLPARTY'"
+    ):
+        run_opinion_eval(
+            OpinionEvalArguments(
+                persona_dir=str(tmp_path / "run" / "persona"),
+                output_dir=str(tmp_path / "x"),
+                group_attribute="POLPARTYY",
+            )
+        )
+    assert not (tmp_path / "x").exists()
     for part in ("within", "eval"):
         result = run_opinion_eval(
             OpinionEvalArguments(
@@ -378,3 +389,73 @@ def test_adapted_group_protocol_end_to_end(tmp_path):
         markdown = (tmp_path / f"eval_{part}" / "opinions.md").read_text()
         assert "Direction:" in markdown and "Cohorts" in markdown
         assert (tmp_path / f"eval_{part}" / "opinions.png").stat().st_size > 1000
+
+
+def test_plain_peft_example_generates_like_steer_with_the_gate(tmp_path):
+    """examples/inference_persona.py (plain transformers + peft) rebuilds the gated adapter and writes what
+    PersonaSteeredModel writes; another base model is refused unless --allow_base_mismatch."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "inference_persona", Path(__file__).resolve().parent.parent / "examples" / "inference_persona.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = _train(
+        tmp_path,
+        _xor(32, 0),
+        max_steps=8,
+        lm_adapter="lora",
+        lm_adapter_gate=True,
+        lm_lora_r=4,
+        lm_learning_rate=5e-2,
+        learning_rate=5e-2,
+    )
+    base, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    steered = _steered(trainer)
+    steered.metadata["base_model"] = str(tmp_path / "base")
+    steered.save_pretrained(tmp_path / "persona")
+    prompts = ["the cat day", "a dog night idea"]
+    argv = [
+        str(tmp_path / "persona"),
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--max_new_tokens",
+        "5",
+    ]
+    for name in ("left", "right"):
+        assert example.main([*argv, "--persona", name]) == steered.generate(
+            prompts, persona=name, max_new_tokens=5
+        )
+    other, _ = tiny_causal_lm("llama", seed=3, num_kv_heads=2)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    from steer.errors import ArtefactMismatchError
+
+    with pytest.raises(ArtefactMismatchError, match="--allow_base_mismatch"):
+        example.main([*argv, "--persona", "left", "--base_model", str(tmp_path / "other")])
+    assert (
+        len(
+            example.main(
+                [*argv, "--persona", "left", "--base_model", str(tmp_path / "other"), "--allow_base_mismatch"]
+            )
+        )
+        == 2
+    )
+
+
+def test_empty_fold_in_is_refused(tmp_path):
+    import types
+
+    trainer = _train(tmp_path, _xor(16, 0), max_steps=1)
+    steered = _steered(trainer)
+    steered.embedder = types.SimpleNamespace(question_keys=["Q1_W26"])
+    with pytest.raises(UserInputError, match="fold_in: no answers given"):
+        steered.fold_in({})
+    with pytest.raises(UserInputError, match="fold_in: no answers given"):
+        steered.option_probs("the cat day?", OPTIONS, persona={})

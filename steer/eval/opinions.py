@@ -352,6 +352,13 @@ def _load(args: OpinionEvalArguments):
     protocol = split.get("protocol", "individuals")
     index = _read_json(persona_dir / PERSONAS_INDEX) if (persona_dir / PERSONAS_INDEX).is_file() else {}
     check_same_run(split, index, split_path, persona_dir)
+    names = index.get("names") or []
+    if protocol == "groups" and names and not any(n.startswith(f"{args.group_attribute}=") for n in names):
+        known = sorted({n.split("=", 1)[0] for n in names if "=" in n and not n.startswith("cohort:")})
+        raise UserInputError(
+            f"OpinionEvalArguments.group_attribute: {persona_dir} stores no {args.group_attribute!r} personas "
+            f"(attributes it has: {known})"
+        )
     base = args.model_name_or_path or index.get("base_model")
     if not base:
         raise UserInputError(

@@ -401,6 +401,11 @@ class PersonaSteeredModel:
         if self.embedder is None:
             raise ValueError("folding in a new user's answers needs an embedder; this persona model has none")
         if isinstance(answers, Mapping):
+            if not answers:
+                raise UserInputError(
+                    "fold_in: no answers given (pass {question_key: scaled answer in [0, 1]} for at least one "
+                    "training question; an empty fold-in would be the average persona)"
+                )
             answers = _single_user_responses(answers, self.embedder.question_keys)
         return self.embedder.fold_in(answers, k_answers, seed=seed).detach().float().cpu()
 
