@@ -508,6 +508,7 @@ def test_persona_on_a_different_base_model_is_refused(tmp_path):
 
 def test_persona_on_a_different_base_model_cli(tmp_path, capsys):
     steered = _steered(seed=0)
+    steered.personas["POLPARTY=Democrat"] = torch.zeros(4)  # a group of the evaluated group_attribute
     steered.save_pretrained(tmp_path / "run" / "persona")
     other, tokenizer = tiny_causal_lm("llama", seed=1)
     other.save_pretrained(tmp_path / "other")
