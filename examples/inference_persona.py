@@ -223,7 +223,16 @@ def main(argv=None) -> list[str]:
     )
     args = parser.parse_args(argv)
 
-    soft_prompt = SoftPrompt(args.persona_dir)
+    persona_dir = Path(args.persona_dir)
+    if not (persona_dir / "soft_prompt_config.json").is_file():
+        parser.error(
+            f"{persona_dir}: no soft_prompt_config.json (not a persona directory of `steer train persona`)"
+        )
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    soft_prompt = SoftPrompt(persona_dir)
     if args.list:
         for name in sorted(soft_prompt.personas):
             print(name)
@@ -236,9 +245,12 @@ def main(argv=None) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    check_base(Path(args.persona_dir), model, allow_mismatch=args.allow_base_mismatch)
-    model, set_gate = load_adapter(model, Path(args.persona_dir))
-    persona = soft_prompt.persona(args.persona)
+    try:
+        check_base(persona_dir, model, allow_mismatch=args.allow_base_mismatch)
+        model, set_gate = load_adapter(model, persona_dir)
+        persona = soft_prompt.persona(args.persona)
+    except (OSError, ValueError, KeyError) as err:  # steer's UserInputError is a ValueError
+        parser.error(" ".join(str(err).strip("'\"").split()) or type(err).__name__)
     set_gate(persona)
     prompts = args.prompt or ["What matters most to you in an election?"]
     texts = generate(
