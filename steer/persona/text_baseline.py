@@ -25,7 +25,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEXT_BASELINES", "TextBaseline", "fit_text_baselines", "question_document"]
+__all__ = ["TEXT_BASELINES", "TextBaseline", "TextFeatures", "fit_text_baselines", "question_document"]
 
 TEXT_BASELINES = ("text_ridge", "text_knn")
 RIDGE_GRID = (0.3, 1.0, 3.0, 10.0)
@@ -44,6 +44,30 @@ def _normalise(p: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
+class TextFeatures:
+    """TF-IDF of the training questions' documents (:func:`question_document`), fitted on them only; the vectors
+    of other questions are computed once each."""
+
+    def __init__(self, table, train_keys: Sequence[str]) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.table = table
+        self.train_keys = [k for k in train_keys if k in table.questions]
+        if not self.train_keys:
+            raise ValueError("a text baseline needs training questions")
+        self.vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1)
+        self.matrix = self.vectorizer.fit_transform(
+            [question_document(table.questions[k]) for k in self.train_keys]
+        )
+        self.row = {k: i for i, k in enumerate(self.train_keys)}
+        self._vectors: dict[str, object] = {}
+
+    def vector(self, key: str):
+        if key not in self._vectors:
+            self._vectors[key] = self.vectorizer.transform([question_document(self.table.questions[key])])
+        return self._vectors[key]
+
+
 @dataclass
 class TextBaseline:
     """One text baseline fitted on ``train_keys`` of a group table (see the module docstring).
@@ -57,24 +81,19 @@ class TextBaseline:
     kind: str = "ridge"
     params: dict = field(default_factory=dict)
     group_keys: dict[str, Sequence[str]] = field(default_factory=dict)
+    features: TextFeatures | None = None
 
     def __post_init__(self) -> None:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
         if self.kind not in ("ridge", "knn"):
             raise ValueError(f"TextBaseline.kind must be 'ridge' or 'knn', got {self.kind!r}")
-        self.train_keys = [k for k in self.train_keys if k in self.table.questions]
-        if not self.train_keys:
-            raise ValueError("a text baseline needs training questions")
-        self.vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1)
-        self.features = self.vectorizer.fit_transform(
-            [question_document(self.table.questions[k]) for k in self.train_keys]
-        )
-        self._row = {k: i for i, k in enumerate(self.train_keys)}
+        if self.features is None:
+            self.features = TextFeatures(self.table, self.train_keys)
+        self.train_keys = self.features.train_keys
+        self._row = self.features.row
         self._models: dict[tuple, object] = {}
 
     def _vector(self, key: str):
-        return self.vectorizer.transform([question_document(self.table.questions[key])])
+        return self.features.vector(key)
 
     def _train(self, group: str, n_options: int) -> tuple[list[str], np.ndarray]:
         keys = self.group_keys.get(group, self.train_keys)
@@ -92,7 +111,7 @@ class TextBaseline:
         from sklearn.linear_model import Ridge
 
         rows = [self._row[k] for k in keys]
-        return Ridge(alpha=alpha).fit(self.features[rows], targets)
+        return Ridge(alpha=alpha).fit(self.features.matrix[rows], targets)
 
     def predict(self, group: str, key: str) -> np.ndarray | None:
         """The group's predicted distribution over ``key``'s options (``None``: no training question with as
@@ -104,7 +123,7 @@ class TextBaseline:
         x = self._vector(key)
         if self.kind == "knn":
             rows = [self._row[k] for k in keys]
-            similarity = (self.features[rows] @ x.T).toarray().ravel()
+            similarity = (self.features.matrix[rows] @ x.T).toarray().ravel()
             top = np.argsort(-similarity)[: int(self.params.get("k", 10))]
             weights = similarity[top] + 1e-6
             return _normalise((weights[:, None] * targets[top]).sum(0) / weights.sum())
@@ -154,11 +173,14 @@ def fit_text_baselines(
         ),
         "text_knn": ("knn", [{"k": k} for k in KNN_GRID]),
     }
+    features = TextFeatures(table, train_keys)
     fitted = {}
     for name, (kind, grid) in grids.items():
         scored = []
         for params in grid:
-            baseline = TextBaseline(table, train_keys, kind=kind, params=params, group_keys=group_keys)
+            baseline = TextBaseline(
+                table, train_keys, kind=kind, params=params, group_keys=group_keys, features=features
+            )
             value = _mean_score(baseline, groups, valid_keys, score) if valid_keys else float("nan")
             scored.append((value, params, baseline))
         finite = [s for s in scored if np.isfinite(s[0])]
