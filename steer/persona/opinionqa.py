@@ -488,7 +488,9 @@ def group_distributions(
                 value = float(count)
                 if not math.isfinite(value) or value < 0:
                     if on_error == "raise":
-                        raise UserInputError(f"{path}: invalid count {count!r} for {key} / {group} / {text!r}")
+                        raise UserInputError(
+                            f"{path}: invalid count {count!r} for {key} / {group} / {text!r}"
+                        )
                     dropped += 1
                     continue
                 row[position] += value
