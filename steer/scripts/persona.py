@@ -203,7 +203,9 @@ class PersonaScriptArguments:
         if not 0.0 < self.holdout_fraction < 0.5:
             raise ValueError(f"{name}.holdout_fraction must be in (0, 0.5), got {self.holdout_fraction}")
         if not 0.0 <= self.within_wave_holdout < 0.5:
-            raise ValueError(f"{name}.within_wave_holdout must be in [0, 0.5), got {self.within_wave_holdout}")
+            raise ValueError(
+                f"{name}.within_wave_holdout must be in [0, 0.5), got {self.within_wave_holdout}"
+            )
         if self.embedder_l2 < 0:
             raise ValueError(f"{name}.embedder_l2 must be >= 0, got {self.embedder_l2}")
         if not 1 <= len(self.group_by) <= 2:
@@ -263,7 +265,9 @@ def check_persona_run(script_args: PersonaScriptArguments, training_args: Person
         import dataclasses
 
         individual = ("waves", "group_by")  # options of the individual path
-        defaults = {f.name: f.default_factory() for f in dataclasses.fields(script_args) if f.name in individual}
+        defaults = {
+            f.name: f.default_factory() for f in dataclasses.fields(script_args) if f.name in individual
+        }
         for key, default in defaults.items():
             if list(getattr(script_args, key)) != list(default):
                 raise UserInputError(
