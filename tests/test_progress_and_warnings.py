@@ -319,3 +319,12 @@ def test_no_private_atomic_helpers_outside_steer_io():
     assert not hasattr(soft_prompt, "_atomic_write_text")
     assert not hasattr(report, "tempfile")
     assert soft_prompt.atomic_save_file is atomic_save_file  # imported from steer.io, not redefined
+
+
+@pytest.mark.parametrize("disable, expected", [(False, None), (True, True)])
+def test_guidance_round_bars_follow_the_environment_unless_disabled(tmp_path, disable, expected):
+    """TrainingArguments turns an unset disable_tqdm into False; the guidance rounds get None then, so that
+    STEER_NO_PROGRESS / TQDM_DISABLE decide (steer.progress.progress_disabled)."""
+    from helpers.constrained import trainer
+
+    assert trainer(tmp_path, disable_tqdm=disable).schedule.learner.disable_tqdm is expected

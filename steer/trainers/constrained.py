@@ -240,7 +240,9 @@ class ConstrainedTrainer(SFTTrainer):
         stats = torch.stack([supervised.sum().float(), entropy.sum().float(), is_top1.sum().float()]).view(
             1, 3
         )
-        num_valid, entropy_sum, num_correct = self.accelerator.gather_for_metrics(stats).view(-1, 3).sum(0)
+        num_valid, entropy_sum, num_correct = (
+            self.accelerator.gather_for_metrics(stats.detach()).view(-1, 3).sum(0)
+        )
         num_valid = float(num_valid)
         self._metrics[mode]["entropy"].append(float(entropy_sum) / num_valid if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append(

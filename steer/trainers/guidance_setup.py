@@ -65,7 +65,9 @@ def build_guidance(
             buffer_size=args.sample_buffer_size,
             process_index=process_index,
             flagged=priors.flagged,
-            disable_tqdm=args.disable_tqdm,
+            # None (not False) unless the user turned bars off: TrainingArguments fills an unset disable_tqdm with False,
+            # which would override STEER_NO_PROGRESS / TQDM_DISABLE (steer.progress decides for None)
+            disable_tqdm=True if args.disable_tqdm else None,
         )
         if worker_policy is None:
             grad_sync = sharding.average_gradients if num_processes > 1 else None
