@@ -466,3 +466,17 @@ def test_new_user_pass(tiny_dir, prompts, tmp_path, capsys, monkeypatch):
     argv = [*CONSTRAINED, "--output_dir", str(tmp_path / "out"), "--dataset_name", str(binary)]
     _fails(capsys, argv, "dataset_name", "data.csv", "cannot read the file as csv")
     assert not list((tmp_path / "eval").glob("*.json")) if (tmp_path / "eval").exists() else True
+
+
+def test_guidance_model_on_another_base_needs_the_override(tmp_path, caplog):
+    from steer.errors import ArtefactMismatchError
+    from steer.guidance import GuidanceConfig, GuidanceModel
+
+    policy, _ = tiny_causal_lm("llama", seed=0)
+    GuidanceModel(policy, GuidanceConfig(lora_r=4)).save_pretrained(tmp_path / "guidance")
+    other, _ = tiny_causal_lm("llama", seed=3)
+    with pytest.raises(ArtefactMismatchError, match="different weights.*--allow_base_mismatch"):
+        GuidanceModel.from_pretrained(tmp_path / "guidance", other)
+    with caplog.at_level(logging.WARNING):
+        GuidanceModel.from_pretrained(tmp_path / "guidance", other, allow_base_mismatch=True)
+    assert "loading it anyway" in caplog.text

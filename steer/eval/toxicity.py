@@ -1042,7 +1042,7 @@ def run_toxicity_eval(
             )
     if generate_fn is None:
         if args.guidance_dir:
-            guidance = _load_guidance(args.guidance_dir, model)
+            guidance = _load_guidance(args.guidance_dir, model, allow_base_mismatch=args.allow_base_mismatch)
             generate_fn = guided_generate_fn(
                 model, guidance, tokenizer, batch_size=args.batch_size, temperature=args.temperature
             )
@@ -1134,12 +1134,12 @@ def run_toxicity_eval(
     return result
 
 
-def _load_guidance(directory: str, model):
+def _load_guidance(directory: str, model, *, allow_base_mismatch: bool = False):
     """The guidance model of ``directory`` on ``model``; unreadable weight files are one line naming the file."""
     from ..guidance import GuidanceModel
 
     try:
-        guidance = GuidanceModel.from_pretrained(directory, model)
+        guidance = GuidanceModel.from_pretrained(directory, model, allow_base_mismatch=allow_base_mismatch)
     except UserInputError:
         raise
     except Exception as err:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ArtefactMismatchError, InputFileNotFoundError, UserInputError
 from ..io import atomic_save_file, atomic_write_text
-from ..models import base_model_record, check_base_model
+from ..models import base_model_record, check_artefact_base
 from .context_prior import ContextPrior
 
 __all__ = ["GuidanceConfig", "GuidanceModel"]
@@ -460,8 +460,13 @@ class GuidanceModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, save_directory: str | os.PathLike, base_model: nn.Module) -> GuidanceModel:
-        """Rebuild a saved guidance model on ``base_model`` (the same base architecture it was trained on)."""
+    def from_pretrained(
+        cls, save_directory: str | os.PathLike, base_model: nn.Module, *, allow_base_mismatch: bool = False
+    ) -> GuidanceModel:
+        """Rebuild a saved guidance model on ``base_model`` (the same base architecture it was trained on).
+
+        A base model of the same shapes but other weights than the recorded one is refused unless
+        ``allow_base_mismatch`` (then a warning)."""
         directory = Path(save_directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
@@ -482,7 +487,12 @@ class GuidanceModel(nn.Module):
                     f"{config_path}: {key}={meta[key]} but the base model has {key}={value}; load the guidance "
                     "model on the base model it was trained on"
                 )
-        check_base_model(meta.get("base_model"), causal_lm, artefact=f"the guidance model in {directory}")
+        check_artefact_base(
+            meta.get("base_model"),
+            causal_lm,
+            artefact=f"the guidance model in {directory}",
+            allow_mismatch=allow_base_mismatch,
+        )
         model = cls(base_model, config)
         weights = load_file(str(weights_path), device=str(model.device))
         model._load_weights(weights, weights_path)
