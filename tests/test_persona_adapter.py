@@ -459,4 +459,3 @@ def test_empty_fold_in_is_refused(tmp_path):
         steered.fold_in({})
     with pytest.raises(UserInputError, match="fold_in: no answers given"):
         steered.option_probs("the cat day?", OPTIONS, persona={})
-

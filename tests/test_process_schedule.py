@@ -392,9 +392,7 @@ def _trainer(tmp_path, **overrides):
     """The tiny trainer of ``helpers.constrained``, 6 steps, the worker on one thread."""
     from helpers.constrained import trainer
 
-    return trainer(
-        tmp_path, **{"max_steps": 6, "parallel_worker_threads": 1, **overrides}
-    )
+    return trainer(tmp_path, **{"max_steps": 6, "parallel_worker_threads": 1, **overrides})
 
 
 def _losses(trainer) -> list[float]:
