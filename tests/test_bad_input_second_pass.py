@@ -25,11 +25,9 @@ CONSTRAINED = ["train", "constrained"]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = tiny_causal_lm("llama", seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    from helpers.models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -161,13 +161,9 @@ def _check_two_ranks(log: str, out: Path, command: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from steer.models import tiny_causal_lm
+    from helpers.models import save_tiny_llama
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = tiny_causal_lm("llama", seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _corpus(path: Path) -> Path:
