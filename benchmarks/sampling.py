@@ -19,6 +19,7 @@ import torch
 from benchmarks.common import base_parser, median_ratio, print_table, summarize, sync, write_result
 from steer.guidance import GuidanceConfig, GuidanceModel, guided_sample, sample_continuations
 from steer.guidance.sampling import eos_ids
+from steer.models import model_device
 
 TARGET = 0.95
 WORDS = "the a cat dog bird tree house road river city day night friend people world music book idea".split()
@@ -35,7 +36,7 @@ def _prompts(n: int, seed: int = 0) -> list[str]:
 
 def _plain_generate(model, tokenizer, prompts, *, batch_size, max_new_tokens, seed) -> int:
     """The baseline: tokenize with left padding and call generate, nothing else. Returns sampled tokens."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = 0
     torch.manual_seed(seed)
     with torch.no_grad():

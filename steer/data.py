@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from steer.errors import InputFileNotFoundError, UserInputError
+from steer.errors import InputFileNotFoundError, UserInputError, first_line
 
 RTP_HUB_ID = "allenai/real-toxicity-prompts"
 # The last N RealToxicityPrompts records: held out of training and guidance sampling by the recipes, and the
@@ -185,18 +185,18 @@ def load_table(name: str, split: str = "train", *, what: str = "dataset_name") -
                 if type(err).__name__ != "DatasetGenerationError":
                     raise
                 cause = err.__cause__ or err
-                first = next((line for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
-                raise UserInputError(f"{what}={name!r}: cannot read the file as {kind} ({first})") from err
+                raise UserInputError(
+                    f"{what}={name!r}: cannot read the file as {kind} ({first_line(cause)})"
+                ) from err
     elif looks_like_path(name) or path.is_dir():
         raise InputFileNotFoundError(f"{what}={name!r}: file not found ({path})")
     else:
         try:
             dataset = load_dataset(name, split=split)
         except (FileNotFoundError, ConnectionError) as err:
-            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise UserInputError(
                 f"{what}={name!r}: neither a local .json/.jsonl/.csv/.parquet file nor a loadable hub dataset "
-                f"({first})"
+                f"({first_line(err)})"
             ) from err
     if len(dataset) == 0:
         raise UserInputError(f"{what}={name!r}: no records")

@@ -115,7 +115,7 @@ def _recipe(args: DemoArguments, output_dir: Path, kl_coef: float, **changes):
         seed=args.seed,
         kl_coef=kl_coef,
         # Corpus positions only: no policy-sample rows appended to each batch, so the demo fits its time budget
-        # (the recipe adds the samples term at weight 3, chosen on a validation split: README).
+        # (the recipe adds the samples term at weight 3, chosen on a validation split: recipes/detox/SELECTION.md).
         kl_positions="corpus",
         guidance_interval=args.guidance_interval,
         guidance_steps_per_round=16,
@@ -136,7 +136,7 @@ def _recipe(args: DemoArguments, output_dir: Path, kl_coef: float, **changes):
 def demo_data(args: DemoArguments) -> dict:
     """The training pairs, guidance prompts, held-out prompts, clean texts and oracle every demo run shares."""
     from steer.constraints import NonToxic
-    from steer.eval.toxicity import clean_heldout_texts
+    from steer.eval.rtp import clean_heldout_texts
     from steer.scripts.constrained import load_constrained_datasets
 
     script, _ = _recipe(args, Path(args.output_dir), args.kl_coef)
@@ -172,7 +172,8 @@ def train_run(args: DemoArguments, data: dict, run_dir: Path, kl_coef: float, **
 
 def evaluate_run(name: str, model, tokenizer, data: dict, args: DemoArguments) -> dict:
     """Toxicity of ``samples_per_prompt`` continuations of the held-out prompts (95% intervals) + clean PPL."""
-    from steer.eval.toxicity import compute_toxicity_metrics, hf_generate_fn, perplexity, toxicity_scores
+    from steer.eval.generation import hf_generate_fn
+    from steer.eval.metrics import compute_toxicity_metrics, perplexity, toxicity_scores
 
     prompts = data["prompts"]
     t = _stage(f"evaluating {name}: {len(prompts)} held-out prompts x {args.samples_per_prompt} samples")
@@ -189,7 +190,7 @@ def evaluate_run(name: str, model, tokenizer, data: dict, args: DemoArguments) -
 def _report(
     columns: dict[str, dict], rounds: list[dict], args: DemoArguments, out: Path, seconds: float
 ) -> str:
-    from steer.eval.toxicity import plot_intervals
+    from steer.eval.toxicity_report import plot_intervals
     from steer.io import atomic_write_json, atomic_write_text
 
     rows = [

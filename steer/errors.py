@@ -20,6 +20,7 @@ __all__ = [
     "ModelLoadError",
     "RunInterrupted",
     "UserInputError",
+    "first_line",
 ]
 
 
@@ -58,3 +59,15 @@ class RunInterrupted(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def first_line(err: BaseException, *, typed: bool = False) -> str:
+    """The first non-empty line of ``err``'s message, for one-line error messages that quote a cause.
+
+    An empty message gives the exception's type name; ``typed`` prefixes the line with it
+    (``"OSError: ..."``).
+    """
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    if typed:
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text or type(err).__name__

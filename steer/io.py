@@ -1,17 +1,20 @@
-"""Atomic file and directory writes: the one home for them in steer.
+"""Atomic file and directory writes: the one home for them in steer; and configs read back from saved dicts.
 
 Every artefact is written to a temporary sibling and renamed into place (``os.replace``), so a crash or
-a failed write never leaves a half-written file where a reader expects a whole one.
+a failed write never leaves a half-written file where a reader expects a whole one. A config saved as a
+dict (``to_dict``) is built again with :func:`dataclass_from_dict`, which names any key the config lacks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 __all__ = [
     "atomic_dir",
@@ -21,7 +24,10 @@ __all__ = [
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
+    "dataclass_from_dict",
 ]
+
+T = TypeVar("T")
 
 
 def _umask_mode() -> int:
@@ -112,3 +118,13 @@ def check_writable_dir(directory: str | os.PathLike, *, what: str) -> Path:
     except OSError as err:
         raise UserInputError(f"{what} {directory} is not writable ({err.strerror or err})") from err
     return directory
+
+
+def dataclass_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """``cls(**data)`` for the dataclass ``cls``; keys that are not its fields are refused in one line,
+    ``unknown <class> keys [...]; known: [...]``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+    return cls(**data)

@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from steer.errors import ArtefactMismatchError, ModelLoadError
+from steer.errors import ArtefactMismatchError, ModelLoadError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +324,11 @@ def context_length(config, tokenizer: PreTrainedTokenizerBase | None = None) -> 
     return int(limit) if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
 
 
+def model_device(model) -> torch.device:
+    """The device of ``model``'s first parameter (where its inputs go)."""
+    return next(model.parameters()).device
+
+
 def load_model_config(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
     """The ``transformers`` config of a model (no weights loaded); raises :class:`ModelLoadError`."""
     try:
@@ -331,8 +336,9 @@ def load_model_config(name_or_path: str | os.PathLike, *, trust_remote_code: boo
             resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, KeyError) as err:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise ModelLoadError(f"could not read the config of {str(name_or_path)!r}: {first}") from err
+        raise ModelLoadError(
+            f"could not read the config of {str(name_or_path)!r}: {first_line(err)}"
+        ) from err
 
 
 def module_names(config, *, trust_remote_code: bool = False) -> list[str]:
@@ -400,9 +406,10 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, FileNotFoundError, KeyError) as err:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise ModelLoadError(
-            f"could not load a causal LM from {name!r}. Tried: " + "; ".join(tried) + f". Last error: {first}"
+            f"could not load a causal LM from {name!r}. Tried: "
+            + "; ".join(tried)
+            + f". Last error: {first_line(err)}"
         ) from err
     _finish_tokenizer(tokenizer)
     if model.config.pad_token_id is None:
@@ -434,7 +441,9 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def _tiny_corpus(seed: int, n_sentences: int = 2000) -> list[str]:
+def tiny_corpus(seed: int, n_sentences: int = 2000) -> list[str]:
+    """``n_sentences`` seeded random sentences over a small fixed vocabulary (the tiny tokenizer's training text,
+    and corpora for tests)."""
     gen = torch.Generator().manual_seed(seed)
     sentences = []
     for _ in range(n_sentences):
@@ -458,7 +467,7 @@ def _tiny_tokenizer_json(vocab_size: int, seed: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tiny_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(tiny_corpus(seed), trainer=trainer)
     return tok.to_str()
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import fails, never_load
+from helpers.data import opinionqa_root
 
 from steer import cli
 from steer.errors import ArtefactMismatchError, InputFileNotFoundError, ModelLoadError, UserInputError
@@ -20,21 +22,6 @@ from steer.models import tiny_causal_lm
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _fails(capsys, argv: list[str], *needles: str) -> str:
-    """Run ``steer argv`` in-process: status 2, one ``error:`` line holding every needle, no traceback."""
-    code = cli.main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, f"exit status {code} for {argv}\nstdout: {out}\nstderr: {err}"
-    assert "Traceback" not in out + err, err
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith("steer "), line
-    for needle in needles:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    return line
 
 
 def _jsonl(path: Path, records: list) -> Path:
@@ -112,7 +99,7 @@ PARSE_CASES = [
 
 @pytest.mark.parametrize("argv, needles", PARSE_CASES, ids=[" ".join(c[0][:3]) for c in PARSE_CASES])
 def test_bad_values_are_one_line(argv, needles, capsys):
-    _fails(capsys, argv, *needles)
+    fails(capsys, argv, *needles)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,19 +107,9 @@ def test_bad_values_are_one_line(argv, needles, capsys):
 # --------------------------------------------------------------------------------------------------
 
 
-def _never_load(monkeypatch):
-    """Make any model load fail loudly: the checks must come first."""
-    import steer.models
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a model was loaded before the inputs were checked")
-
-    monkeypatch.setattr(steer.models, "load_causal_lm", boom)
-
-
 def test_constrained_unknown_constraint(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
-    _fails(
+    never_load(monkeypatch)
+    fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(files["out"]), "--constraint", "nope"],
         "ConstrainedScriptArguments.constraint",
@@ -142,14 +119,14 @@ def test_constrained_unknown_constraint(files, capsys, monkeypatch):
 
 
 def test_constrained_bad_constraint_kwargs(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
-    _fails(
+    never_load(monkeypatch)
+    fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(files["out"]), "--constraint_kwargs", '{"backend": "vibes"}'],
         "constraint_kwargs",
         "vibes",
     )
-    _fails(
+    fails(
         capsys,
         [
             *CONSTRAINED,
@@ -169,13 +146,13 @@ def test_constrained_detoxify_offline_names_checkpoint_and_config_dir(files, cap
     """Offline, the published detoxify checkpoint cannot be downloaded: one line naming the offline kwargs."""
     import urllib.error
 
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    _fails(
+    fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(files["out"]), "--constraint_kwargs", '{"backend": "detoxify"}'],
         "checkpoint",
@@ -185,8 +162,8 @@ def test_constrained_detoxify_offline_names_checkpoint_and_config_dir(files, cap
 
 
 def test_constrained_output_dir_with_a_previous_run(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
-    line = _fails(
+    never_load(monkeypatch)
+    line = fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(files["previous_run"])],
         str(files["previous_run"]),
@@ -197,15 +174,15 @@ def test_constrained_output_dir_with_a_previous_run(files, capsys, monkeypatch):
 
 
 def test_constrained_missing_resume_checkpoint(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     missing = files["out"] / "checkpoint-7"
-    _fails(
+    fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(files["out"]), "--resume_from_checkpoint", str(missing)],
         "resume_from_checkpoint",
         str(missing),
     )
-    _fails(
+    fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(files["out"]), "--resume_from_checkpoint", "true"],
         "resume_from_checkpoint",
@@ -214,11 +191,11 @@ def test_constrained_missing_resume_checkpoint(files, capsys, monkeypatch):
 
 
 def test_constrained_incomplete_checkpoint(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     checkpoint = files["out"] / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
-    _fails(
+    fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(files["out"]), "--resume_from_checkpoint", "latest"],
         "resume_from_checkpoint",
@@ -234,8 +211,8 @@ def test_constrained_incomplete_checkpoint(files, capsys, monkeypatch):
     ],
 )
 def test_constrained_model_dir_without_a_model(which, needles, files, capsys, monkeypatch):
-    _never_load(monkeypatch)
-    _fails(
+    never_load(monkeypatch)
+    fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(files["out"]), "--model_name_or_path", str(files[which])],
         *needles,
@@ -254,19 +231,19 @@ def test_constrained_model_dir_without_a_model(which, needles, files, capsys, mo
     ],
 )
 def test_constrained_bad_dataset_files(which, needles, files, capsys, monkeypatch, tmp_path):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     path = files[which] if which != "missing" else tmp_path / "missing.jsonl"
     argv = [*CONSTRAINED, "--output_dir", str(files["out"]), "--constraint", "keyword"]
     argv += ["--constraint_kwargs", '{"banned": ["bad"]}', "--dataset_name", str(path)]
-    _fails(capsys, argv, *needles)
+    fails(capsys, argv, *needles)
 
 
 def test_constrained_prompt_row_without_text(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = [*CONSTRAINED, "--output_dir", str(files["out"]), "--constraint", "keyword"]
     argv += ["--constraint_kwargs", '{"banned": ["bad"]}', "--dataset_name", str(files["text_only"])]
     argv += ["--prompt_dataset_name", str(files["bad_prompts"])]
-    _fails(capsys, argv, "prompt_dataset_name", "row 1", "no prompt text")
+    fails(capsys, argv, "prompt_dataset_name", "row 1", "no prompt text")
 
 
 def _rtp_mirror(tmp_path, monkeypatch, lines: list[str]) -> Path:
@@ -279,17 +256,17 @@ def _rtp_mirror(tmp_path, monkeypatch, lines: list[str]) -> Path:
 
 
 def test_rtp_record_without_prompt_names_file_and_line(files, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     good = json.dumps({"prompt": {"text": "The cat"}, "continuation": {"text": " sat."}})
     bad = json.dumps({"continuation": {"text": " and no prompt"}})
     path = _rtp_mirror(tmp_path, monkeypatch, [good, good, "", bad])
     argv = [*CONSTRAINED, "--output_dir", str(files["out"]), "--heldout_size", "0"]
     argv += ["--constraint_kwargs", '{"backend": "profanity"}']
-    _fails(capsys, argv, f"{path}:4", "has no 'prompt'")
+    fails(capsys, argv, f"{path}:4", "has no 'prompt'")
 
 
 def test_rtp_mirror_of_empty_files(files, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     _rtp_mirror(tmp_path, monkeypatch, [])
     argv = [
         *CONSTRAINED,
@@ -298,11 +275,11 @@ def test_rtp_mirror_of_empty_files(files, tmp_path, capsys, monkeypatch):
         "--constraint_kwargs",
         '{"backend": "profanity"}',
     ]
-    _fails(capsys, argv, "RealToxicityPrompts", "empty")
+    fails(capsys, argv, "RealToxicityPrompts", "empty")
 
 
 def test_steer_data_dir_that_is_not_a_directory(files, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     monkeypatch.setenv("STEER_DATA_DIR", str(tmp_path / "nowhere"))
     argv = [
         *CONSTRAINED,
@@ -311,7 +288,7 @@ def test_steer_data_dir_that_is_not_a_directory(files, tmp_path, capsys, monkeyp
         "--constraint_kwargs",
         '{"backend": "profanity"}',
     ]
-    _fails(capsys, argv, "STEER_DATA_DIR", "nowhere")
+    fails(capsys, argv, "STEER_DATA_DIR", "nowhere")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,36 +297,36 @@ def test_steer_data_dir_that_is_not_a_directory(files, tmp_path, capsys, monkeyp
 
 
 def test_persona_overlapping_waves(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = [*PERSONA, "--output_dir", str(files["out"]), "--train_waves", "26", "27", "--eval_waves", "27"]
-    _fails(capsys, argv, "W27", "train_waves", "eval_waves")
+    fails(capsys, argv, "W27", "train_waves", "eval_waves")
 
 
 def test_persona_missing_opinionqa_dir(files, capsys, monkeypatch, tmp_path):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = [*PERSONA, "--output_dir", str(files["out"]), "--opinionqa_dir", str(tmp_path / "no_such_dir")]
-    _fails(capsys, argv, "PersonaScriptArguments.opinionqa_dir", "no_such_dir")
+    fails(capsys, argv, "PersonaScriptArguments.opinionqa_dir", "no_such_dir")
 
 
 def test_persona_unknown_wave(files, capsys, monkeypatch, tmp_path):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     root = tmp_path / "opinionqa"
     (root / "American_Trends_Panel_W26").mkdir(parents=True)
     argv = [*PERSONA, "--output_dir", str(files["out"]), "--opinionqa_dir", str(root)]
     argv += ["--train_waves", "26", "--valid_waves", "998", "--eval_waves", "999"]
-    _fails(capsys, argv, "valid_waves", "American_Trends_Panel_W998", str(root))
+    fails(capsys, argv, "valid_waves", "American_Trends_Panel_W998", str(root))
 
 
 def test_persona_missing_responses_csv(files, capsys, monkeypatch, tmp_path):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = [*PERSONA, "--output_dir", str(files["out"]), "--persona_source", "individuals"]
     argv += ["--responses_csv", str(tmp_path / "responses.csv")]
-    _fails(capsys, argv, "PersonaScriptArguments.responses_csv", "responses.csv")
+    fails(capsys, argv, "PersonaScriptArguments.responses_csv", "responses.csv")
 
 
 def test_persona_contrast_needs_question_block(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
-    _fails(
+    never_load(monkeypatch)
+    fails(
         capsys,
         [*PERSONA, "--output_dir", str(files["out"]), "--contrast_weight", "1.0"],
         "contrast_weight",
@@ -358,8 +335,8 @@ def test_persona_contrast_needs_question_block(files, capsys, monkeypatch):
 
 
 def test_persona_output_dir_with_a_previous_run(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
-    _fails(capsys, [*PERSONA, "--output_dir", str(files["previous_run"])], "overwrite_output_dir")
+    never_load(monkeypatch)
+    fails(capsys, [*PERSONA, "--output_dir", str(files["previous_run"])], "overwrite_output_dir")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,14 +345,14 @@ def test_persona_output_dir_with_a_previous_run(files, capsys, monkeypatch):
 
 
 def test_eval_toxicity_prompt_record_without_prompt(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = ["eval", "toxicity", "--prompts_file", str(files["rtp_missing_prompt"])]
-    _fails(capsys, argv, f"{files['rtp_missing_prompt']}:2", "'prompt'")
+    fails(capsys, argv, f"{files['rtp_missing_prompt']}:2", "'prompt'")
 
 
 def test_eval_toxicity_invalid_json_line(files, capsys, monkeypatch):
-    _never_load(monkeypatch)
-    _fails(
+    never_load(monkeypatch)
+    fails(
         capsys, ["eval", "toxicity", "--prompts_file", str(files["invalid_json"])], "invalid.jsonl:2", "JSON"
     )
 
@@ -391,19 +368,19 @@ def test_eval_toxicity_invalid_json_line(files, capsys, monkeypatch):
     ],
 )
 def test_eval_toxicity_paths(flag, which, needles, files, capsys, monkeypatch, tmp_path):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     path = files[which] if which != "missing" else tmp_path / "missing"
-    _fails(capsys, ["eval", "toxicity", flag, str(path)], *needles)
+    fails(capsys, ["eval", "toxicity", flag, str(path)], *needles)
 
 
 def test_eval_toxicity_classifier_oracle_needs_a_checkpoint(capsys, monkeypatch):
-    _never_load(monkeypatch)
-    _fails(capsys, ["eval", "toxicity", "--oracle", "classifier"], "oracle_checkpoint")
+    never_load(monkeypatch)
+    fails(capsys, ["eval", "toxicity", "--oracle", "classifier"], "oracle_checkpoint")
 
 
 def test_eval_opinions_without_persona_dir(files, capsys):
-    _fails(capsys, ["eval", "opinions"], "OpinionEvalArguments.persona_dir")
-    _fails(capsys, ["eval", "opinions", "--persona_dir", str(files["empty_dir"])], "soft_prompt_config.json")
+    fails(capsys, ["eval", "opinions"], "OpinionEvalArguments.persona_dir")
+    fails(capsys, ["eval", "opinions", "--persona_dir", str(files["empty_dir"])], "soft_prompt_config.json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,8 +414,8 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
 
 
 def test_api_errors_are_user_input_errors(files, tmp_path):
+    from steer.constraints import build_constraint
     from steer.data import load_table
-    from steer.scripts.constrained import build_constraint
 
     with pytest.raises(InputFileNotFoundError, match="missing.csv"):
         load_table(str(tmp_path / "missing.csv"), what="my_field")
@@ -465,7 +442,8 @@ def test_load_causal_lm_errors_are_one_line(files, tmp_path):
 def test_build_oracle_detoxify_offline(monkeypatch):
     import urllib.error
 
-    from steer.eval.toxicity import ToxicityEvalArguments, build_oracle
+    from steer.eval.oracle import build_oracle
+    from steer.eval.toxicity import ToxicityEvalArguments
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -517,7 +495,7 @@ def test_persona_on_a_different_base_model_cli(tmp_path, capsys):
     split = {"waves": ["W26"], "question_keys": [], "protocol": "groups"}
     (tmp_path / "run" / "data" / "split.json").write_text(json.dumps(split))
     argv = ["eval", "opinions", "--persona_dir", str(tmp_path / "run" / "persona")]
-    _fails(capsys, [*argv, "--model_name_or_path", str(tmp_path / "other")], "trained on base model tiny-0")
+    fails(capsys, [*argv, "--model_name_or_path", str(tmp_path / "other")], "trained on base model tiny-0")
 
 
 def test_guidance_on_a_different_base_model_is_refused(tmp_path):
@@ -545,7 +523,7 @@ def test_eval_opinions_refuses_data_and_persona_of_different_runs(tmp_path, caps
     (tmp_path / "run" / "data").mkdir()
     split = {"waves": ["W26"], "question_keys": [], "protocol": "groups", "run_id": "bbbb"}
     (tmp_path / "run" / "data" / "split.json").write_text(json.dumps(split))
-    line = _fails(
+    line = fails(
         capsys,
         ["eval", "opinions", "--persona_dir", str(tmp_path / "run" / "persona")],
         "split.json (run bbbb)",
@@ -556,20 +534,10 @@ def test_eval_opinions_refuses_data_and_persona_of_different_runs(tmp_path, caps
     # a split from a newer run beside a persona from before run ids were recorded is refused too
     steered.metadata.pop("run_id")
     steered.save_pretrained(tmp_path / "run" / "persona")
-    _fails(capsys, ["eval", "opinions", "--persona_dir", str(tmp_path / "run" / "persona")], "unrecorded")
+    fails(capsys, ["eval", "opinions", "--persona_dir", str(tmp_path / "run" / "persona")], "unrecorded")
 
 
-def _root():
-    try:
-        from steer.data import opinionqa_dir
-
-        root = opinionqa_dir()
-    except FileNotFoundError:
-        return None
-    return root if (Path(root) / "American_Trends_Panel_W26" / "info.csv").is_file() else None
-
-
-@pytest.mark.skipif(_root() is None, reason="OpinionQA data not available")
+@pytest.mark.skipif(opinionqa_root() is None, reason="OpinionQA data not available")
 def test_a_failing_persona_run_leaves_the_previous_run_intact(tmp_path, monkeypatch, capsys):
     from steer.scripts.persona import PersonaScriptArguments, train_persona
     from steer.trainers.persona import PersonaConfig, PersonaTrainer

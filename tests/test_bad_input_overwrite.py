@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_bad_input import _fails
+from helpers.cli import fails
 
 from steer import cli
 from steer.scripts.output import REPLACED_DIR, replacing_previous_run, run_entries
@@ -25,10 +25,10 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from steer.models import _tiny_corpus
+    from steer.models import tiny_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    sentences = _tiny_corpus(3, 40)
+    sentences = tiny_corpus(3, 40)
     path.write_text(
         "".join(
             json.dumps({"prompt": sentences[i], "completion": " " + sentences[i + 1]}) + "\n"
@@ -138,7 +138,7 @@ def test_persona_over_a_constrained_run(tiny_dir, tmp_path, capsys, one_thread):
     argv = ["train", "persona", "--config", str(ROOT / "recipes" / "tiny" / "persona.yaml")]
     argv += ["--model_name_or_path", str(tiny_dir), "--output_dir", str(out), "--max_steps", "1"]
     argv += ["--n_respondents", "30", "--max_train_examples", "16", "--max_questions", "8"]
-    _fails(capsys, argv, "overwrite_output_dir", "adapter_config.json")
+    fails(capsys, argv, "overwrite_output_dir", "adapter_config.json")
     assert cli.main([*argv, "--overwrite_output_dir", "true"]) == 0
     capsys.readouterr()
     names = {p.name for p in out.iterdir()}
@@ -151,9 +151,9 @@ def test_persona_over_a_constrained_run(tiny_dir, tmp_path, capsys, one_thread):
         REPLACED_DIR,
     }
     # nothing of the constrained run is picked up any more
-    _fails(capsys, ["eval", "toxicity", "--guidance_dir", str(out / "guidance")], "guidance_dir", "not found")
+    fails(capsys, ["eval", "toxicity", "--guidance_dir", str(out / "guidance")], "guidance_dir", "not found")
     resume = [*argv, "--resume_from_checkpoint", "latest"]
-    _fails(capsys, resume, "resume_from_checkpoint", "no checkpoint")
+    fails(capsys, resume, "resume_from_checkpoint", "no checkpoint")
 
 
 def test_a_run_that_stops_before_writing_puts_the_previous_run_back(

@@ -12,9 +12,10 @@ import warnings
 from pathlib import Path
 
 import pytest
-from test_bad_input import _fails, _never_load
+from helpers.cli import fails, never_load
 
 from steer import cli
+from steer.cli.devices import accelerator_available
 from steer.errors import InputFileNotFoundError, InputKeyError, UserInputError
 from steer.models import tiny_causal_lm
 from steer.scripts.output import run_entries
@@ -116,9 +117,9 @@ def _eval(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("option", [["--waves", "26", "27", "29"], ["--group_by", "SEX"]])
 def test_persona_individual_options_under_groups(option, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = ["train", "persona", "--output_dir", str(tmp_path / "out"), *option]
-    _fails(capsys, argv, f"PersonaScriptArguments.{option[0][2:]}", "persona_source='individuals' only")
+    fails(capsys, argv, f"PersonaScriptArguments.{option[0][2:]}", "persona_source='individuals' only")
     assert not (tmp_path / "out").exists()
 
 
@@ -130,14 +131,14 @@ def test_persona_individual_options_under_groups(option, tmp_path, capsys, monke
 def test_adapter_on_another_base_model(adapter_dir, other_dir, prompts, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = _eval(adapter_dir, prompts, out, "--base_model", str(other_dir), "--skip_perplexity", "true")
-    _fails(capsys, argv, f"the adapter in {adapter_dir}", "different weights", "--allow_base_mismatch")
+    fails(capsys, argv, f"the adapter in {adapter_dir}", "different weights", "--allow_base_mismatch")
     assert not list(out.glob("*.json"))  # refused before anything was generated
     assert cli.main([*argv, "--allow_base_mismatch", "true"]) == 0  # the rare user who means it
     capsys.readouterr()
 
 
 def test_adapter_load_is_quiet(adapter_dir):
-    from steer.eval.toxicity import load_eval_model
+    from steer.eval.generation import load_eval_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -228,16 +229,16 @@ def test_training_prompts_are_cut_to_the_sampling_budget(tiny_dir, tmp_path):
 
 
 def test_eval_output_dir_that_cannot_be_written(prompts, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    _fails(
+    fails(
         capsys,
         _eval(Path("smollm2-135m"), prompts, blocker / "eval"),
         "ToxicityEvalArguments.output_dir",
         "not writable",
     )
-    _fails(
+    fails(
         capsys,
         _eval(Path("smollm2-135m"), prompts, blocker),
         "ToxicityEvalArguments.output_dir",
@@ -249,18 +250,18 @@ def test_eval_unknown_baseline_run(tiny_dir, prompts, tmp_path, capsys, monkeypa
     out = tmp_path / "eval"
     assert cli.main(_eval(tiny_dir, prompts, out, "--run_name", "base", "--skip_perplexity", "true")) == 0
     capsys.readouterr()
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = _eval(tiny_dir, prompts, out, "--run_name", "second", "--baseline_run", "bsae")
-    _fails(capsys, argv, "baseline_run='bsae'", "'base'")
+    fails(capsys, argv, "baseline_run='bsae'", "'base'")
     assert sorted(p.name for p in out.glob("*.json")) == ["base.json", "toxicity_report.json"]
 
 
 def test_eval_compare_with_another_kind_of_report(prompts, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     other = tmp_path / "opinions.json"
     other.write_text(json.dumps({"schema": "steer.eval.opinions/v1", "metrics": {}}))
     argv = _eval(Path("smollm2-135m"), prompts, tmp_path / "eval", "--compare_with", str(other))
-    _fails(capsys, argv, "compare_with", "opinions.json", "not a `steer eval toxicity` run result")
+    fails(capsys, argv, "compare_with", "opinions.json", "not a `steer eval toxicity` run result")
 
 
 def test_report_shows_intervals(tiny_dir, prompts, tmp_path, capsys):
@@ -290,18 +291,18 @@ def test_report_shows_intervals(tiny_dir, prompts, tmp_path, capsys):
 def test_malformed_yaml(text, needles, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
-    _fails(capsys, [*CONSTRAINED, "--config", str(recipe)], str(recipe), *needles)
+    fails(capsys, [*CONSTRAINED, "--config", str(recipe)], str(recipe), *needles)
     recipe.write_bytes(b"\x00\x01\xff\xfe")
-    _fails(capsys, ["eval", "toxicity", "--config", str(recipe)], str(recipe), "not a UTF-8 text file")
+    fails(capsys, ["eval", "toxicity", "--config", str(recipe)], str(recipe), "not a UTF-8 text file")
 
 
 def test_binary_prompts_file(tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(b'{"prompt": "ok"}\n\x89PNG\r\n\x1a\n\x00\xff\xfe')
-    _fails(capsys, ["eval", "toxicity", "--prompts_file", str(path)], str(path), "not UTF-8 text", "line 2")
+    fails(capsys, ["eval", "toxicity", "--prompts_file", str(path)], str(path), "not UTF-8 text", "line 2")
     path.write_bytes(b'{"prompt": "ok"}\n\x00\x00\x00\n')
-    _fails(capsys, ["eval", "toxicity", "--prompts_file", str(path)], str(path), "binary")
+    fails(capsys, ["eval", "toxicity", "--prompts_file", str(path)], str(path), "binary")
 
 
 def test_corrupt_guidance_files(tiny_dir, prompts, tmp_path, capsys):
@@ -314,31 +315,29 @@ def test_corrupt_guidance_files(tiny_dir, prompts, tmp_path, capsys):
     GuidanceModel(model, GuidanceConfig(backbone="separate", separate_num_layers=1)).save_pretrained(guidance)
     (guidance / "context_prior.safetensors").write_bytes(b"\x07garbage, not safetensors")
     argv = _eval(tiny_dir, prompts, tmp_path / "eval", "--guidance_dir", str(guidance))
-    _fails(capsys, argv, "guidance_dir", str(guidance / "context_prior.safetensors"), "cannot be read")
+    fails(capsys, argv, "guidance_dir", str(guidance / "context_prior.safetensors"), "cannot be read")
     (guidance / "context_prior.safetensors").unlink()
     (guidance / "model.safetensors").write_bytes(b"\x00" * 16)
-    _fails(capsys, argv, "guidance_dir", str(guidance / "model.safetensors"), "cannot be read")
+    fails(capsys, argv, "guidance_dir", str(guidance / "model.safetensors"), "cannot be read")
 
 
 def test_use_peft_false_with_the_lora_guidance_backbone(tiny_dir, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = _constrained(tmp_path, tiny_dir, "--use_peft", "false")
-    _fails(capsys, argv, "use_peft=false", "guidance_backbone='lora'", "separate")
-    _fails(
-        capsys, [*argv, "--guidance_backbone", "separate", "--kl_reference", "base"], "kl_reference='base'"
-    )
+    fails(capsys, argv, "use_peft=false", "guidance_backbone='lora'", "separate")
+    fails(capsys, [*argv, "--guidance_backbone", "separate", "--kl_reference", "base"], "kl_reference='base'")
 
 
 def test_max_length_too_small_for_any_sample(tiny_dir, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = _constrained(tmp_path, tiny_dir, "--max_length", "3")
-    _fails(capsys, argv, "ConstrainedConfig.max_length=3", "no trained token", "shortest prompt has")
+    fails(capsys, argv, "ConstrainedConfig.max_length=3", "no trained token", "shortest prompt has")
 
 
 def test_lora_target_that_does_not_exist(tiny_dir, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     argv = _constrained(tmp_path, tiny_dir, "--lora_target_modules", "q_proj", "qproj")
-    line = _fails(capsys, argv, "lora_target_modules", "['qproj']", "q_proj")
+    line = fails(capsys, argv, "lora_target_modules", "['qproj']", "q_proj")
     assert "v_proj" in line  # the names that exist
 
 
@@ -356,18 +355,18 @@ def test_oracle_failing_on_the_context_prior_word_list(tiny_dir, tmp_path, capsy
     argv = _constrained(tmp_path, tiny_dir, "--constraint", "fragile_oracle:Fragile", "--max_steps", "1")
     _corpus(tmp_path / "corpus.jsonl", prompt="The bad cat")  # 'bad' is a word of the corpus: it is scored
     argv += ["--guidance_context_prior", "corpus", "--guidance_prior_cache_dir", str(tmp_path / "cache")]
-    _fails(capsys, argv, "constraint", "context-prior word list", "TypeError: cannot score the word list")
+    fails(capsys, argv, "constraint", "context-prior word list", "TypeError: cannot score the word list")
     assert not run_entries(tmp_path / "out")  # stopped before anything was trained or written
 
 
 def test_gpu_deepspeed_config_without_an_accelerator(tmp_path, capsys, monkeypatch):
-    if cli._accelerator_available():
+    if accelerator_available():
         pytest.skip("an accelerator is present")
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    _fails(
+    fails(
         capsys,
         [*CONSTRAINED, "--output_dir", str(tmp_path)],
         "mixed_precision=bf16",
@@ -421,7 +420,7 @@ def test_no_deepspeed_or_matplotlib_noise(tmp_path):
     import subprocess
     import sys
 
-    if cli._accelerator_available():
+    if accelerator_available():
         pytest.skip("an accelerator is present")
     code = (
         "import logging, os; from steer import cli; "
@@ -443,26 +442,26 @@ def test_no_deepspeed_or_matplotlib_noise(tmp_path):
 
 
 def test_new_user_pass(tiny_dir, prompts, tmp_path, capsys, monkeypatch):
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     binary = tmp_path / "data.csv"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
-    _fails(capsys, ["eval", "agreement", "--limit", "0"], "OracleAgreementArguments.limit")
-    _fails(
+    fails(capsys, ["eval", "agreement", "--limit", "0"], "OracleAgreementArguments.limit")
+    fails(
         capsys,
         ["eval", "agreement", "--output_file", str(binary / "x.json")],
         "output_file",
         "not a directory",
     )
     argv = _eval(tiny_dir, prompts, tmp_path / "eval", "--reference_model", str(tmp_path / "nowhere"))
-    _fails(capsys, argv, "ToxicityEvalArguments.reference_model", "not found")
+    fails(capsys, argv, "ToxicityEvalArguments.reference_model", "not found")
     argv = _eval(
         tiny_dir, prompts, tmp_path / "eval", "--oracle", "detoxify", "--oracle_checkpoint", str(checkpoint)
     )
-    _fails(capsys, argv, str(checkpoint), "not a readable detoxify checkpoint")
+    fails(capsys, argv, str(checkpoint), "not a readable detoxify checkpoint")
     argv = [*CONSTRAINED, "--output_dir", str(tmp_path / "out"), "--dataset_name", str(binary)]
-    _fails(capsys, argv, "dataset_name", "data.csv", "cannot read the file as csv")
+    fails(capsys, argv, "dataset_name", "data.csv", "cannot read the file as csv")
     assert not list((tmp_path / "eval").glob("*.json")) if (tmp_path / "eval").exists() else True
 
 

@@ -15,6 +15,7 @@ import torch
 
 from steer import cli
 from steer.cli import COMMANDS, Command, CommandLineError, find_command, parse_command_args
+from steer.cli.devices import accelerator_available, use_cpu_when_no_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +168,7 @@ def test_python_dash_m_entry_points():
 def _leaf_types(name: str) -> list[type]:
     command = next(c for c in COMMANDS if c.name == name)
     try:
-        _, types = cli._load_command(command)
+        _, types = cli.load_command(command)
     except CommandLineError as err:
         pytest.fail(f"{name}: {err}")
     return types
@@ -290,16 +291,16 @@ def test_field_clash_between_dataclasses_is_reported():
 def test_cpu_defaults_and_multi_rank_cpu(monkeypatch):
     from transformers import TrainingArguments
 
-    if cli._accelerator_available():
+    if accelerator_available():
         pytest.skip("an accelerator is present: the CPU defaults do not apply")
     parser = cli.make_parser(_TOY, [_ToyArguments, TrainingArguments])
     assert parser.get_default("use_cpu") is True and parser.get_default("bf16") is False
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    cli._use_cpu_when_no_accelerator()
+    use_cpu_when_no_accelerator()
     assert "ACCELERATE_USE_CPU" not in os.environ
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cli._use_cpu_when_no_accelerator()
+    use_cpu_when_no_accelerator()
     assert os.environ["ACCELERATE_USE_CPU"] == "true"
 
 

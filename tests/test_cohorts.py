@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers.data import opinionqa_root
 from sklearn.metrics import adjusted_rand_score
 
 from steer.persona.cohorts import CohortResult, elbow, find_cohorts, group_centroids
@@ -12,17 +13,7 @@ from steer.persona.embedder import PersonaEmbedder
 from steer.persona.plots import plot_embeddings, project_2d
 from steer.persona.simulate import simulate_respondents, synthetic_responses
 
-
-def _root():
-    from steer.data import opinionqa_dir
-
-    try:
-        return opinionqa_dir()
-    except FileNotFoundError:
-        return None
-
-
-ROOT = _root()
+ROOT = opinionqa_root()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

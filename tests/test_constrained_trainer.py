@@ -16,9 +16,10 @@ from helpers.constrained import values as _values
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
+from steer.constraints import build_constraint
 from steer.guidance import GuidanceModel, constraint_kl_naive
 from steer.models import tiny_causal_lm
-from steer.scripts.constrained import ConstrainedScriptArguments, build_constraint
+from steer.scripts.constrained import ConstrainedScriptArguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

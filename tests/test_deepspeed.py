@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-import test_fsdp2 as f2
-import test_multiprocess as mp
-from test_multiprocess import tiny_model_dir  # noqa: F401  (fixture)
+from helpers.launch import ROOT, SHARDED_DRIVER, constrained_args, launch, launch_failing
+from helpers.sharded import check_constrained_artefacts, check_equals_ddp, check_persona_run
 
-ROOT = Path(__file__).resolve().parents[1]
 ZERO3_CPU_CONFIG = ROOT / "accelerate_configs" / "zero3_cpu.yaml"
 ZERO2_CPU_CONFIG = ROOT / "accelerate_configs" / "zero2_cpu.yaml"
 
-# test_fsdp2's driver, counting ZeRO-3 partitioned parameters instead of DTensors (also the guidance model's)
+# the sharded (FSDP2) driver, counting ZeRO-3 partitioned parameters instead of DTensors (also the guidance model's)
 _PARTITIONED = "sum(hasattr(p, 'ds_id') and p.ds_tensor.numel() < p.ds_numel for p in {})"
-DRIVER = f2.DRIVER.replace(
+DRIVER = SHARDED_DRIVER.replace(
     "sharded = sum(isinstance(p, DTensor) for p in trainer.model.parameters())",
     "sharded = " + _PARTITIONED.format("trainer.model.parameters()") + "\n"
     "guidance_partitioned = "
@@ -47,10 +46,8 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
-def launch_zero(steer_args: list[str], workdir: Path, monkeypatch, config: Path = ZERO3_CPU_CONFIG) -> str:
-    monkeypatch.setattr(mp, "ACCELERATE_CONFIG", config)
-    monkeypatch.setattr(mp, "DRIVER", DRIVER)
-    log, seconds = mp.launch(steer_args, workdir)
+def launch_zero(steer_args: list[str], workdir: Path, config: Path = ZERO3_CPU_CONFIG) -> str:
+    log, seconds = launch(steer_args, workdir, config=config, driver=DRIVER)
     print(f"{config.stem} 2-rank run: {seconds:.1f} s")
     return log
 
@@ -86,29 +83,29 @@ def test_zero3_cpu_config_is_zero3_without_use_cpu():
 
 def test_the_cli_keeps_deepspeed_on_cpu_ranks(monkeypatch):
     """No accelerator + a DeepSpeed launch: use_cpu off, gloo, DS_ACCELERATOR=cpu (not the DDP fallback)."""
-    from steer import cli
+    from steer.cli import devices
 
-    monkeypatch.setattr(cli, "_accelerator_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    cli._use_cpu_when_no_accelerator()
-    assert "ACCELERATE_USE_CPU" not in cli.os.environ and cli.os.environ["DS_ACCELERATOR"] == "cpu"
+    devices.use_cpu_when_no_accelerator(available=lambda: False)
+    assert "ACCELERATE_USE_CPU" not in os.environ and os.environ["DS_ACCELERATOR"] == "cpu"
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
-    cli._use_cpu_when_no_accelerator()
-    assert cli.os.environ["ACCELERATE_USE_CPU"] == "true"
+    devices.use_cpu_when_no_accelerator(available=lambda: False)
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"
 
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_persona_zero3(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
-    """The FSDP2 persona checks (test_fsdp2.check_persona_run) under ZeRO-3, with partitioned parameters."""
-    f2.check_persona_run(
+def test_persona_zero3(tmp_path, tiny_model_dir):
+    """The FSDP2 persona checks (helpers.sharded.check_persona_run) under ZeRO-3, with partitioned parameters."""
+    check_persona_run(
         tmp_path,
         tiny_model_dir,
-        lambda args: launch_zero(args, tmp_path, monkeypatch),
+        lambda args: launch_zero(args, tmp_path),
         lambda log, out: _check_zero_ranks(log, out, "train persona"),
+        DRIVER,
     )
 
 
@@ -120,27 +117,25 @@ def test_persona_zero3(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
 @pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
-def test_constrained_zero_equals_ddp(tmp_path, tiny_model_dir, monkeypatch, stage):  # noqa: F811
+def test_constrained_zero_equals_ddp(tmp_path, tiny_model_dir, stage):
     """ZeRO-2 and ZeRO-3 on 2 CPU ranks: the guidance rounds, the KL and the saved artefacts as under DDP (same
     ranks, data and seeds), and resume from a DeepSpeed checkpoint reproduces the uninterrupted run. Under ZeRO-3
     the rounds and each step's KL run on gathered weights with DeepSpeed's module hooks off
     (sharding.zero3_whole); the guidance adapter, partitioned with the policy, is gathered to be saved."""
     config = ZERO3_CPU_CONFIG if stage == 3 else ZERO2_CPU_CONFIG
     out = tmp_path / "out"
-    common = mp.constrained_args(tmp_path, tiny_model_dir)
+    common = constrained_args(tmp_path, tiny_model_dir)
     args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
-    log = launch_zero(args, tmp_path, monkeypatch, config)
+    log = launch_zero(args, tmp_path, config)
     ranks = _check_zero_ranks(log, out, "train constrained", partitioned=stage == 3)
     # ZeRO-3 partitions the guidance adapter with the policy: saving and checkpoints must gather it
     assert (ranks[0]["guidance_partitioned"] > 0) == (stage == 3)
-    f2.check_constrained_artefacts(log, out, ranks, tiny_model_dir)
-    reference = f2.check_equals_ddp(common, out, ranks, tmp_path, monkeypatch)
+    check_constrained_artefacts(log, out, ranks, tiny_model_dir)
+    reference = check_equals_ddp(common, out, ranks, tmp_path, DRIVER)
     assert ranks[0]["guidance_digest"] == reference["guidance_digest"]
 
     shutil.rmtree(out / "checkpoint-4")
-    log = launch_zero(
-        [*args, "--resume_from_checkpoint", str(out / "checkpoint-2")], tmp_path, monkeypatch, config
-    )
+    log = launch_zero([*args, "--resume_from_checkpoint", str(out / "checkpoint-2")], tmp_path, config)
     resumed = _check_zero_ranks(log, out, "train constrained", partitioned=stage == 3)
     # the guidance model, its optimizer, buffers and round counter came back (DeepSpeed's resume path does not
     # call _load_from_checkpoint): no second warm-up round, only the round due at step 2
@@ -152,8 +147,8 @@ def test_constrained_zero_equals_ddp(tmp_path, tiny_model_dir, monkeypatch, stag
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_constrained_zero3_refuses_a_background_schedule_in_one_line(tmp_path, tiny_model_dir):  # noqa: F811
-    args = [*mp.constrained_args(tmp_path, tiny_model_dir), "--output_dir", str(tmp_path / "out")]
-    log = mp.launch_failing(ZERO3_CPU_CONFIG, [*args, "--schedule", "parallel"], tmp_path)
+def test_constrained_zero3_refuses_a_background_schedule_in_one_line(tmp_path, tiny_model_dir):
+    args = [*constrained_args(tmp_path, tiny_model_dir), "--output_dir", str(tmp_path / "out")]
+    log = launch_failing(ZERO3_CPU_CONFIG, [*args, "--schedule", "parallel"], tmp_path)
     assert "error: ConstrainedTrainer under DeepSpeed ZeRO-3 needs a PEFT policy" in log, log[-3000:]
     assert "schedule='parallel'" in log

@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
 
-from steer.eval.opinions import (
-    INDIVIDUAL_METHODS,
-    METHODS,
-    OpinionEvalArguments,
-    demographic_preamble,
-    few_shot_preamble,
-    macro_accuracy,
-    ordinal_wasserstein,
-    representativeness,
-    run_opinion_eval,
-)
+from steer.eval.opinion_baselines import demographic_preamble, few_shot_preamble
+from steer.eval.opinion_individuals import INDIVIDUAL_METHODS
+from steer.eval.opinion_metrics import macro_accuracy, ordinal_wasserstein, representativeness
+from steer.eval.opinions import METHODS, OpinionEvalArguments, run_opinion_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +70,7 @@ def test_bad_method_is_a_clear_error():
 
 
 def test_split_parts_score_their_own_questions():
-    from steer.eval.opinions import eval_question_keys
+    from steer.eval.opinion_groups import eval_question_keys
 
     split = {
         "train_question_keys": ["A_W26"],

@@ -11,22 +11,18 @@ import torch
 
 from steer.constraints import CallableConstraint, KeywordConstraint, NonToxic
 from steer.eval import report
-from steer.eval.toxicity import (
-    SCHEMA,
-    OracleAgreementArguments,
-    ToxicityEvalArguments,
+from steer.eval.agreement import OracleAgreementArguments, oracle_agreement
+from steer.eval.generation import hf_generate_fn, load_eval_model
+from steer.eval.metrics import (
     compute_toxicity_metrics,
     distinct_n,
     diversity_metrics,
-    hf_generate_fn,
-    load_eval_model,
-    load_heldout_texts,
-    load_prompts,
-    oracle_agreement,
     perplexity,
-    run_toxicity_eval,
     toxicity_scores,
 )
+from steer.eval.rtp import load_heldout_texts, load_prompts
+from steer.eval.toxicity import ToxicityEvalArguments, run_toxicity_eval
+from steer.eval.toxicity_report import SCHEMA
 
 NAN = float("nan")
 
@@ -394,7 +390,7 @@ def test_profanity_oracle_agreement_on_real_rtp():
 
 def test_guided_generate_fn_reshapes_the_flat_prompt_major_output(monkeypatch):
     import steer.guidance
-    from steer.eval.toxicity import guided_generate_fn
+    from steer.eval.generation import guided_generate_fn
 
     seen = {}
 

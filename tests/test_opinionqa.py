@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.data import opinionqa_root
 
 from steer.persona.opinionqa import (
     DEMOGRAPHIC_COLUMNS,
@@ -21,17 +22,7 @@ from steer.persona.opinionqa import (
     wave_dirs,
 )
 
-
-def _root():
-    from steer.data import opinionqa_dir
-
-    try:
-        return opinionqa_dir()
-    except FileNotFoundError:
-        return None
-
-
-ROOT = _root()
+ROOT = opinionqa_root()
 needs_data = pytest.mark.skipif(
     ROOT is None, reason="OpinionQA data (../shared/data/opinionqa) not available"
 )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers.data import opinionqa_root
 
 from steer.errors import UserInputError
 from steer.models import tiny_causal_lm
@@ -298,17 +299,7 @@ def test_text_baselines_read_the_question_text():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def _opinionqa_root():
-    try:
-        from steer.data import opinionqa_dir
-
-        root = opinionqa_dir()
-    except FileNotFoundError:
-        return None
-    return root if (root / "American_Trends_Panel_W26" / "info.csv").is_file() else None
-
-
-@pytest.mark.skipif(_opinionqa_root() is None, reason="OpinionQA data not available")
+@pytest.mark.skipif(opinionqa_root() is None, reason="OpinionQA data not available")
 def test_adapted_group_protocol_end_to_end(tmp_path):
     """Train with the gated LM adapter and a within-wave holdout on the real tables (tiny model), then score both
     protocols: the within-wave questions never reached training, and the report carries the text baselines, the

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers.data import opinionqa_root
 
-from steer.eval.opinions import OpinionEvalArguments, interval, representativeness, run_opinion_eval
+from steer.eval.opinion_metrics import representativeness
+from steer.eval.opinions import OpinionEvalArguments, run_opinion_eval
+from steer.eval.stats import interval
 from steer.models import tiny_causal_lm
 from steer.persona.data import WaveSplit, prepare_group_data
 from steer.persona.embedder import PersonaEmbedder
@@ -21,18 +23,7 @@ from steer.persona.steering import PersonaSteeredModel
 from steer.scripts.persona import PersonaScriptArguments
 from steer.trainers.persona import PersonaCollator, PersonaConfig, PersonaTrainer
 
-
-def _root():
-    try:
-        from steer.data import opinionqa_dir
-
-        root = opinionqa_dir()
-    except FileNotFoundError:
-        return None
-    return root if (Path(root) / "American_Trends_Panel_W26" / "info.csv").is_file() else None
-
-
-needs_data = pytest.mark.skipif(_root() is None, reason="OpinionQA data not available")
+needs_data = pytest.mark.skipif(opinionqa_root() is None, reason="OpinionQA data not available")
 
 
 def _script(**overrides) -> PersonaScriptArguments:
@@ -79,7 +70,7 @@ def test_wave_split_rejects_overlap():
 
 @needs_data
 def test_split_no_evaluation_question_or_wave_reaches_training():
-    data = prepare_group_data(_script(max_train_examples=None, max_eval_examples=None))
+    data = prepare_group_data(_script(max_train_examples=None, max_eval_examples=None).group_data_settings())
     wave = {k: data.table.wave_of(k) for k in data.table.question_keys}
     assert {wave[k] for k in data.train_keys} == {"W26", "W27"}
     assert {wave[k] for k in data.valid_keys} == {"W29"}
@@ -325,7 +316,7 @@ def test_group_contrast_is_one_when_blind_and_zero_when_exact():
 
 @needs_data
 def test_question_blocks_keep_one_question_per_block():
-    data = prepare_group_data(_script(question_block=4, max_train_examples=40))
+    data = prepare_group_data(_script(question_block=4, max_train_examples=40).group_data_settings())
     keys = [e["key"] for e in data.train_examples]
     assert len(keys) == 40
     for start in range(0, 40, 4):

@@ -14,7 +14,6 @@ import time
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_multiprocess import tiny_model_dir  # noqa: F401  (fixture)
 
 from steer.constraints import KeywordConstraint
 from steer.guidance import GuidanceConfig, GuidanceModel
@@ -458,8 +457,8 @@ def test_trainer_stops_at_the_next_step_when_a_worker_round_fails(tmp_path):
 
 @needs_trainer
 @pytest.mark.slow  # accelerate launch: 2 gloo ranks, each with its own worker process (~1-2 min)
-def test_two_ranks_each_own_a_worker_and_end_identical(tmp_path, tiny_model_dir):  # noqa: F811
-    from test_multiprocess import _check_two_ranks, constrained_args, launch
+def test_two_ranks_each_own_a_worker_and_end_identical(tmp_path, tiny_model_dir):
+    from helpers.launch import check_two_ranks, constrained_args, launch
 
     out = tmp_path / "out"
     log, _ = launch(
@@ -476,7 +475,7 @@ def test_two_ranks_each_own_a_worker_and_end_identical(tmp_path, tiny_model_dir)
         ],
         tmp_path,
     )
-    _check_two_ranks(log, out, "train constrained")  # identical policy weights on both ranks
+    check_two_ranks(log, out, "train constrained")  # identical policy weights on both ranks
     assert log.count("guidance worker process") >= 2, log[-3000:]  # one worker per rank
     import json
 

@@ -166,7 +166,7 @@ def test_label_samples_keeps_its_labels_when_chunked(tiny_llama):
 
 
 def test_toxicity_scoring_and_perplexity_show_progress(bars_on, capsys, tiny_llama):
-    from steer.eval.toxicity import perplexity, toxicity_scores
+    from steer.eval.metrics import perplexity, toxicity_scores
 
     model, tokenizer = tiny_llama
     scores = toxicity_scores([["a the", "b"], ["c"]], KeywordConstraint(banned=["the"]))

@@ -6,21 +6,12 @@ import logging
 
 import numpy as np
 import pytest
+from helpers.data import opinionqa_root
 
 from steer.persona.opinionqa import group_distributions, group_shares, load_responses, load_wave, wave_dirs
 from steer.persona.simulate import simulate_respondents, synthetic_responses
 
-
-def _root():
-    from steer.data import opinionqa_dir
-
-    try:
-        return opinionqa_dir()
-    except FileNotFoundError:
-        return None
-
-
-ROOT = _root()
+ROOT = opinionqa_root()
 needs_data = pytest.mark.skipif(
     ROOT is None, reason="OpinionQA data (../shared/data/opinionqa) not available"
 )
@@ -185,7 +176,7 @@ def test_other_attributes_move_answers_the_real_way():
 @needs_data
 def test_cohorts_are_not_trivial_at_the_defaults():
     """MF embeddings of simulated people carry their party (above the base rate) and k-means cohorts differ in
-    party composition; real party gaps are small, so this is far from a clean party split (README)."""
+    party composition; real party gaps are small, so this is far from a clean party split (docs/persona.md)."""
     import pandas as pd
     from scipy.stats import chi2_contingency
     from sklearn.linear_model import LogisticRegression

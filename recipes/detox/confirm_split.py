@@ -25,7 +25,7 @@ from pathlib import Path
 
 def main(argv=None) -> dict:
     from steer.data import RTP_HELDOUT_SIZE, load_rtp
-    from steer.eval.toxicity import clean_heldout_texts
+    from steer.eval.rtp import clean_heldout_texts
     from steer.io import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -4,9 +4,11 @@ from .base import Constraint, ConstraintScores, hard_labels, sanitize_scores, so
 from .classifier import ClassifierConstraint, SequenceClassifierRunner
 from .composite import AllOf, AnyOf, Not, Threshold
 from .keyword import CallableConstraint, KeywordConstraint, keyword_pattern
+from .registry import CONSTRAINTS, build_constraint
 from .toxicity import NonToxic, load_detoxify, write_random_detoxify_checkpoint
 
 __all__ = [
+    "CONSTRAINTS",
     "AllOf",
     "AnyOf",
     "CallableConstraint",
@@ -18,6 +20,7 @@ __all__ = [
     "Not",
     "SequenceClassifierRunner",
     "Threshold",
+    "build_constraint",
     "hard_labels",
     "keyword_pattern",
     "load_detoxify",

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputFileNotFoundError, UserInputError
+from ..errors import InputFileNotFoundError, UserInputError, first_line
 from ..io import atomic_torch_save
 from .base import Constraint
 from .classifier import SequenceClassifierRunner, default_device, resolve_label
@@ -213,9 +213,8 @@ def read_detoxify_checkpoint(
             )
             raise UnreadableCheckpointError(f"{path}: not a readable detoxify checkpoint ({why})") from err
         except (EOFError, RuntimeError, ValueError) as err:  # truncated, or not a torch file at all
-            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise UserInputError(
-                f"{path}: not a readable detoxify checkpoint ({type(err).__name__}: {first})"
+                f"{path}: not a readable detoxify checkpoint ({type(err).__name__}: {first_line(err)})"
             ) from err
         where = str(path)
     if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:

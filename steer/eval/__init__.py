@@ -1,6 +1,6 @@
 """Evaluations: the RealToxicityPrompts protocol, oracle agreement, opinion steering, report helpers.
 
-Names are imported lazily so that ``python -m steer.eval.toxicity`` runs the module only once.
+Names are imported lazily (``from steer.eval import X`` loads only X's module).
 """
 
 from __future__ import annotations
@@ -8,30 +8,17 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "opinions": (
-        "OpinionEvalArguments",
-        "macro_accuracy",
-        "ordinal_wasserstein",
-        "representativeness",
-        "run_opinion_eval",
-        "write_opinion_report",
-    ),
+    "agreement": ("OracleAgreementArguments", "oracle_agreement", "run_oracle_agreement"),
+    "generation": ("hf_generate_fn", "load_eval_model"),
+    "metrics": ("compute_toxicity_metrics", "distinct_n", "perplexity"),
+    "opinion_metrics": ("macro_accuracy", "ordinal_wasserstein", "representativeness"),
+    "opinion_report": ("write_opinion_report",),
+    "opinions": ("OpinionEvalArguments", "run_opinion_eval"),
+    "oracle": ("OracleArguments",),
     "report": ("compare_runs", "load_results", "markdown_table", "write_json", "write_report"),
-    "toxicity": (
-        "OracleAgreementArguments",
-        "OracleArguments",
-        "ToxicityEvalArguments",
-        "compute_toxicity_metrics",
-        "distinct_n",
-        "hf_generate_fn",
-        "load_eval_model",
-        "load_prompts",
-        "oracle_agreement",
-        "perplexity",
-        "run_oracle_agreement",
-        "run_toxicity_eval",
-        "write_toxicity_report",
-    ),
+    "rtp": ("load_prompts",),
+    "toxicity": ("ToxicityEvalArguments", "run_toxicity_eval"),
+    "toxicity_report": ("write_toxicity_report",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "paired_bootstrap_ci"]
+__all__ = ["bootstrap_ci", "interval", "paired_bootstrap_ci"]
 
 
 def bootstrap_ci(
@@ -43,6 +44,22 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def interval(values, *, paired_with=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """``{"mean", "low", "high", "n"}``: the mean of ``values`` (or of ``values - paired_with``, paired by
+    item) over its finite items with a percentile bootstrap interval (:func:`bootstrap_ci`)."""
+    x = np.asarray(values, dtype=np.float64)
+    if paired_with is not None:
+        y = np.asarray(paired_with, dtype=np.float64)
+        if y.shape != x.shape:
+            raise ValueError(f"paired values must have one shape, got {x.shape} and {y.shape}")
+        x = x - y
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    low, high = bootstrap_ci(x, n_boot=n_boot, level=level, seed=seed)
+    return {"mean": float(x.mean()), "low": low, "high": high, "n": int(x.size)}
+
+
 def paired_bootstrap_ci(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,
@@ -52,10 +69,5 @@ def paired_bootstrap_ci(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """Mean difference ``mean(a - b)`` over paired units with its percentile bootstrap interval."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired values must have one shape, got {a.shape} and {b.shape}")
-    diff = a - b
-    diff = diff[np.isfinite(diff)]
-    low, high = bootstrap_ci(diff, n_boot=n_boot, level=level, seed=seed)
-    return (float(diff.mean()) if diff.size else float("nan")), low, high
+    diff = interval(a, paired_with=b, n_boot=n_boot, level=level, seed=seed)
+    return diff["mean"], diff["low"], diff["high"]

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import ArtefactMismatchError, InputFileNotFoundError, UserInputError
-from ..io import atomic_save_file, atomic_write_text
-from ..models import base_model_record, check_artefact_base
+from ..io import atomic_save_file, atomic_write_text, dataclass_from_dict
+from ..models import base_model_record, check_artefact_base, model_device
 from .context_prior import ContextPrior
 
 __all__ = ["GuidanceConfig", "GuidanceModel"]
@@ -79,11 +79,7 @@ class GuidanceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GuidanceConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GuidanceConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -131,7 +127,7 @@ class GuidanceModel(nn.Module):
         self.vocab_size = int(model_config.vocab_size)
         self.hidden_size = _hidden_size(model_config)
         self.base_model_record = base_model_record(causal_lm)  # saved: loading onto another base is refused
-        device = next(causal_lm.parameters()).device
+        device = model_device(causal_lm)
         self._trainable = True
         if self.config.backbone == "lora":
             peft_model = self._attach_adapter(base_model)

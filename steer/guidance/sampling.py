@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..constraints.base import Constraint, ConstraintScores, hard_labels, soft_labels
+from ..models import model_device
 from ..progress import chunks, progress_bar
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,6 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def generate_continuations(
     model,
     tokenizer,
@@ -183,7 +180,7 @@ def generate_continuations(
         )
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    device = _model_device(model)
+    device = model_device(model)
     prompt_ids, prompt_mask = _tokenize_prompts(tokenizer, prompts, device)
     prompt_ids = prompt_ids.repeat_interleave(n_per_prompt, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(n_per_prompt, dim=0)

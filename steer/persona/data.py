@@ -11,10 +11,10 @@ Two sources of personas, both split so that nothing scored reaches training:
   tables (:mod:`steer.persona.simulate`). Whole questions are held out (the evaluation waves when the
   responses contain them, else a seeded share of the questions), plus validation questions.
 
-Public API: ``WaveSplit``, ``GroupData`` / ``prepare_group_data(args)``, ``group_examples``,
-``PersonaData`` / ``prepare_persona_data(args)``, ``split_questions``, ``persona_table``,
-``answer_examples``. ``args`` is a :class:`steer.scripts.persona.PersonaScriptArguments` (any object
-with the same fields works).
+Public API: ``WaveSplit``, ``GroupDataSettings`` / ``GroupData`` / ``prepare_group_data(settings)``,
+``group_examples``, ``IndividualDataSettings`` / ``PersonaData`` / ``prepare_persona_data(settings)``,
+``split_questions``, ``persona_table``, ``answer_examples``. The settings carry the options of
+``steer train persona`` of the same names (its messages name them as options of that command).
 """
 
 from __future__ import annotations
@@ -32,11 +32,15 @@ from steer.errors import InputKeyError, UserInputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DataSettings",
     "GroupData",
+    "GroupDataSettings",
+    "IndividualDataSettings",
     "PersonaData",
     "WaveSplit",
     "answer_examples",
     "cluster_groups",
+    "fit_embedder",
     "group_examples",
     "persona_table",
     "prepare_group_data",
@@ -89,6 +93,69 @@ class WaveSplit:
 
     def to_dict(self) -> dict:
         return {"train_waves": self.train, "valid_waves": self.valid, "eval_waves": self.eval}
+
+
+@dataclass
+class DataSettings:
+    """What both kinds of personas read: the data root, the question subset, the embedder and the cohorts."""
+
+    opinionqa_dir: str | None  # OpinionQA root (None: STEER_DATA_DIR)
+    max_questions: int | None  # random subset of (groups: training) questions; None: all
+    embedding_dim: int
+    embedder_method: str  # 'als' or 'adam'
+    embedder_l2: float
+    standardize_personas: bool  # persona vectors with mean 0, std 1 per dimension
+    num_cohorts: int | None  # k-means cohorts; None: the elbow of the MF loss
+    cohort_k_max: int
+    dataset_seed: int  # seed of the simulation, splits and subsets
+
+
+@dataclass
+class GroupDataSettings(DataSettings):
+    """What :func:`prepare_group_data` reads."""
+
+    train_waves: list[int | str]
+    valid_waves: list[int | str]
+    eval_waves: list[int | str]
+    within_wave_holdout: float  # share of each training wave's questions held out of training
+    group_attributes: list[str]
+    fold_in_groups: list[str]  # kept out of training, then folded in from fold_in_answers answers
+    fold_in_answers: int
+    question_block: int | None  # groups per block of one question; None: independent pairs
+    max_train_examples: int | None
+    max_eval_examples: int | None
+
+
+@dataclass
+class IndividualDataSettings(DataSettings):
+    """What :func:`prepare_persona_data` reads."""
+
+    waves: list[int | str]
+    responses_csv: list[str] | None  # real responses.csv files; None: simulated respondents
+    n_respondents: int
+    group_by: list[str]  # the simulated respondents' groups (1 or 2 attributes)
+    observed_frac: float
+    tilt: float
+    separation: float
+    valid_waves: list[int | str]
+    eval_waves: list[int | str]
+    holdout_fraction: float  # without evaluation waves: share of whole questions held out (each part)
+    demographic_attributes: list[str]  # attributes with stored demographic centroids
+
+
+def fit_embedder(settings: DataSettings, responses):
+    """The persona embedder (matrix factorisation) fitted on ``responses``, standardised if the settings ask."""
+    from steer.persona.embedder import PersonaEmbedder
+
+    embedder = PersonaEmbedder(
+        settings.embedding_dim,
+        method=settings.embedder_method,
+        l2=settings.embedder_l2,
+        seed=settings.dataset_seed,
+    ).fit(responses)
+    if settings.standardize_personas:
+        embedder.standardize_()
+    return embedder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,62 +331,62 @@ def cluster_groups(
     return centroids, members
 
 
-def prepare_group_data(args) -> GroupData:
+def prepare_group_data(settings: GroupDataSettings) -> GroupData:
     """Real group table -> wave split -> MF over groups x training questions -> personas -> examples."""
-    from steer.persona.embedder import PersonaEmbedder
     from steer.persona.groups import load_group_table
 
-    split = WaveSplit(args.train_waves, args.valid_waves, args.eval_waves)
-    table = load_group_table(args.opinionqa_dir, split.all, attributes=args.group_attributes)
+    split = WaveSplit(settings.train_waves, settings.valid_waves, settings.eval_waves)
+    table = load_group_table(settings.opinionqa_dir, split.all, attributes=settings.group_attributes)
     keys = {"train": [], "valid": [], "eval": []}
     for key in table.question_keys:
         part = split.part_of(table.wave_of(key))
         if part is None:
             raise ValueError(f"question {key} belongs to no wave of the split")
         keys[part].append(key)
-    rng = np.random.default_rng(args.dataset_seed)
-    holdout = float(getattr(args, "within_wave_holdout", 0.0) or 0.0)
+    rng = np.random.default_rng(settings.dataset_seed)
+    holdout = float(settings.within_wave_holdout)
     keys["within"] = []
     if holdout > 0:
         keys["train"], keys["within"] = within_wave_split(
-            table, keys["train"], holdout, seed=args.dataset_seed
+            table, keys["train"], holdout, seed=settings.dataset_seed
         )
-    if args.max_questions is not None and args.max_questions < len(keys["train"]):
-        chosen = rng.choice(len(keys["train"]), size=args.max_questions, replace=False)
+    if settings.max_questions is not None and settings.max_questions < len(keys["train"]):
+        chosen = rng.choice(len(keys["train"]), size=settings.max_questions, replace=False)
         keys["train"] = [keys["train"][i] for i in sorted(chosen)]
-    unknown = [g for g in args.fold_in_groups if g not in table.names]
+    unknown = [g for g in settings.fold_in_groups if g not in table.names]
     if unknown:
         raise UserInputError(
             f"PersonaScriptArguments.fold_in_groups: unknown groups {unknown} (known: {table.names})"
         )
-    train_groups = [n for n in table.names if n not in set(args.fold_in_groups)]
+    train_groups = [n for n in table.names if n not in set(settings.fold_in_groups)]
     responses = table.to_responses(train_groups, keys["train"])
-    embedder = PersonaEmbedder(
-        args.embedding_dim, method=args.embedder_method, l2=args.embedder_l2, seed=args.dataset_seed
-    ).fit(responses)
-    if args.standardize_personas:
-        embedder.standardize_()
+    embedder = fit_embedder(settings, responses)
     personas = {n: embedder.embeddings[i].detach().float().cpu() for i, n in enumerate(train_groups)}
     centroids, group_cohorts = cluster_groups(
-        embedder, responses, train_groups, k=args.num_cohorts, k_max=args.cohort_k_max, seed=args.dataset_seed
+        embedder,
+        responses,
+        train_groups,
+        k=settings.num_cohorts,
+        k_max=settings.cohort_k_max,
+        seed=settings.dataset_seed,
     )
     personas.update(centroids)
     folded = {}
-    for name in args.fold_in_groups:
+    for name in settings.fold_in_groups:
         new = table.to_responses([name], keys["train"])
-        vector = embedder.fold_in(new, args.fold_in_answers, seed=args.dataset_seed)[0]
-        answered = new.split_per_user(args.fold_in_answers, seed=args.dataset_seed)[0]
+        vector = embedder.fold_in(new, settings.fold_in_answers, seed=settings.dataset_seed)[0]
+        answered = new.split_per_user(settings.fold_in_answers, seed=settings.dataset_seed)[0]
         used = [k for j, k in enumerate(answered.question_keys) if answered.observed[0, j]]
         personas[name] = vector.detach().float().cpu()
         folded[name] = {"answers": len(used), "question_keys": used}
-    block = getattr(args, "question_block", None)
+    block = settings.question_block
     train_examples = group_examples(
         table,
         train_groups,
         keys["train"],
         personas,
-        limit=args.max_train_examples,
-        seed=args.dataset_seed,
+        limit=settings.max_train_examples,
+        seed=settings.dataset_seed,
         block=block,
     )
     valid_examples = group_examples(
@@ -327,8 +394,8 @@ def prepare_group_data(args) -> GroupData:
         train_groups,
         keys["valid"],
         personas,
-        limit=args.max_eval_examples,
-        seed=args.dataset_seed,
+        limit=settings.max_eval_examples,
+        seed=settings.dataset_seed,
         block=block,
     )
     norms = {n: float(v.norm()) for n, v in personas.items()}
@@ -340,20 +407,20 @@ def prepare_group_data(args) -> GroupData:
         "protocol": "groups",
         **split.to_dict(),
         "waves": split.all,
-        "opinionqa_dir": str(args.opinionqa_dir) if args.opinionqa_dir else None,
+        "opinionqa_dir": str(settings.opinionqa_dir) if settings.opinionqa_dir else None,
         "question_keys": list(table.question_keys),
         "train_question_keys": keys["train"],
         "valid_question_keys": keys["valid"],
         "eval_question_keys": keys["eval"],
         "within_question_keys": keys["within"],
         "within_wave_holdout": holdout,
-        "group_attributes": list(args.group_attributes),
+        "group_attributes": list(settings.group_attributes),
         "train_groups": train_groups,
         "fold_in": folded,
         "group_cohorts": group_cohorts,
         "persona_norms": norms,
         "contrast_scale": contrast_scale,
-        "standardized": bool(args.standardize_personas),
+        "standardized": bool(settings.standardize_personas),
         "source": {"groups": "real Pew group distributions"},
         "num_users": len(train_groups),
         "train_examples": len(train_examples),
@@ -408,12 +475,12 @@ class PersonaData:
     valid: Any = None
 
 
-def split_questions(responses, args) -> tuple[list[str], list[str], list[str]]:
+def split_questions(responses, settings: IndividualDataSettings) -> tuple[list[str], list[str], list[str]]:
     """(train, valid, eval) question keys: by wave when the responses hold evaluation waves, else a
     seeded share (``holdout_fraction`` each for validation and evaluation) of the questions."""
     keys = list(responses.question_keys)
-    eval_waves = {wave_label(w) for w in (args.eval_waves or [])}
-    valid_waves = {wave_label(w) for w in (args.valid_waves or [])}
+    eval_waves = {wave_label(w) for w in (settings.eval_waves or [])}
+    valid_waves = {wave_label(w) for w in (settings.valid_waves or [])}
     waves = {k: responses.questions[k].wave for k in keys}
     if eval_waves & set(waves.values()):
         eval_keys = [k for k in keys if waves[k] in eval_waves]
@@ -422,8 +489,8 @@ def split_questions(responses, args) -> tuple[list[str], list[str], list[str]]:
     else:
         if len(keys) < 3:
             raise UserInputError(f"need at least 3 questions to hold out whole questions, got {len(keys)}")
-        order = np.random.default_rng(args.dataset_seed).permutation(len(keys))
-        n_hold = max(1, int(round(args.holdout_fraction * len(keys))))
+        order = np.random.default_rng(settings.dataset_seed).permutation(len(keys))
+        n_hold = max(1, int(round(settings.holdout_fraction * len(keys))))
         eval_keys = [keys[i] for i in sorted(order[:n_hold])]
         valid_keys = [keys[i] for i in sorted(order[n_hold : 2 * n_hold])]
         train_keys = [keys[i] for i in sorted(order[2 * n_hold :])]
@@ -474,49 +541,47 @@ def cohort_summary(cohorts) -> dict:
     }
 
 
-def _respondents(args):
+def _respondents(settings: IndividualDataSettings):
     from steer.persona.opinionqa import load_responses, load_waves
 
-    root = args.opinionqa_dir
-    questions = load_waves(root, args.waves)
-    if args.responses_csv:
+    root = settings.opinionqa_dir
+    questions = load_waves(root, settings.waves)
+    if settings.responses_csv:
         return (
             questions,
-            load_responses(args.responses_csv, questions),
-            {"responses_csv": list(args.responses_csv)},
+            load_responses(settings.responses_csv, questions),
+            {"responses_csv": list(settings.responses_csv)},
         )
     from steer.persona.simulate import simulate_respondents
 
     responses = simulate_respondents(
-        args.waves,
+        settings.waves,
         root=root,
-        group_by=tuple(args.group_by),
-        n_respondents=args.n_respondents,
-        seed=args.dataset_seed,
-        observed_frac=args.observed_frac,
-        tilt=args.tilt,
-        separation=args.separation,
+        group_by=tuple(settings.group_by),
+        n_respondents=settings.n_respondents,
+        seed=settings.dataset_seed,
+        observed_frac=settings.observed_frac,
+        tilt=settings.tilt,
+        separation=settings.separation,
     )
     source = {
         "simulated": {
-            "n_respondents": args.n_respondents,
-            "group_by": list(args.group_by),
-            "observed_frac": args.observed_frac,
-            "tilt": args.tilt,
-            "separation": args.separation,
-            "seed": args.dataset_seed,
+            "n_respondents": settings.n_respondents,
+            "group_by": list(settings.group_by),
+            "observed_frac": settings.observed_frac,
+            "tilt": settings.tilt,
+            "separation": settings.separation,
+            "seed": settings.dataset_seed,
         }
     }
     return questions, responses, source
 
 
-def prepare_persona_data(args) -> PersonaData:
+def prepare_persona_data(settings: IndividualDataSettings) -> PersonaData:
     """Respondents -> whole-question split -> embedder on the training questions -> cohorts and personas."""
-    from steer.persona.embedder import PersonaEmbedder
-
-    questions, responses, source = _respondents(args)
-    responses = _choose_questions(responses, args.max_questions, args.dataset_seed)
-    train_keys, valid_keys, eval_keys = split_questions(responses, args)
+    questions, responses, source = _respondents(settings)
+    responses = _choose_questions(responses, settings.max_questions, settings.dataset_seed)
+    train_keys, valid_keys, eval_keys = split_questions(responses, settings)
     keep = responses.select_questions(train_keys).observed.sum(1) >= 2
     responses = responses.select_users(keep)
     if responses.num_users == 0:
@@ -524,23 +589,19 @@ def prepare_persona_data(args) -> PersonaData:
     train = responses.select_questions(train_keys)
     valid = responses.select_questions(valid_keys) if valid_keys else None
     heldout = responses.select_questions(eval_keys)
-    embedder = PersonaEmbedder(
-        args.embedding_dim, method=args.embedder_method, l2=args.embedder_l2, seed=args.dataset_seed
-    ).fit(train)
-    if getattr(args, "standardize_personas", False):
-        embedder.standardize_()
+    embedder = fit_embedder(settings, train)
     personas, cohorts = persona_table(
         embedder,
         train,
-        args.demographic_attributes,
-        num_cohorts=args.num_cohorts,
-        k_max=args.cohort_k_max,
-        seed=args.dataset_seed,
+        settings.demographic_attributes,
+        num_cohorts=settings.num_cohorts,
+        k_max=settings.cohort_k_max,
+        seed=settings.dataset_seed,
     )
     metadata = {
         "protocol": "individuals",
-        "waves": list(args.waves),
-        "opinionqa_dir": str(args.opinionqa_dir) if args.opinionqa_dir else None,
+        "waves": list(settings.waves),
+        "opinionqa_dir": str(settings.opinionqa_dir) if settings.opinionqa_dir else None,
         "question_keys": list(responses.question_keys),
         "train_question_keys": train_keys,
         "valid_question_keys": valid_keys,

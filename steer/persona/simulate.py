@@ -3,7 +3,7 @@
 Public API
 ----------
 ``simulate_respondents(waves=None, *, root=None, group_by=("POLPARTY", "RACE"), n_respondents=1000,
-seed=0, observed_frac=0.15, tilt=0.5, noise=0.5, attributes=SIMULATED_ATTRIBUTES, separation=0.0, ...)
+seed=0, observed_frac=0.15, tilt=0.5, noise=0.5, attributes=GROUP_ATTRIBUTES, separation=0.0, ...)
 -> Responses``
     Multi-attribute respondents grounded in the real Pew tables of OpinionQA's ``*_data.json`` files.
 
@@ -51,6 +51,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from steer.persona.groups import GROUP_ATTRIBUTES
 from steer.persona.opinionqa import (
     GroupDistribution,
     Question,
@@ -133,18 +134,6 @@ def _wave_distributions(directory, attrs: tuple[str, ...], questions: dict[str, 
     return combined, False
 
 
-SIMULATED_ATTRIBUTES: tuple[str, ...] = (
-    "AGE",
-    "CREGION",
-    "EDUCATION",
-    "INCOME",
-    "POLIDEOLOGY",
-    "POLPARTY",
-    "RACE",
-    "SEX",
-)
-
-
 def _draw(rng: np.random.Generator, shares: dict, size: int) -> np.ndarray:
     values = list(shares)
     p = np.asarray([shares[v] for v in values], dtype=np.float64)
@@ -217,7 +206,7 @@ def simulate_respondents(
     min_answers: int = 1,
     tilt: float = 0.5,
     noise: float = 0.5,
-    attributes: Sequence[str] = SIMULATED_ATTRIBUTES,
+    attributes: Sequence[str] = GROUP_ATTRIBUTES,
     separation: float = 0.0,
     refusals: bool = True,
     smoothing: float = 5.0,

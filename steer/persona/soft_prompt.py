@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import DynamicCache
 
-from steer.io import atomic_save_file, atomic_write_json
+from steer.io import atomic_save_file, atomic_write_json, dataclass_from_dict
 
 CONFIG_NAME = "soft_prompt_config.json"
 WEIGHTS_NAME = "soft_prompt.safetensors"
@@ -83,11 +83,7 @@ class SoftPromptConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SoftPromptConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown SoftPromptConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 def attention_geometry(model_config, *, prefix: bool = True) -> dict[str, int]:

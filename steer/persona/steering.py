@@ -12,13 +12,13 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from steer.errors import ArtefactMismatchError, InputFileNotFoundError, InputKeyError, UserInputError
-from steer.io import atomic_save_file, atomic_write_text
+from steer.io import atomic_save_file, atomic_write_text, dataclass_from_dict
 from steer.persona.adapter import (
     ADAPTER_DIR,
     adapter_disabled,
@@ -95,11 +95,7 @@ class PromptFormat:
 
     @classmethod
     def from_dict(cls, data: dict) -> PromptFormat:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown PromptFormat keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
 
 def answer_token_ids(

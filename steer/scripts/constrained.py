@@ -1,8 +1,9 @@
 """``steer train constrained``: the recipe runner (what to train on, the constraint, load → train → save).
 
-The trainer and its config live in :mod:`steer.trainers.constrained`; this module holds what a recipe adds around
-them: :class:`ConstrainedScriptArguments` (model, corpus, prompts, constraint, LoRA), the constraint registry,
-dataset loading (RTP with its held-out tail, or any local/hub table) and :func:`train_constrained`.
+The trainer and its config live in :mod:`steer.trainers.constrained`; this module holds what a recipe adds
+around them: :class:`ConstrainedScriptArguments` (model, corpus, prompts, constraint, LoRA), the run's constraint
+from the constraint registry (:data:`steer.constraints.CONSTRAINTS`), dataset loading (RTP with its held-out
+tail, or any local/hub table) and :func:`train_constrained`.
 """
 
 from __future__ import annotations
@@ -14,31 +15,23 @@ from typing import Any
 
 from datasets import Dataset
 
-from steer.constraints import Constraint
+from steer.constraints import CONSTRAINTS, Constraint, build_constraint
 from steer.data import RTP_HELDOUT_SIZE
-from steer.errors import InputKeyError, UserInputError
+from steer.errors import UserInputError, first_line
 from steer.scripts.output import check_output_dir, resolve_resume, training_run
 from steer.trainers.constrained import STATE_NAME, ConstrainedConfig, ConstrainedTrainer
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CONSTRAINTS",
     "ConstrainedConfig",
     "ConstrainedScriptArguments",
-    "build_constraint",
     "check_constrained_config",
     "check_constrained_model",
     "check_constrained_run",
     "load_constrained_datasets",
     "train_constrained",
 ]
-
-CONSTRAINTS = {
-    "non_toxic": "steer.constraints:NonToxic",
-    "keyword": "steer.constraints:KeywordConstraint",
-    "classifier": "steer.constraints:ClassifierConstraint",
-}
 
 
 @dataclass
@@ -75,7 +68,7 @@ class ConstrainedScriptArguments:
         default=RTP_HELDOUT_SIZE,
         metadata={
             "help": "RTP only: the last N records are held out from training and prompt sampling (evaluation "
-            "uses them, as steer.eval.toxicity.clean_heldout_texts does)."
+            "uses them, as steer.eval.rtp.clean_heldout_texts does)."
         },
     )
     prompt_dataset_name: str | None = field(
@@ -196,50 +189,23 @@ class ConstrainedScriptArguments:
         )
 
 
-def build_constraint(name: str, kwargs: dict[str, Any] | None = None) -> Constraint:
-    """A constraint from its short name (``non_toxic``, ``keyword``, ``classifier``) or ``module:Class``.
-
-    Every failure that comes from the name or the keyword arguments is a one-line
-    :class:`~steer.errors.UserInputError` naming ``constraint`` / ``constraint_kwargs``.
-    """
-    import importlib
-
-    where = "ConstrainedScriptArguments.constraint"
-    target = CONSTRAINTS.get(name, name)
-    if ":" not in target:
-        raise InputKeyError(
-            f"{where}: unknown constraint {name!r}; choose one of {sorted(CONSTRAINTS)} or 'package.module:Class'"
+def _constraint_of(script_args: ConstrainedScriptArguments) -> Constraint:
+    """The constraint of a run: ``constraint`` and ``constraint_kwargs`` through the registry
+    (:func:`steer.constraints.build_constraint`); every failure is one line naming the field."""
+    kwargs = script_args.constraint_kwargs or {}
+    hint = ""
+    if script_args.constraint == "detoxify" or kwargs.get("backend") == "detoxify":
+        hint = (
+            '; offline, pass constraint_kwargs {"backend": "detoxify", "checkpoint": "<local .ckpt>", '
+            '"config_dir": "<its Hugging Face config + tokenizer dir>"}'
         )
-    module_name, _, class_name = target.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
-        raise UserInputError(f"{where}: cannot import {target!r} ({err})") from err
-    if not (isinstance(cls, type) and issubclass(cls, Constraint)):
-        raise UserInputError(f"{where}: {target!r} is not a steer.constraints.Constraint subclass")
-    kwargs = dict(kwargs or {})
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserInputError(
-            f"ConstrainedScriptArguments.constraint_kwargs {json.dumps(kwargs, default=str)} rejected by "
-            f"{target}: {_first_line(err)}"
-        ) from err
-    except OSError as err:  # a model the constraint needs cannot be read or downloaded (offline)
-        hint = ""
-        if kwargs.get("backend") == "detoxify":
-            hint = (
-                '; offline, pass constraint_kwargs {"backend": "detoxify", "checkpoint": "<local .ckpt>", '
-                '"config_dir": "<its Hugging Face config + tokenizer dir>"}'
-            )
-        raise UserInputError(
-            f"constraint {name!r} with constraint_kwargs {json.dumps(kwargs, default=str)} could not load its "
-            f"model ({type(err).__name__}: {_first_line(err)}){hint}"
-        ) from err
-
-
-def _first_line(err: BaseException) -> str:
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return build_constraint(
+        script_args.constraint,
+        kwargs,
+        field="ConstrainedScriptArguments.constraint",
+        kwargs_field="ConstrainedScriptArguments.constraint_kwargs",
+        load_hint=hint,
+    )
 
 
 def _load_table(name: str, split: str, what: str) -> Dataset:
@@ -388,7 +354,7 @@ def check_constrained_run(
         owner="ConstrainedScriptArguments",
     )
     check_model_dir(script_args.model_name_or_path, what="ConstrainedScriptArguments.model_name_or_path")
-    constraint = build_constraint(script_args.constraint, script_args.constraint_kwargs)
+    constraint = _constraint_of(script_args)
     train, prompt_dataset, _ = load_constrained_datasets(script_args)
     return resume, train, prompt_dataset, constraint
 
@@ -434,13 +400,13 @@ def check_constrained_model(
         config = load_model_config(name, trust_remote_code=training_args.trust_remote_code)
         tokenizer = load_tokenizer(name)
     except (ModelLoadError, OSError, ValueError) as err:
-        logger.info("pre-flight model checks skipped (%s)", _first_line(err))
+        logger.info("pre-flight model checks skipped (%s)", first_line(err))
         return prompts
     if script_args.use_peft and script_args.lora_target_modules:
         try:
             names = module_names(config, trust_remote_code=training_args.trust_remote_code)
         except (ValueError, OSError, ImportError) as err:  # an architecture that cannot be built empty
-            logger.info("LoRA target check skipped (%s)", _first_line(err))
+            logger.info("LoRA target check skipped (%s)", first_line(err))
             names = None
         unknown = unknown_target_modules(script_args.lora_target_modules, names) if names else []
         if unknown:
@@ -503,13 +469,9 @@ def _build_trainer(constraint: Constraint, **kwargs) -> ConstrainedTrainer:
             raise
         raise UserInputError(
             f"constraint {constraint.name!r} failed while scoring the token prior / context-prior word list before "
-            f"training ({_first_line_typed(err)}); check ConstrainedScriptArguments.constraint_kwargs, or set "
-            "ConstrainedConfig.guidance_context_prior none"
+            f"training ({type(err).__name__}: {first_line(err)}); check ConstrainedScriptArguments.constraint_kwargs, "
+            "or set ConstrainedConfig.guidance_context_prior none"
         ) from err
-
-
-def _first_line_typed(err: BaseException) -> str:
-    return f"{type(err).__name__}: {_first_line(err)}"
 
 
 def train_constrained(

@@ -13,12 +13,14 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from steer.errors import InputFileNotFoundError, UserInputError
 from steer.io import atomic_write_text
 from steer.persona.data import (
+    GroupDataSettings,
+    IndividualDataSettings,
     PersonaData,
     answer_examples,
     cohort_summary,
@@ -26,6 +28,7 @@ from steer.persona.data import (
     prepare_group_data,
     prepare_persona_data,
 )
+from steer.persona.groups import GROUP_ATTRIBUTES
 from steer.scripts.output import check_output_dir, resolve_resume
 from steer.trainers.persona import (
     PersonaConfig,
@@ -81,16 +84,7 @@ class PersonaScriptArguments:
         },
     )
     group_attributes: list[str] = field(
-        default_factory=lambda: [
-            "AGE",
-            "CREGION",
-            "EDUCATION",
-            "INCOME",
-            "POLIDEOLOGY",
-            "POLPARTY",
-            "RACE",
-            "SEX",
-        ],
+        default_factory=lambda: list(GROUP_ATTRIBUTES),
         metadata={"help": "groups: attributes whose groups are the respondents."},
     )
     fold_in_groups: list[str] = field(
@@ -215,6 +209,17 @@ class PersonaScriptArguments:
         if self.persona_source == "individuals" and not self.waves:
             raise ValueError(f"{name}.waves must name at least one wave")
 
+    def _settings(self, cls):
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
+
+    def group_data_settings(self) -> GroupDataSettings:
+        """The settings of the group data preparation (:func:`steer.persona.data.prepare_group_data`)."""
+        return self._settings(GroupDataSettings)
+
+    def individual_data_settings(self) -> IndividualDataSettings:
+        """The settings of the individual data preparation (:func:`steer.persona.data.prepare_persona_data`)."""
+        return self._settings(IndividualDataSettings)
+
 
 def _trainer_datasets(examples, valid_examples, training_args):
     from datasets import Dataset
@@ -320,7 +325,7 @@ def _train_groups(script_args: PersonaScriptArguments, training_args: PersonaCon
     from steer.models import load_causal_lm
     from steer.persona.steering import PersonaSteeredModel
 
-    data = prepare_group_data(script_args)
+    data = prepare_group_data(script_args.group_data_settings())
     data.metadata["run_id"] = uuid.uuid4().hex[:12]
     output = Path(training_args.output_dir)
     model, tokenizer = load_causal_lm(script_args.model_name_or_path, dtype=script_args.dtype)
@@ -362,7 +367,7 @@ def _train_individuals(script_args: PersonaScriptArguments, training_args: Perso
     from steer.models import load_causal_lm
     from steer.persona.steering import PersonaSteeredModel
 
-    data: PersonaData = prepare_persona_data(script_args)
+    data: PersonaData = prepare_persona_data(script_args.individual_data_settings())
     data.metadata["run_id"] = uuid.uuid4().hex[:12]
     output = Path(training_args.output_dir)
     model, tokenizer = load_causal_lm(script_args.model_name_or_path, dtype=script_args.dtype)

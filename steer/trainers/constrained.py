@@ -357,6 +357,10 @@ class ConstrainedTrainer(SFTTrainer):
                 self._metrics[mode]["kl_samples"].append(float(stats[3]) / float(stats[4]))
         return (loss, result[1]) if return_outputs else loss
 
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """The modules this trainer trains: the policy and the guidance model (the replica check digests both)."""
+        return [self.model, self.guidance]
+
     # ------------------------------------------------------------------ guidance rounds
     @property
     def staleness(self) -> int:

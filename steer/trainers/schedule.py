@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserInputError
+from ..models import model_device
 from ..progress import progress_bar
 from .buffer import SampleBuffer
 
@@ -214,7 +215,7 @@ class GuidanceLearner:
         return [self.prompts[i] for i in order[:n].tolist()]
 
     def _device(self) -> torch.device:
-        return next(self.policy.parameters()).device
+        return model_device(self.policy)
 
     def _to(self, batch: dict) -> dict:
         device = self._device()
@@ -546,7 +547,7 @@ def sample_with_generator(
     """``steer.guidance.sample_continuations`` without the global RNG (thread-safe and reproducible)."""
     from steer.guidance import sampling
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     sampler = _GeneratorSampler(generator, float(temperature), float(top_p))
     return sampling.generate_continuations(
