@@ -50,6 +50,7 @@ def test_find_command():
     assert {c.name for c in COMMANDS} == {
         "train constrained",
         "train persona",
+        "train oracle",
         "eval toxicity",
         "eval agreement",
         "eval opinions",
@@ -190,6 +191,7 @@ def _owner(cls: type, name: str) -> type:
 ALL_COMMANDS = [
     "train constrained",
     "train persona",
+    "train oracle",
     "eval toxicity",
     "eval agreement",
     "eval opinions",
@@ -324,7 +326,7 @@ RECIPES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "recipes").glob
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_shipped_recipes_parse(recipe, tmp_path):
     """Every recipe YAML only uses keys its command defines, and its values pass validation."""
-    name = "train persona" if "persona" in recipe else "train constrained"
+    name = next((f"train {kind}" for kind in ("persona", "oracle") if kind in recipe), "train constrained")
     command = next(c for c in COMMANDS if c.name == name)
     script_args, training_args = parse_command_args(
         command, ["--config", str(ROOT / recipe), "--output_dir", str(tmp_path)], _leaf_types(name)

@@ -46,6 +46,14 @@ COMMANDS: tuple[Command, ...] = (
         "train a persona soft-prompt network on survey answers (frozen LLM)",
     ),
     Command(
+        ("train", "oracle"),
+        "steer.scripts.oracle",
+        ("OracleScriptArguments", "OracleTrainingArguments"),
+        "train_oracle",
+        "train an offline toxicity oracle: a sequence classifier (LoRA) on RTP's Perspective labels, with its "
+        "held-out AUC",
+    ),
+    Command(
         ("eval", "toxicity"),
         "steer.eval.toxicity",
         ("ToxicityEvalArguments",),

@@ -1,5 +1,6 @@
 """Agreement of a toxicity oracle with the Perspective labels shipped in RealToxicityPrompts (``steer eval
-agreement``): AUC, accuracy and F1 of the oracle's toxicity against ``<field>.<attribute> > threshold``."""
+agreement``): AUC, accuracy and F1 of the oracle's toxicity against ``<field>.<attribute> > threshold``; and the
+AUC with a bootstrap interval over records (:func:`auc_with_interval`, also paired against a second oracle)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +16,7 @@ from ..constraints import Constraint
 from ..errors import UserInputError
 from .oracle import OracleArguments, build_oracle
 from .report import write_json
+from .stats import bootstrap_ci
 
 AGREEMENT_SCHEMA = "steer.eval.oracle_agreement/v1"
 
@@ -137,3 +140,50 @@ def run_oracle_agreement(
     if args.output_file:
         write_json(args.output_file, result)
     return result
+
+
+def auc_with_interval(
+    labels, scores, records, *, n_boot: int = 2000, seed: int = 0, other_scores=None
+) -> dict[str, Any]:
+    """ROC AUC of ``scores`` against ``labels`` with a 95% percentile bootstrap interval over records (the
+    texts of one record are resampled together). With ``other_scores``: the same for them, and the paired
+    difference ``auc - other_auc`` with its interval (the same resamples)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    _, unit = np.unique(np.asarray(records), return_inverse=True)
+    n_units = int(unit.max()) + 1 if unit.size else 0
+
+    def auc_of(values: np.ndarray, picked: np.ndarray | None = None) -> float:
+        if picked is None:
+            return float(roc_auc_score(labels, values))
+        weight = np.bincount(picked.astype(np.int64), minlength=n_units)[unit]
+        mask = weight > 0
+        if len(set(labels[mask].tolist())) < 2:
+            return float("nan")
+        return float(roc_auc_score(labels[mask], values[mask], sample_weight=weight[mask]))
+
+    def interval(statistic) -> list[float]:
+        if n_boot < 1 or n_units < 2:
+            return [float("nan"), float("nan")]
+        return list(bootstrap_ci(np.arange(n_units), statistic, n_boot=n_boot, seed=seed))
+
+    out: dict[str, Any] = {"auc": auc_of(scores), "auc_ci95": interval(lambda idx: auc_of(scores, idx))}
+    if other_scores is not None:
+        other = np.asarray(other_scores, dtype=np.float64)
+        out["other_auc"] = auc_of(other)
+        out["other_auc_ci95"] = interval(lambda idx: auc_of(other, idx))
+        out["auc_difference"] = out["auc"] - out["other_auc"]
+        out["auc_difference_ci95"] = interval(lambda idx: auc_of(scores, idx) - auc_of(other, idx))
+    return out
+
+
+def accuracy_f1(labels, toxicity, threshold: float = 0.5) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predicted = np.asarray(toxicity) >= threshold
+    return {
+        "accuracy_at_0.5": float(accuracy_score(labels, predicted)),
+        "f1_at_0.5": float(f1_score(labels, predicted, zero_division=0.0)),
+    }
