@@ -30,11 +30,12 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _umask_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file (``mkstemp`` makes it 0600)."""
+def _umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open(path, "w")`` (or ``mkdir``) would give a new file (directory); ``mkstemp`` makes
+    files 0600 and ``mkdtemp`` directories 0700."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -89,6 +90,7 @@ def atomic_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        os.chmod(tmp, _umask_mode(directory=True))
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
