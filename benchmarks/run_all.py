@@ -20,6 +20,7 @@ BENCHMARKS = (
     "oracles",
     "embedder",
     "persona_inference",
+    "whole_run",  # the detox recipe shortened to 30 steps vs its plain-SFT twin (--full: 150 steps, by hand)
 )
 # Further runs of a benchmark with other arguments (each its own JSON).
 EXTRA_RUNS = {"constrained_step": (["--recipe"],)}

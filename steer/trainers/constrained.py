@@ -51,6 +51,7 @@ from .curves import CurvesCallback
 from .guidance_setup import build_guidance, prompts_from
 from .process_schedule import ProcessSchedule
 from .schedule import ParallelSchedule, SequentialSchedule, isolated_rng, round_seed
+from .timing import ROUND_TIME_METRICS, add_round_totals, count_sample_rows, new_timings, timed
 
 __all__ = ["ConstrainedConfig", "ConstrainedTrainer"]
 
@@ -66,6 +67,7 @@ ROUND_METRICS = (
     "samples_per_second",
     "guidance/samples_dropped",
     "guidance/buffer_size",
+    *ROUND_TIME_METRICS,
 )
 
 
@@ -79,6 +81,8 @@ class ConstrainedTrainer(SFTTrainer):
         prompt_dataset: prompts to sample from in guidance rounds: a dataset with a ``prompt`` column
             (strings or chat messages) or a list of strings.
 
+    ``self.timings``: where the run's wall time went (totals: ``train_s``, ``rounds_s``, the rounds' phases, the
+    policy-sample rows; :mod:`steer.trainers.timing`); each round's ``time/round_*`` is also in ``round_history``.
     ``self.guidance`` is the :class:`~steer.guidance.GuidanceModel` the loss uses. ``save_model(dir)``
     writes the policy (PEFT adapter, or the full model) and ``dir/guidance/``; ``save_steps`` checkpoints
     also hold the guidance optimizer, the sample buffer and the round counter for exact resumption.
@@ -165,6 +169,7 @@ class ConstrainedTrainer(SFTTrainer):
         self.rounds_started = 0
         self.round_history: list[dict[str, float]] = []  # one record per finished round (all ranks averaged)
         self._sample_draws: dict[int, int] = {}
+        self.timings = new_timings()  # where the run's wall time went (totals: steer.trainers.timing)
         self.add_callback(CurvesCallback())
         # After the worker copy: a deep copy would otherwise carry the KL's forward hook along.
         self.constraint_kl = ConstraintKL(
@@ -271,9 +276,12 @@ class ConstrainedTrainer(SFTTrainer):
         supervised, targets = kl.corpus_mask(inputs)
         rows = None
         if mode == "train" and kl.settings.uses_samples:
-            rows = self._sample_rows()
-            if rows is not None:
-                inputs = kl.append_rows(inputs, rows, self._pad_token_id)
+            with timed(self.timings, "sample_rows_s") as clock:
+                rows = self._sample_rows()
+                if rows is not None:
+                    inputs = kl.append_rows(inputs, rows, self._pad_token_id)
+            count_sample_rows(self.timings, rows)
+            self._metrics[mode]["time/sample_rows_s"].append(clock.seconds)
         shared = self._shares_head(inputs, return_outputs)
         if shared:  # the SFT loss comes out of the fused KL pass below
             hidden = kl.body_forward(model, inputs)
@@ -338,15 +346,8 @@ class ConstrainedTrainer(SFTTrainer):
 
         with torch.no_grad():  # per-token lm_loss and kl of this micro-batch, summed over processes
             sft_sum = sft_loss.detach().float() * denom / factor
-            stats = torch.stack(
-                [
-                    sft_sum,
-                    kl_sum.detach().float(),
-                    count.float(),
-                    kl_samples_sum.detach().float(),
-                    sample_count,
-                ]
-            ).view(1, 5)
+            parts = [sft_sum, kl_sum.detach().float(), count.float()]
+            stats = torch.stack([*parts, kl_samples_sum.detach().float(), sample_count]).view(1, 5)
             stats = self.accelerator.gather_for_metrics(stats).view(-1, 5).sum(0)
         tokens = float(stats[2].clamp(min=1))
         self._metrics[mode]["lm_loss"].append(float(stats[0]) / tokens)
@@ -379,6 +380,7 @@ class ConstrainedTrainer(SFTTrainer):
                 if not math.isnan(value):
                     self._metrics["train"][key].append(value)
                     record[key] = value
+            add_round_totals(self.timings, record)
             self.round_history.append(record)
 
     def run_due_rounds(self) -> None:
@@ -409,15 +411,18 @@ class ConstrainedTrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.schedule.check()  # a failed background round (parallel/process) stops training at this step
-        self.run_due_rounds()
+        with timed(self.timings, "rounds_s"):  # train_s - rounds_s: the steps without the rounds
+            self.run_due_rounds()
         self._metrics["train"]["guidance/staleness"].append(float(self.staleness))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def train(self, *args, **kwargs):
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            self._log_round_metrics(self.schedule.finish())
+        with timed(self.timings, "train_s"):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                with timed(self.timings, "rounds_s"):
+                    self._log_round_metrics(self.schedule.finish())
 
     # ------------------------------------------------------------------ saving and resuming
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

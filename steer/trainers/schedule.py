@@ -311,7 +311,12 @@ class GuidanceLearner:
         return metrics
 
     def run_round(self, round_index: int) -> dict[str, float]:
-        """Sample, label, train the guidance; returns the round's metrics."""
+        """Sample, label, train the guidance; returns the round's metrics.
+
+        They include the round's wall time and its phases (``time/round_sampling_s``, ``time/round_labelling_s``,
+        ``time/round_guidance_steps_s``, ``time/round_auc_pool_s``, ``time/round_s``), measured where the round
+        runs (the trainer's thread, a worker thread or a worker process).
+        """
         from steer.guidance import guidance_loss_from_hidden, label_samples
 
         s = self.settings
@@ -388,6 +393,7 @@ class GuidanceLearner:
             self._set_label_prior()
 
         losses = []
+        steps_start = time.perf_counter()
         self.guidance.set_trainable(True)
         params = self.guidance.trainable_parameters()
         guidance_was_training = self.guidance.training
@@ -434,11 +440,15 @@ class GuidanceLearner:
                 losses.append(float(loss.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             self.optimizer.zero_grad(set_to_none=True)
+            pool_start = time.perf_counter()
             pool = self._pool_metrics()
+            pool_seconds = time.perf_counter() - pool_start
         finally:
             self.guidance.train(guidance_was_training)
             self.guidance.set_trainable(False)
         self.rounds_done = round_index + 1
+        steps_seconds = pool_start - steps_start
+        round_seconds = time.perf_counter() - start
 
         metrics = {
             "constraint/satisfaction": float(labelled.scores.float().mean()) if items else math.nan,
@@ -447,12 +457,18 @@ class GuidanceLearner:
             "guidance/samples_dropped": float(labelled.num_dropped),
             "guidance/buffer_size": float(len(self.buffer)),
             **pool,
+            # where the round's wall time went (the rest: buffer bookkeeping, the label-count all-reduce)
+            "time/round_sampling_s": sample_seconds,
+            "time/round_labelling_s": label_seconds,
+            "time/round_guidance_steps_s": steps_seconds,
+            "time/round_auc_pool_s": pool_seconds,
+            "time/round_s": round_seconds,
         }
         if losses:
             metrics["guidance/loss"] = sum(losses) / len(losses)
         logger.info(
             "guidance round %d: %d samples (%.1fs sampling, %.1fs labelling), satisfaction %.3f, "
-            "%d guidance steps (loss %s), auc %s on %d held-back samples, %.1fs in all",
+            "%d guidance steps (loss %s, %.1fs), auc %s on %d held-back samples (%.1fs), %.1fs in all",
             round_index,
             len(batch),
             sample_seconds,
@@ -460,9 +476,11 @@ class GuidanceLearner:
             metrics["constraint/satisfaction"],
             len(losses),
             f"{metrics['guidance/loss']:.4f}" if losses else "-",
+            steps_seconds,
             f"{metrics['guidance/auc']:.3f}" if "guidance/auc" in metrics else "n/a",
             len(self.auc_pool),
-            time.perf_counter() - start,
+            pool_seconds,
+            round_seconds,
         )
         return metrics
 
