@@ -201,7 +201,10 @@ def main(argv=None) -> dict:
         "--kl-positions",
         choices=("corpus", "samples", "both"),
         default="corpus",
-        help="where the KL acts (default: corpus, as the detox recipe; 'both' appends policy-sample rows)",
+        help=(
+            "where the KL acts (default: corpus, the step's own cost; 'both', the library's and the detox "
+            "recipe's setting, appends policy-sample rows)"
+        ),
     )
     parser.add_argument(
         "--stop-at-violation",
