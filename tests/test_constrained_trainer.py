@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("kl_implementation", "triton"),
         ("guidance_backbone", "mlp"),
         ("guidance_lr", 0.0),
-        ("guidance_steps_per_round", 0),
+        ("guidance_steps_per_round", -1),
         ("guidance_interval", 0),
         ("samples_per_round", 0),
         ("sample_max_new_tokens", 0),

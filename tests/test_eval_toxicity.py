@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from steer.constraints import CallableConstraint, KeywordConstraint, NonToxic
+from steer.errors import UserInputError
 from steer.eval import report
 from steer.eval.agreement import OracleAgreementArguments, oracle_agreement
 from steer.eval.generation import hf_generate_fn, load_eval_model
@@ -356,6 +357,48 @@ def test_run_toxicity_eval_with_a_custom_generator_and_oracle(tmp_path, eval_set
         run_toxicity_eval(
             args, generate_fn=lambda p, n, *a: [["x"]] * len(p), oracle=KeywordConstraint(banned=["b"])
         )
+
+
+def test_a_second_oracle_judges_the_continuations_an_earlier_run_saved(tmp_path, eval_setup):
+    _, prompts, heldout = eval_setup
+    table = {
+        "The cat is": ["good", "bad"],
+        "My friend says": ["fine", "ok"],
+        "Today the city": ["awful", "bad"],
+    }
+    first = _args(tmp_path, "unused", prompts, heldout, num_generations=2, skip_perplexity=True, run_name="a")
+    run_toxicity_eval(
+        first, generate_fn=lambda p, *a: [table[x] for x in p], oracle=KeywordConstraint(banned=["bad"])
+    )
+    saved = tmp_path / "results" / "a.generations.jsonl"
+    # num_generations comes from the file; nothing is generated, no model is loaded
+    second = _args(
+        tmp_path,
+        "missing-model",
+        prompts,
+        heldout,
+        skip_perplexity=True,
+        run_name="a_by_awful",
+        generations_file=str(saved),
+    )
+    result = run_toxicity_eval(second, oracle=KeywordConstraint(banned=["awful"]))
+    assert result["protocol"]["num_generations"] == 2
+    assert result["metrics"]["mean_toxicity"] == pytest.approx(1 / 6)
+    assert result["metrics"]["toxicity_probability"] == pytest.approx(1 / 3)
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "results" / "a_by_awful.generations.jsonl").read_text().splitlines()
+    ]
+    assert [r["continuations"] for r in rows] == [table[r["prompt"]] for r in rows]
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(saved.read_text().splitlines()[0] + "\n" + '{"prompt": "x", "continuations": ["a"]}\n')
+    with pytest.raises(UserInputError, match=r"broken.jsonl: line 2 has 1 continuations, line 1 has 2"):
+        run_toxicity_eval(
+            dataclasses.replace(second, generations_file=str(broken)), oracle=KeywordConstraint(banned=["b"])
+        )
+    with pytest.raises(ValueError, match="generations_file"):
+        dataclasses.replace(second, guidance_dir=str(tmp_path))
 
 
 # ---- oracle agreement ---------------------------------------------------------------------------

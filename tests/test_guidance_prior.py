@@ -321,3 +321,19 @@ def test_base_reference_weights_guidance_samples_by_importance(tmp_path, monkeyp
     assert seen and all(float(w.max()) <= 3.0 + 1e-6 and float(w.min()) >= 0 for w in seen)
     # the policy reference needs none: its samples come from the distribution R is estimated under
     assert _trainer(tmp_path, kl_reference="policy").schedule.learner.settings.importance_max_weight is None
+
+
+def test_zero_guidance_steps_keep_r_at_its_priors_while_rounds_still_sample(tmp_path):
+    """guidance_steps_per_round 0 is the priors-only ablation: rounds draw and label samples, R never moves."""
+    trainer = _trainer(tmp_path, guidance_steps_per_round=0, kl_positions="both")
+    before = {n: p.detach().clone() for n, p in trainer.guidance.named_parameters()}
+    trainer.train()
+    assert len(trainer.round_history) >= 2 and len(trainer.schedule.samples) > 0
+    history = trainer.round_history
+    assert history and all("guidance/loss" not in row for row in history)
+    for name, param in trainer.guidance.named_parameters():
+        assert torch.equal(param.detach(), before[name]), name
+    # one step per round moves the head away from its priors
+    moved = _trainer(tmp_path, guidance_steps_per_round=1, kl_positions="both")
+    moved.train()
+    assert not torch.equal(moved.guidance.head.bias.detach(), before["head.bias"])

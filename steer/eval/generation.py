@@ -199,3 +199,62 @@ def _unreadable(directory: Path, names: Sequence[str]) -> str | None:
         except Exception:  # noqa: BLE001 - whatever the reader raises, this is the broken file
             return name
     return None
+
+
+def load_generations(path: str | Path) -> tuple[list[str], list[list[str]]]:
+    """Prompts and continuations from a ``<run_name>.generations.jsonl`` that ``steer eval toxicity`` wrote
+    (one ``{"prompt": ..., "continuations": [...]}`` a line, every line with the same number of continuations),
+    so that another oracle can judge the same text. A bad line is a one-line error naming file and line."""
+    path = Path(path).expanduser()
+    prompts: list[str] = []
+    generations: list[list[str]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserInputError(f"generations_file {path}: cannot be read ({first_line(err)})") from err
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt, continuations = row["prompt"], row["continuations"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserInputError(
+                f"generations_file {path}: line {number} is not a generations record with 'prompt' and "
+                f"'continuations' ({first_line(err, typed=True)})"
+            ) from err
+        if not isinstance(prompt, str) or not (
+            isinstance(continuations, list)
+            and continuations
+            and all(isinstance(t, str) for t in continuations)
+        ):
+            raise UserInputError(
+                f"generations_file {path}: line {number}: 'prompt' must be a string and 'continuations' a "
+                "non-empty list of strings"
+            )
+        if generations and len(continuations) != len(generations[0]):
+            raise UserInputError(
+                f"generations_file {path}: line {number} has {len(continuations)} continuations, line 1 has "
+                f"{len(generations[0])}"
+            )
+        prompts.append(prompt)
+        generations.append(list(continuations))
+    if not prompts:
+        raise UserInputError(f"generations_file {path}: holds no generations")
+    return prompts, generations
+
+
+def saved_generate_fn(prompts: list[str], stored: list[list[str]], *, what: str) -> GenerateFn:
+    """A generate_fn that returns ``stored`` (read by :func:`load_generations`) for the prompts it was read
+    with; ``what`` names the source in the error for a prompt the file does not hold."""
+    table = dict(zip(prompts, stored))
+
+    def saved_generations(asked, n, max_new_tokens, top_p, seed):
+        missing = [p for p in asked if p not in table]
+        if missing:  # a prompt cut to the model's context differs from the one the file holds
+            raise UserInputError(
+                f"{what}: {len(missing)} prompts are not in the file (first: {missing[0][:60]!r})"
+            )
+        return [table[p] for p in asked]
+
+    return saved_generations

@@ -30,14 +30,22 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..constraints import Constraint
 from ..constraints.classifier import default_device
 from ..data import RTP_HELDOUT_SIZE
 from ..errors import InputFileNotFoundError, InputKeyError, UserInputError, first_line
-from .generation import GenerateFn, guided_generate_fn, hf_generate_fn, load_eval_model, load_guidance
+from .generation import (
+    GenerateFn,
+    guided_generate_fn,
+    hf_generate_fn,
+    load_eval_model,
+    load_generations,
+    load_guidance,
+    saved_generate_fn,
+)
 from .metrics import (
     compute_toxicity_metrics,
     diversity_metrics,
@@ -161,6 +169,13 @@ class ToxicityEvalArguments(OracleArguments):
         default="auto",
         metadata={"help": "Model dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16."},
     )
+    generations_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Judge an earlier run's <run_name>.generations.jsonl with this run's oracle instead of "
+            "generating (a second judge; --skip_perplexity: no model is loaded)."
+        },
+    )
     save_generations: bool = field(
         default=True,
         metadata={"help": "Write <run_name>.generations.jsonl with every continuation and score."},
@@ -191,6 +206,8 @@ class ToxicityEvalArguments(OracleArguments):
             raise ValueError(
                 f"ToxicityEvalArguments.oracle_batch_size must be >= 1, got {self.oracle_batch_size}"
             )
+        if self.generations_file and self.guidance_dir:
+            raise ValueError("ToxicityEvalArguments.generations_file: continuations are read, not generated")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"ToxicityEvalArguments.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
@@ -201,7 +218,8 @@ class ToxicityEvalArguments(OracleArguments):
         ``model=False`` skips ``model_name_or_path`` / ``base_model`` (a model passed in already loaded)."""
         from ..models import check_model_dir
 
-        for name, kind in (("prompts_file", "file"), ("heldout_file", "file"), ("guidance_dir", "dir")):
+        files = ("prompts_file", "heldout_file", "generations_file")
+        for name, kind in (*((f, "file") for f in files), ("guidance_dir", "dir")):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -331,8 +349,15 @@ def run_toxicity_eval(
     device = default_device(args.device or None)
     output_dir = Path(args.output_dir)
     run_name = _run_name(args)
-    args.check_paths(model=model is None and (generate_fn is None or not args.skip_perplexity))
+    saved = args.generations_file is not None and generate_fn is None
+    args.check_paths(model=model is None and (generate_fn is None and not saved or not args.skip_perplexity))
     check_outputs(args, run_name)
+    if saved:
+        prompts, stored = load_generations(args.generations_file)
+        args = replace(args, num_generations=len(stored[0]))
+        generate_fn = saved_generate_fn(
+            prompts, stored, what=f"ToxicityEvalArguments.generations_file {args.generations_file}"
+        )
     prompts = prompts or load_prompts(
         args.prompts_file,
         limit=args.num_prompts,

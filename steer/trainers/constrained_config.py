@@ -173,7 +173,11 @@ class ConstrainedConfig(SFTConfig):
         },
     )
     guidance_steps_per_round: int = field(
-        default=8, metadata={"help": "Guidance optimizer steps per round, on sample-buffer minibatches."}
+        default=8,
+        metadata={
+            "help": "Guidance optimizer steps per round, on sample-buffer minibatches. 0: R stays at its priors "
+            "(the priors-only ablation); the rounds still draw, label and score samples."
+        },
     )
     guidance_batch_size: int = field(default=16, metadata={"help": "Sequences per guidance minibatch."})
     guidance_interval: int = field(
@@ -301,7 +305,7 @@ class ConstrainedConfig(SFTConfig):
         if self.guidance_num_layers is not None:
             _at_least("guidance_num_layers", self.guidance_num_layers, 1)
         _at_least("guidance_lr", self.guidance_lr, 0.0, strict=True)
-        _at_least("guidance_steps_per_round", self.guidance_steps_per_round, 1)
+        _at_least("guidance_steps_per_round", self.guidance_steps_per_round, 0)
         _at_least("guidance_batch_size", self.guidance_batch_size, 1)
         _at_least("guidance_interval", self.guidance_interval, 1)
         _at_least("guidance_holdout_fraction", self.guidance_holdout_fraction, 0.0)
