@@ -19,6 +19,7 @@ from steer.constraints import (
     Not,
     Threshold,
 )
+from steer.errors import UserInputError
 
 
 class _Fixed(Constraint):
@@ -300,3 +301,25 @@ def test_fingerprints_follow_what_decides_the_scores(tiny_classifier):
         != CallableConstraint(lambda t: [0.5] * len(t)).fingerprint()
     )
     assert KeywordConstraint(banned=["x"]).fingerprint() != KeywordConstraint(banned=["y"]).fingerprint()
+
+
+def test_topic_constraints_are_any_of_word_lists_with_satisfaction_evidence():
+    from steer.constraints import TOPICS, build_constraint, topic_constraint
+
+    assert set(TOPICS) == {"science", "politics", "military", "religion", "computers", "space", "legal"}
+    for topic, words in TOPICS.items():
+        assert len(words) == len(set(words)) >= 30, topic
+    space = build_constraint("topic", {"topic": "space"})
+    assert space.name == "topic[space]" and space.mode == "any_of" and space.token_evidence == "satisfaction"
+    scores = space(
+        ["The astronauts reached the Moon.", "A quiet morning.", "moonlight", "Spacey jokes."]
+    ).tolist()
+    assert scores == [1.0, 0.0, 0.0, 0.0]  # whole words only
+    own = topic_constraint(words=["tea"], extra_words=["coffee"])
+    assert own(["green tea", "black coffee", "water"]).tolist() == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown topic 'sports'"):
+        topic_constraint("sports")
+    with pytest.raises(ValueError, match="exactly one of"):
+        topic_constraint("space", words=["x"])
+    with pytest.raises(UserInputError, match="constraint_kwargs"):
+        build_constraint("topic", {"topic": "cooking"})

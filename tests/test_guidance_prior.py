@@ -337,3 +337,37 @@ def test_zero_guidance_steps_keep_r_at_its_priors_while_rounds_still_sample(tmp_
     moved = _trainer(tmp_path, guidance_steps_per_round=1, kl_positions="both")
     moved.train()
     assert not torch.equal(moved.guidance.head.bias.detach(), before["head.bias"])
+
+
+def test_a_topic_constraint_starts_r_high_at_its_words_and_at_the_base_rate_elsewhere(tmp_path):
+    """token_evidence 'satisfaction' (any_of): a token whose text holds a keyword settles the constraint, the
+    others say nothing about it, so nothing is flagged and the corpus KL never stops early."""
+    constraint = KeywordConstraint(["rude"], mode="any_of")
+    assert constraint.token_evidence == "satisfaction"
+    assert KeywordConstraint(banned=["rude"]).token_evidence == "violation"
+    assert KeywordConstraint(["rude", "calm"], mode="all_of").token_evidence == "none"
+
+    trainer = _trainer(tmp_path, constraint=constraint)
+    priors = trainer.priors
+    assert priors.flagged is None and priors.context is None
+    settles = ~priors.label_rows
+    assert 0 < int(settles.sum()) < settles.numel()
+    bias = trainer.guidance.head.bias.detach()
+    assert float(torch.sigmoid(bias[settles]).min()) >= 0.97
+    assert bool((bias[~settles] == 0).all())  # no evidence yet
+
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    supervised, targets = trainer.constraint_kl.corpus_mask(batch)
+    assert torch.equal(trainer.constraint_kl.corpus_kl_mask(batch, supervised, targets), supervised)
+
+    trainer.run_due_rounds()  # the warm-up round: the others start at its satisfaction rate
+    labels = [label for _, _, label in trainer.schedule.learner.buffer.items()]
+    rate = min(max(sum(labels) / len(labels), 0.02), 0.98)
+    bias = trainer.guidance.head.bias.detach()
+    expected = math.log(rate / (1 - rate))
+    # one guidance step moved the bias a little from where the warm-up round put it
+    assert abs(float(bias[~settles].mean()) - expected) < 0.05
+    assert float(torch.sigmoid(bias[settles]).min()) >= 0.95
+
+    every = _trainer(tmp_path, constraint=KeywordConstraint(["rude", "calm"], mode="all_of"))
+    assert every.priors.token is None and every.priors.flagged is None and bool(every.priors.label_rows.all())

@@ -5,6 +5,7 @@ from .classifier import ClassifierConstraint, SequenceClassifierRunner
 from .composite import AllOf, AnyOf, Not, Threshold
 from .keyword import CallableConstraint, KeywordConstraint, keyword_pattern
 from .registry import CONSTRAINTS, build_constraint
+from .topics import TOPICS, topic_constraint
 from .toxicity import NonToxic, load_detoxify, write_random_detoxify_checkpoint
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "ConstraintScores",
     "KeywordConstraint",
     "NonToxic",
+    "TOPICS",
     "Not",
     "SequenceClassifierRunner",
     "Threshold",
@@ -26,5 +28,6 @@ __all__ = [
     "load_detoxify",
     "sanitize_scores",
     "soft_labels",
+    "topic_constraint",
     "write_random_detoxify_checkpoint",
 ]

@@ -69,6 +69,11 @@ class Constraint(ABC):
 
     name: str = "constraint"
     invalid_fill: float = 0.0  # what __call__ reports for a text the backend could not score
+    # What a token's own text tells about the whole sequence, for the guidance priors
+    # (steer.guidance.oracle_priors): "violation" (a token whose text fails makes the sequence fail: toxicity,
+    # ban lists; flags and the context prior apply), "satisfaction" (a token whose text satisfies settles the
+    # constraint, the others say nothing: topic lists) or "none" (single tokens say nothing).
+    token_evidence: str = "violation"
 
     def __init__(self) -> None:
         self.stats = {"scored": 0, "invalid": 0}

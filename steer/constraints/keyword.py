@@ -59,6 +59,12 @@ class KeywordConstraint(Constraint):
         self.patterns = [keyword_pattern(w, case_sensitive=case_sensitive) for w in words]
         self.name = name or f"keywords[{mode}:{len(words)}]"
 
+    @property
+    def token_evidence(self) -> str:
+        """A banned word in a token's text fails the sequence (``none_of``); one of ``any_of``'s keywords
+        satisfies it; a single token settles ``all_of`` only when it holds every keyword."""
+        return {"none_of": "violation", "any_of": "satisfaction"}.get(self.mode, "none")
+
     def matches(self, text: str) -> list[str]:
         """The keywords that occur in ``text``."""
         return [w for w, p in zip(self.keywords, self.patterns) if p.search(text)]

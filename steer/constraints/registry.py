@@ -18,6 +18,7 @@ from ..errors import InputKeyError, UserInputError, first_line
 from .base import Constraint
 from .classifier import ClassifierConstraint
 from .keyword import KeywordConstraint
+from .topics import topic_constraint
 from .toxicity import NonToxic
 
 __all__ = ["CONSTRAINTS", "build_constraint"]
@@ -25,6 +26,7 @@ __all__ = ["CONSTRAINTS", "build_constraint"]
 CONSTRAINTS: dict[str, Callable[..., Constraint]] = {
     "non_toxic": NonToxic,  # backend= "profanity" (default) or "detoxify"
     "keyword": KeywordConstraint,
+    "topic": topic_constraint,  # topic= science | politics | military | religion | computers | space | legal
     "classifier": ClassifierConstraint,
     "profanity": partial(NonToxic, "profanity"),
     "detoxify": partial(NonToxic, "detoxify"),

@@ -4,6 +4,13 @@
 the oracle's score of every vocabulary token's own text), the tokens it flags (``prior < threshold``: where the
 corpus KL stops) and, optionally, the context prior of split words (:func:`~steer.guidance.context_prior.
 context_prior`). :meth:`OraclePriors.apply` starts a :class:`~steer.guidance.GuidanceModel` from them.
+
+What a token's own text means depends on the constraint (:attr:`~steer.constraints.Constraint.token_evidence`):
+for ``"violation"`` constraints (toxicity, ban lists) a low score marks a token that fails the sequence, as
+above. For ``"satisfaction"`` constraints (a topic's words) a high score marks a token that settles it: R starts
+near 1 there, every other token carries no evidence and starts at the warm-up round's satisfaction rate
+(``label_rows``), nothing is flagged and there is no context prior. For ``"none"`` (single tokens say nothing)
+every token starts at that rate. Whether a token helps *later*, the guidance model has to learn.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..constraints.base import Constraint
@@ -35,11 +43,17 @@ class OraclePriors:
     context: ContextPrior | None = None
     floor: float = 0.02
     token_head: bool = False  # whether the guidance head starts from the token prior
+    evidence: str = "violation"  # the constraint's token_evidence
+    # [V] bool: the head rows that start at the warm-up round's satisfaction rate (GuidanceLearner), or None
+    label_rows: Tensor | None = None
 
     def apply(self, guidance: GuidanceModel) -> None:
         """Start ``guidance`` from the priors: the head bias from the token prior, the context prior's offsets."""
         if self.token_head and self.token is not None:
-            guidance.init_head(prior_logits(self.token, floor=self.floor))
+            bias = prior_logits(self.token, floor=self.floor)
+            if self.label_rows is not None:  # no evidence yet: 0 until the warm-up round sets the rate
+                bias = bias.masked_fill(self.label_rows, 0.0)
+            guidance.init_head(bias)
         guidance.set_context_prior(self.context)
 
 
@@ -60,11 +74,30 @@ def oracle_priors(
     stops at flagged tokens (``token_flags``), and the context prior of the words in ``context_texts()`` (with
     the token prior only). ``once``: a context in which the oracle runs (e.g. the main process first, so that
     the other processes read its caches and every process starts from the same head)."""
-    priors = OraclePriors(floor=floor, token_head=token_head)
-    if not (token_head or token_flags):
+    evidence = getattr(constraint, "token_evidence", "violation")
+    if evidence not in ("violation", "satisfaction", "none"):
+        raise ValueError(
+            f"{constraint.name}: token_evidence must be 'violation', 'satisfaction' or 'none', got {evidence!r}"
+        )
+    priors = OraclePriors(floor=floor, token_head=token_head, evidence=evidence)
+    if evidence != "violation" and token_head:
+        logger.info(
+            "%s: a token's own text %s; tokens without that evidence start at the warm-up satisfaction rate, "
+            "nothing is flagged and there is no context prior",
+            constraint.name,
+            "can settle the constraint" if evidence == "satisfaction" else "says nothing about the constraint",
+        )
+    if evidence == "none":
+        if token_head:
+            priors.label_rows = torch.ones(int(vocab_size), dtype=torch.bool)
+        return priors
+    if not (token_head or (token_flags and evidence == "violation")):
         return priors
     with once():
         priors.token = token_prior(constraint, tokenizer, int(vocab_size), cache_dir=cache_dir)
+    if evidence == "satisfaction":
+        priors.label_rows = priors.token < threshold
+        return priors
     priors.flagged = priors.token < threshold
     logger.info(
         "token prior: %d of %d tokens flagged by %s on their own text",

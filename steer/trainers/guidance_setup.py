@@ -65,6 +65,7 @@ def build_guidance(
             buffer_size=args.sample_buffer_size,
             process_index=process_index,
             flagged=priors.flagged,
+            label_rows=priors.label_rows,
             # None (not False) unless the user turned bars off: TrainingArguments fills an unset disable_tqdm with False,
             # which would override STEER_NO_PROGRESS / TQDM_DISABLE (steer.progress decides for None)
             disable_tqdm=True if args.disable_tqdm else None,

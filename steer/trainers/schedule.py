@@ -159,7 +159,9 @@ class GuidanceLearner:
     copy for the parallel one); ``guidance`` is a :class:`~steer.guidance.GuidanceModel` on it.
     ``grad_sync(params)`` averages guidance gradients across processes (``None`` on one process).
     ``flagged``: optional ``[V]`` bool tensor of tokens the oracle flags on their own (from the token
-    prior), for the ``guidance/r_separation`` metric.
+    prior), for the ``guidance/r_separation`` metric. ``label_rows``: optional ``[V]`` bool tensor of the head
+    rows that the warm-up round starts at the base satisfaction rate (tokens whose own text is no evidence,
+    :class:`~steer.guidance.oracle_priors.OraclePriors`).
 
     Each round holds back ``holdout_fraction`` of its fresh samples in an AUC pool (at most
     ``auc_pool_size``, newest kept) that the guidance never trains on; ``guidance/auc`` is measured on
@@ -185,6 +187,7 @@ class GuidanceLearner:
         process_index: int = 0,
         grad_sync=None,
         flagged: torch.Tensor | None = None,
+        label_rows: torch.Tensor | None = None,
         disable_tqdm: bool | None = None,
     ) -> None:
         if not prompts:
@@ -199,6 +202,7 @@ class GuidanceLearner:
         self.process_index = int(process_index)
         self.grad_sync = grad_sync
         self.flagged = flagged
+        self.label_rows = label_rows
         self.disable_tqdm = disable_tqdm
         self.buffer = SampleBuffer(buffer_size)
         self.auc_pool: deque = deque(maxlen=max(1, settings.auc_pool_size))
@@ -247,14 +251,17 @@ class GuidanceLearner:
             self.policy.train(was_training)
         return importance_weights(base, policy, max_weight=self.settings.importance_max_weight)
 
-    def _set_label_prior(self) -> None:
-        """``prior='label_mean'``: start every token's R at the base satisfaction rate (q* is unchanged).
+    def _set_label_prior(self, rows: torch.Tensor | None = None) -> None:
+        """``prior='label_mean'``: start every token's R at the base satisfaction rate (q* is unchanged);
+        with ``rows`` (``label_rows``), only those rows of a head whose weights are still zero.
 
         Under several processes the rate is the mean over all ranks' labels (sequential schedule), so every
         rank starts from the same head.
         """
         head = getattr(self.guidance, "head", None)
-        if head is None or head.bias is None or bool(head.weight.any()) or bool(head.bias.any()):
+        if head is None or head.bias is None or bool(head.weight.any()):
+            return  # not a fresh head
+        if rows is None and bool(head.bias.any()):
             return  # not a fresh zero-initialised head
         labels = torch.tensor([label for _, _, label in self.buffer.items()], dtype=torch.float64)
         stats = torch.stack([labels.sum(), torch.tensor(float(labels.numel()), dtype=torch.float64)])
@@ -264,7 +271,10 @@ class GuidanceLearner:
             dist.all_reduce(stats)
         rate = float((stats[0] / stats[1].clamp(min=1)).clamp(0.02, 0.98))
         with torch.no_grad():
-            head.bias.fill_(math.log(rate / (1.0 - rate)))
+            if rows is None:
+                head.bias.fill_(math.log(rate / (1.0 - rate)))
+            else:
+                head.bias[rows.to(head.bias.device)] = math.log(rate / (1.0 - rate))
 
     def _guidance_hidden(self, batch: dict) -> torch.Tensor:
         return self.guidance.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -389,8 +399,11 @@ class GuidanceLearner:
         train_items = [items[i] for i in order[n_hold:]]
         self.buffer.extend(train_items)
         self.latest = train_items
-        if round_index == 0 and s.prior == "label_mean" and len(self.buffer):
-            self._set_label_prior()
+        if round_index == 0 and len(self.buffer):
+            if self.label_rows is not None:
+                self._set_label_prior(self.label_rows)
+            elif s.prior == "label_mean":
+                self._set_label_prior()
 
         losses = []
         steps_start = time.perf_counter()
