@@ -6,7 +6,8 @@ is computed), with a percentile bootstrap over prompts (steer.eval.stats.paired_
 
     python recipes/detox/paired.py c3 base outputs/detox_confirm_eval outputs/detox_confirm2_eval \
         outputs/detox_eval=constrained_c3
-A set written as ``dir=name`` reads the first run under that name there.
+A set written as ``dir=name`` reads the first run under that name there. ``--common`` pairs two runs on the
+prompts they share (in the same order), e.g. a run evaluated on the first 100 prompts of the other's 300.
 """
 
 from __future__ import annotations
@@ -41,12 +42,23 @@ def main(argv=None) -> dict:
     parser.add_argument("run")
     parser.add_argument("against")
     parser.add_argument("sets", nargs="+", help="evaluation directories (dir or dir=name_of_run_there)")
+    parser.add_argument(
+        "--common",
+        action="store_true",
+        help="pair on the prompts both runs were evaluated on (e.g. one run on the first 100 of the other's 300)",
+    )
     args = parser.parse_args(argv)
     pooled_a, pooled_b, out = [], [], {}
     for spec in args.sets:
         directory, _, name = spec.partition("=")
         prompts_a, a = per_prompt(Path(directory) / f"{name or args.run}.generations.jsonl")
         prompts_b, b = per_prompt(Path(directory) / f"{args.against}.generations.jsonl")
+        if args.common:
+            shared = set(prompts_a) & set(prompts_b)
+            a = np.asarray([v for p, v in zip(prompts_a, a) if p in shared])
+            b = np.asarray([v for p, v in zip(prompts_b, b) if p in shared])
+            prompts_a = [p for p in prompts_a if p in shared]
+            prompts_b = [p for p in prompts_b if p in shared]
         if prompts_a != prompts_b:
             raise SystemExit(
                 f"{directory}: {args.run} and {args.against} were evaluated on different prompts"

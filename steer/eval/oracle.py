@@ -25,7 +25,7 @@ class OracleArguments:
             "help": "Toxicity oracle, a name of the constraint registry (as a recipe's constraint): "
             "'profanity' (offline SVM), 'detoxify', 'classifier' (any HF sequence classifier at "
             "--oracle_checkpoint whose --oracle_label is the toxic class), 'non_toxic' (NonToxic's default, "
-            "profanity) or 'keyword' (its words cannot be given here: pass the oracle from Python).",
+            "profanity); 'keyword' and 'topic' take word lists, which cannot be given here (pass them from Python).",
             "choices": sorted(CONSTRAINTS),
         },
     )
