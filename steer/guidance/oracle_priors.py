@@ -85,7 +85,9 @@ def oracle_priors(
             "%s: a token's own text %s; tokens without that evidence start at the warm-up satisfaction rate, "
             "nothing is flagged and there is no context prior",
             constraint.name,
-            "can settle the constraint" if evidence == "satisfaction" else "says nothing about the constraint",
+            "can settle the constraint"
+            if evidence == "satisfaction"
+            else "says nothing about the constraint",
         )
     if evidence == "none":
         if token_head:
