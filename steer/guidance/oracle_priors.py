@@ -43,7 +43,6 @@ class OraclePriors:
     context: ContextPrior | None = None
     floor: float = 0.02
     token_head: bool = False  # whether the guidance head starts from the token prior
-    evidence: str = "violation"  # the constraint's token_evidence
     # [V] bool: the head rows that start at the warm-up round's satisfaction rate (GuidanceLearner), or None
     label_rows: Tensor | None = None
 
@@ -79,7 +78,7 @@ def oracle_priors(
         raise ValueError(
             f"{constraint.name}: token_evidence must be 'violation', 'satisfaction' or 'none', got {evidence!r}"
         )
-    priors = OraclePriors(floor=floor, token_head=token_head, evidence=evidence)
+    priors = OraclePriors(floor=floor, token_head=token_head)
     if evidence != "violation" and token_head:
         logger.info(
             "%s: a token's own text %s; tokens without that evidence start at the warm-up satisfaction rate, "
