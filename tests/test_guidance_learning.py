@@ -28,6 +28,7 @@ from steer.guidance import (
 from steer.models import tiny_causal_lm
 
 LETTER = "d"
+SAMPLING = {"max_new_tokens": 10, "batch_size": 128}
 WORDS = "the a cat dog bird tree house road river city day night friend people world music book idea".split()
 
 
@@ -67,6 +68,14 @@ def _repeating_policy():
     return policy, tok
 
 
+def _labelled(policy, tok, constraint, *, n_per_prompt: int, prompts: int = 128, seed: int = 0):
+    """``n_per_prompt`` samples of 10 tokens from each of ``prompts`` seeded prompts, labelled by ``constraint``."""
+    samples = sample_continuations(
+        policy, tok, _prompts(prompts, seed), n_per_prompt=n_per_prompt, seed=seed, **SAMPLING
+    )
+    return label_samples(samples, constraint)
+
+
 def _fit(guidance, train, *, steps: int, lr: float) -> dict[str, float]:
     """Adam on the guidance loss over minibatches of 64 labelled samples; the last step's metrics."""
     optimizer = torch.optim.Adam(guidance.trainable_parameters(), lr=lr)
@@ -85,11 +94,7 @@ def _fit(guidance, train, *, steps: int, lr: float) -> dict[str, float]:
 def test_guidance_learns_toy_constraint(single_thread):
     policy, tok = _repeating_policy()
     constraint = NoLetter(LETTER)
-    kwargs = {"max_new_tokens": 10, "batch_size": 128}
-
-    train = label_samples(
-        sample_continuations(policy, tok, _prompts(128, 0), n_per_prompt=4, seed=0, **kwargs), constraint
-    )
+    train = _labelled(policy, tok, constraint, n_per_prompt=4)
     assert train.num_dropped == 0
     assert 0.2 < 1 - float(train.labels.mean()) < 0.7  # a moderate base violation rate
 
@@ -100,7 +105,7 @@ def test_guidance_learns_toy_constraint(single_thread):
     # Fresh samples from unseen prompts: R at the first continuation tokens predicts the final label.
     test_prompts = _prompts(64, 99)
     fresh = label_samples(
-        sample_continuations(policy, tok, test_prompts, n_per_prompt=4, seed=123, **kwargs), constraint
+        sample_continuations(policy, tok, test_prompts, n_per_prompt=4, seed=123, **SAMPLING), constraint
     )
     labels = fresh.labels.numpy()
     assert 0 < labels.mean() < 1
@@ -115,7 +120,7 @@ def test_guidance_learns_toy_constraint(single_thread):
 
     # Guided decoding (q* = p * R) at least halves the violation rate of plain sampling.
     plain_violations = 1 - float(fresh.labels.mean())
-    guided = guided_sample(policy, guidance, tok, test_prompts, n_per_prompt=4, seed=7, **kwargs)
+    guided = guided_sample(policy, guidance, tok, test_prompts, n_per_prompt=4, seed=7, **SAMPLING)
     guided_violations = 1 - float(constraint(guided.texts).mean())
     assert guided_violations <= 0.5 * plain_violations, (guided_violations, plain_violations)
 
@@ -140,10 +145,7 @@ def test_learned_guidance_looks_ahead_where_the_token_prior_is_blind(single_thre
 
     policy, tok = _repeating_policy()
     constraint = TwoWordsWith(LETTER)
-    kwargs = {"max_new_tokens": 10, "batch_size": 128}
-    train = label_samples(
-        sample_continuations(policy, tok, _prompts(128, 0), n_per_prompt=8, seed=0, **kwargs), constraint
-    )
+    train = _labelled(policy, tok, constraint, n_per_prompt=8)
     assert 0.05 < float(train.labels.mean()) < 0.7  # satisfied sometimes: there is something to learn
 
     # The oracle's score of every token's own text: no token satisfies the constraint alone, the prior is flat.
@@ -160,12 +162,12 @@ def test_learned_guidance_looks_ahead_where_the_token_prior_is_blind(single_thre
     test_prompts = _prompts(64, 99)
     plain = float(
         constraint(
-            sample_continuations(policy, tok, test_prompts, n_per_prompt=4, seed=123, **kwargs).texts
+            sample_continuations(policy, tok, test_prompts, n_per_prompt=4, seed=123, **SAMPLING).texts
         ).mean()
     )
 
     def guided(guidance) -> float:
-        out = guided_sample(policy, guidance, tok, test_prompts, n_per_prompt=4, seed=7, **kwargs)
+        out = guided_sample(policy, guidance, tok, test_prompts, n_per_prompt=4, seed=7, **SAMPLING)
         return float(constraint(out.texts).mean())
 
     by_prior, by_learned = guided(priors_only), guided(learned)
