@@ -88,6 +88,12 @@ PARSE_CASES = [
     ([*CONSTRAINED, "--dataset_format", "chat"], ["ConstrainedScriptArguments.dataset_format"]),
     ([*CONSTRAINED, "--constraint_kwargs", "{not json"], ["ConstrainedScriptArguments.constraint_kwargs"]),
     ([*CONSTRAINED, "--corpus_min_toxicity", "2"], ["ConstrainedScriptArguments.corpus_min_toxicity"]),
+    (
+        [*CONSTRAINED, "--corpus_min_satisfaction", "-0.1"],
+        ["ConstrainedScriptArguments.corpus_min_satisfaction"],
+    ),
+    (["eval", "toxicity", "--oracle_kwargs", "{topic"], ["ToxicityEvalArguments.oracle_kwargs", "JSON"]),
+    (["eval", "toxicity", "--oracle_kwargs", "[1]"], ["ToxicityEvalArguments.oracle_kwargs", "mapping"]),
     ([*CONSTRAINED, "--kl_coef", "-1"], ["kl_coef"]),
     ([*CONSTRAINED, "--kl_cof", "1"], ["unknown key 'kl_cof'", "kl_coef"]),
     ([*PERSONA, "--persona_source", "people"], ["PersonaScriptArguments.persona_source"]),

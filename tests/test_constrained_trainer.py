@@ -17,9 +17,10 @@ from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
 from steer.constraints import build_constraint
+from steer.errors import UserInputError
 from steer.guidance import GuidanceModel, constraint_kl_naive
 from steer.models import tiny_causal_lm
-from steer.scripts.constrained import ConstrainedScriptArguments
+from steer.scripts.constrained import ConstrainedScriptArguments, filter_by_constraint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,6 +78,24 @@ def test_script_arguments_and_constraint_factory():
         build_constraint("nope")
     with pytest.raises(ValueError, match="constraint_kwargs"):
         ConstrainedScriptArguments(constraint_kwargs="{not json")
+
+
+def test_corpus_filtered_to_the_constraint():
+    """corpus_min_satisfaction: the filtered-SFT baseline trains on the records whose completion satisfies the
+    constraint; a filter that keeps nothing is one line naming the setting."""
+    constraint = build_constraint("topic", {"topic": "space"})
+    train = Dataset.from_dict(
+        {"prompt": ["a", "b", "c"], "completion": [" the rocket left", " a quiet day", " stars and planets"]}
+    )
+    kept = filter_by_constraint(train, constraint, 0.5)
+    assert kept["completion"] == [" the rocket left", " stars and planets"]
+    text_only = Dataset.from_dict({"text": ["no topic here"]})
+    with pytest.raises(UserInputError, match=r"corpus_min_satisfaction=0.5 keeps none of the 1 .*'text'"):
+        filter_by_constraint(text_only, constraint, 0.5)
+    with pytest.raises(UserInputError, match="'completion' or 'text' column"):
+        filter_by_constraint(
+            Dataset.from_dict({"messages": [[{"role": "user", "content": "x"}]]}), constraint, 0.5
+        )
 
 
 # --------------------------------------------------------------------------------------------- the loss

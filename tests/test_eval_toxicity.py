@@ -19,6 +19,7 @@ from steer.eval.metrics import (
     distinct_n,
     diversity_metrics,
     perplexity,
+    text_nll,
     toxicity_scores,
 )
 from steer.eval.rtp import load_heldout_texts, load_prompts
@@ -105,6 +106,11 @@ def test_perplexity_matches_a_manual_computation_and_ignores_padding(tiny_llama)
     assert math.isnan(perplexity(model, tokenizer, [""]))
     with pytest.raises(ValueError, match="prompts"):
         perplexity(model, tokenizer, texts, prompts=prompts[:1])
+    # per text, in the order given (batching sorts by length), 0 tokens for an empty text
+    nll, tokens = text_nll(model, tokenizer, [*texts, ""], prompts=[*prompts, "x"], batch_size=2)
+    assert tokens.tolist() == [c for _, c in parts] + [0]
+    assert nll[:3] == pytest.approx([n for n, _ in parts], rel=1e-4)
+    assert nll[3] == 0.0
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -399,6 +405,25 @@ def test_a_second_oracle_judges_the_continuations_an_earlier_run_saved(tmp_path,
         )
     with pytest.raises(ValueError, match="generations_file"):
         dataclasses.replace(second, guidance_dir=str(tmp_path))
+
+    # a topic judge from the registry, its word list chosen by --oracle_kwargs: 'toxicity' = off topic
+    by_topic = _args(
+        tmp_path,
+        "missing-model",
+        prompts,
+        heldout,
+        skip_perplexity=True,
+        run_name="a_by_topic",
+        generations_file=str(saved),
+        oracle="topic",
+        oracle_kwargs='{"words": ["good", "fine"]}',
+    )
+    result = run_toxicity_eval(by_topic)
+    assert result["metrics"]["mean_toxicity"] == pytest.approx(4 / 6)
+    with pytest.raises(
+        UserInputError, match=r"oracle_\* arguments .*rejected by steer.constraints:topic_constraint"
+    ):
+        run_toxicity_eval(dataclasses.replace(by_topic, oracle_kwargs={"topic": "cooking"}))
 
 
 # ---- oracle agreement ---------------------------------------------------------------------------

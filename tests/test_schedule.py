@@ -18,6 +18,7 @@ from steer.trainers.schedule import (
     ParallelSchedule,
     RoundSettings,
     SequentialSchedule,
+    _sequence_scores,
     sample_with_generator,
     set_thread_share,
 )
@@ -65,6 +66,16 @@ def test_buffer_unpads_and_keeps_the_newest():
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="capacity"):
         SampleBuffer(0)
+
+
+def test_auc_sequence_score_follows_the_constraints_evidence():
+    """guidance/auc scores a continuation by its lowest R for a violation constraint and by R at its last token
+    otherwise (a topic is met once its word is written: only a prefix-aware R knows it at the end)."""
+    token = torch.tensor([[0.5, -3.0, 2.0, 9.0], [1.0, 4.0, -2.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    assert _sequence_scores(token, mask, "violation").tolist() == [-3.0, -2.0]
+    assert _sequence_scores(token, mask, "satisfaction").tolist() == [2.0, 0.0]
+    assert _sequence_scores(token, mask, "none").tolist() == [2.0, 0.0]
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone():

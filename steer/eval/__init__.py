@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     "agreement": ("OracleAgreementArguments", "oracle_agreement", "run_oracle_agreement"),
     "generation": ("hf_generate_fn", "load_eval_model"),
-    "metrics": ("compute_toxicity_metrics", "distinct_n", "perplexity"),
+    "metrics": ("compute_toxicity_metrics", "distinct_n", "perplexity", "text_nll"),
     "opinion_metrics": ("macro_accuracy", "ordinal_wasserstein", "representativeness"),
     "opinion_report": ("write_opinion_report",),
     "opinions": ("OpinionEvalArguments", "run_opinion_eval"),

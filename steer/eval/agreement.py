@@ -45,6 +45,7 @@ class OracleAgreementArguments(OracleArguments):
     device: str | None = field(default=None, metadata={"help": "Device for neural oracles."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = "OracleAgreementArguments"
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"{name}.limit must be >= 1 (or unset), got {self.limit}")

@@ -112,6 +112,24 @@ def perplexity(
     Sequences longer than ``max_length`` (at most the model's context) lose their oldest context tokens. Empty
     texts are skipped.
     """
+    nll, tokens = text_nll(
+        model, tokenizer, texts, prompts=prompts, batch_size=batch_size, max_length=max_length
+    )
+    total = int(tokens.sum())
+    return math.exp(float(nll.sum()) / total) if total else float("nan")
+
+
+def text_nll(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    prompts: Sequence[str] | None = None,
+    batch_size: int = 16,
+    max_length: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(nll, tokens)``: each text's summed token NLL and its number of scored tokens (0 for an empty text),
+    in the order of ``texts``, as :func:`perplexity` pools them (per-text values for intervals over texts)."""
     if prompts is not None and len(prompts) != len(texts):
         raise ValueError(f"{len(prompts)} prompts for {len(texts)} texts")
     from ..models import context_length, model_device
@@ -131,23 +149,24 @@ def perplexity(
             context = [bos] if bos is not None else []
         ids = (context + target)[-max_length:]
         labels = ([-100] * len(context) + target)[-max_length:]
-        rows.append((ids, labels))
+        rows.append((i, ids, labels))
+    nll_out = np.zeros(len(texts), dtype=np.float64)
+    tokens_out = np.zeros(len(texts), dtype=np.int64)
     if not rows:
-        return float("nan")
+        return nll_out, tokens_out
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_nll, total_tokens = 0.0, 0
-    rows.sort(key=lambda r: len(r[0]))
+    rows.sort(key=lambda r: len(r[1]))
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         for start in progress_bar(range(0, len(rows), batch_size), desc="perplexity", unit="batch"):
             chunk = rows[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
+            width = max(len(ids) for _, ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             labels = torch.full((len(chunk), width), -100, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, (ids, lab) in enumerate(chunk):
+            for j, (_, ids, lab) in enumerate(chunk):
                 input_ids[j, : len(ids)] = torch.tensor(ids)
                 labels[j, : len(lab)] = torch.tensor(lab)
                 mask[j, : len(ids)] = 1
@@ -157,12 +176,13 @@ def perplexity(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                 targets.reshape(-1),
                 ignore_index=-100,
-                reduction="sum",
-            )
-            total_nll += float(nll)
-            total_tokens += int((targets != -100).sum())
+                reduction="none",
+            ).view(targets.shape)
+            for j, (index, _, _) in enumerate(chunk):
+                nll_out[index] = float(nll[j].sum())
+                tokens_out[index] = int((targets[j] != -100).sum())
     model.train(was_training)
-    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+    return nll_out, tokens_out
 
 
 def reference_perplexity(

@@ -6,6 +6,7 @@ The oracle is a constraint of the registry (:data:`steer.constraints.CONSTRAINTS
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,8 @@ class OracleArguments:
             "help": "Toxicity oracle, a name of the constraint registry (as a recipe's constraint): "
             "'profanity' (offline SVM), 'detoxify', 'classifier' (any HF sequence classifier at "
             "--oracle_checkpoint whose --oracle_label is the toxic class), 'non_toxic' (NonToxic's default, "
-            "profanity); 'keyword' and 'topic' take word lists, which cannot be given here (pass them from Python).",
+            "profanity), 'topic' (--oracle_kwargs '{\"topic\": \"politics\"}': a text's score is 1 when it mentions "
+            "none of the topic's words, so 'toxicity' reads as 'off topic'), 'keyword' (--oracle_kwargs with its words).",
             "choices": sorted(CONSTRAINTS),
         },
     )
@@ -50,6 +52,27 @@ class OracleArguments:
     oracle_batch_size: int | None = field(
         default=None, metadata={"help": "Texts per oracle batch (default: 4096 profanity, 64 neural)."}
     )
+    oracle_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "More keyword arguments of the oracle's constraint, as a recipe's constraint_kwargs (JSON on the "
+            'command line), e.g. {"topic": "politics"}; they override those the oracle_* fields give.'
+        },
+    )
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if isinstance(self.oracle_kwargs, str):
+            try:
+                self.oracle_kwargs = json.loads(self.oracle_kwargs) if self.oracle_kwargs.strip() else {}
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{owner}.oracle_kwargs is not valid JSON: {err}") from err
+        if self.oracle_kwargs is None:
+            self.oracle_kwargs = {}
+        if not isinstance(self.oracle_kwargs, dict):
+            raise ValueError(
+                f"{owner}.oracle_kwargs must be a mapping, got {type(self.oracle_kwargs).__name__}"
+            )
 
 
 def _oracle_kwargs(args: OracleArguments, device: str | torch.device | None) -> dict[str, Any]:
@@ -90,7 +113,7 @@ def build_oracle(args: OracleArguments, device: str | torch.device | None = None
         )
     return build_constraint(
         args.oracle,
-        _oracle_kwargs(args, device),
+        {**_oracle_kwargs(args, device), **(args.oracle_kwargs or {})},
         field=f"{owner}.oracle",
         kwargs_field=f"{owner}.oracle_* arguments",
         load_hint=hint,

@@ -182,6 +182,7 @@ class ToxicityEvalArguments(OracleArguments):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("num_prompts", "num_generations", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -29,6 +29,7 @@ __all__ = [
     "check_constrained_config",
     "check_constrained_model",
     "check_constrained_run",
+    "filter_by_constraint",
     "load_constrained_datasets",
     "train_constrained",
 ]
@@ -93,6 +94,14 @@ class ConstrainedScriptArguments:
             ">= this (challenging prompts elicit the violations the guidance model must learn); None: all."
         },
     )
+    corpus_min_satisfaction: float | None = field(
+        default=None,
+        metadata={
+            "help": "Train only on the records whose completion (RTP: continuation; else the 'completion' or "
+            "'text' column) the run's constraint scores >= this: SFT on the corpus filtered to texts that satisfy "
+            "the constraint, a baseline (with kl_coef 0) that needs no guidance model. None: every record."
+        },
+    )
     constraint: str = field(
         default="non_toxic",
         metadata={
@@ -147,7 +156,7 @@ class ConstrainedScriptArguments:
             raise ValueError(
                 f"ConstrainedScriptArguments.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}"
             )
-        for name in ("corpus_min_toxicity", "prompt_min_toxicity"):
+        for name in ("corpus_min_toxicity", "prompt_min_toxicity", "corpus_min_satisfaction"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"ConstrainedScriptArguments.{name} must be in [0, 1], got {value}")
@@ -356,7 +365,38 @@ def check_constrained_run(
     check_model_dir(script_args.model_name_or_path, what="ConstrainedScriptArguments.model_name_or_path")
     constraint = _constraint_of(script_args)
     train, prompt_dataset, _ = load_constrained_datasets(script_args)
+    if script_args.corpus_min_satisfaction is not None:
+        train = filter_by_constraint(train, constraint, script_args.corpus_min_satisfaction)
     return resume, train, prompt_dataset, constraint
+
+
+def filter_by_constraint(train: Dataset, constraint: Constraint, minimum: float) -> Dataset:
+    """The records of ``train`` whose completion (``'completion'``, else ``'text'``) ``constraint`` scores
+    ``>= minimum`` (texts it could not score are dropped); one line when none is kept."""
+    from steer.guidance.sampling import score_texts
+
+    what = "ConstrainedScriptArguments.corpus_min_satisfaction"
+    column = next((c for c in ("completion", "text") if c in train.column_names), None)
+    if column is None:
+        raise UserInputError(
+            f"{what} scores the 'completion' or 'text' column; the training data has {train.column_names}"
+        )
+    texts = [t if isinstance(t, str) else "" for t in train[column]]
+    scores = score_texts(constraint, texts, desc=f"filtering the corpus ({constraint.name})")
+    keep = ((scores.probs >= minimum) & scores.valid).nonzero().view(-1).tolist()
+    if not keep:
+        raise UserInputError(
+            f"{what}={minimum} keeps none of the {len(texts)} training records (constraint {constraint.name!r} "
+            f"on their {column!r}; the highest score is {float(scores.probs.max()):.3f})"
+        )
+    logger.info(
+        "corpus filtered by %s >= %s: %d of %d training records kept",
+        constraint.name,
+        minimum,
+        len(keep),
+        len(texts),
+    )
+    return train.select(keep)
 
 
 def _trainable_tokens(train: Dataset, tokenizer, max_length: int, limit: int = 2048) -> tuple[int, int, int]:

@@ -144,6 +144,19 @@ def _roc_auc(labels, scores) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def _sequence_scores(token: torch.Tensor, mask: torch.Tensor, evidence: str) -> torch.Tensor:
+    """A continuation's score for ``guidance/auc`` from its token-level guidance logits ``[B, T]`` (``mask``: the
+    continuation's positions). For a ``violation`` constraint the lowest R (one violating token decides the label);
+    otherwise R at the last token, NADO's R(x<=T) = P(C | the whole continuation): a satisfaction constraint
+    (a topic) is met once a topic word is written, and only a guidance model that reads the prefix can know it at
+    the end, so a context-free prior cannot score well here."""
+    if evidence == "violation":
+        return token.masked_fill(~mask, math.inf).min(1).values
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = positions.masked_fill(~mask, -1).max(1).values.clamp(min=0)
+    return token.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
 class GuidanceRoundError(UserInputError, RuntimeError):
     """A guidance round produced nothing to learn from (e.g. the oracle could not score any sample).
 
@@ -288,6 +301,7 @@ class GuidanceLearner:
         s = self.settings
         items = list(self.auc_pool)
         head = self.guidance.head
+        evidence = getattr(self.constraint, "token_evidence", "violation")
         scores, labels, separation, positions = [], [], 0.0, 0
         self.guidance.eval()
         with torch.no_grad():
@@ -299,9 +313,7 @@ class GuidanceLearner:
                 contexts = self.guidance.contexts(hb["input_ids"], hb["attention_mask"])
                 offsets = self.guidance.token_offsets(hb["input_ids"], contexts=contexts)
                 token = sampled_token_logits(hidden, head, hb["input_ids"], offsets)
-                # A sequence's score: its lowest token-level R (one violating token decides the label).
-                token = token.masked_fill(~mask, math.inf)
-                scores.extend(token.min(1).values.cpu().tolist())
+                scores.extend(_sequence_scores(token, mask, evidence).cpu().tolist())
                 labels.extend((hb["labels"] >= s.label_threshold).cpu().tolist())
                 if self.flagged is not None and bool(self.flagged.any()) and not bool(self.flagged.all()):
                     rows = hidden[:, :-1][mask]
