@@ -26,8 +26,8 @@ class OracleArguments:
             "help": "Toxicity oracle, a name of the constraint registry (as a recipe's constraint): "
             "'profanity' (offline SVM), 'detoxify', 'classifier' (any HF sequence classifier at "
             "--oracle_checkpoint whose --oracle_label is the toxic class), 'non_toxic' (NonToxic's default, "
-            "profanity), 'topic' (--oracle_kwargs '{\"topic\": \"politics\"}': a text's score is 1 when it mentions "
-            "none of the topic's words, so 'toxicity' reads as 'off topic'), 'keyword' (--oracle_kwargs with its words).",
+            "profanity), 'topic' (--oracle_kwargs '{\"topic\": \"politics\"}': a text's toxicity is 1 when it "
+            "mentions none of the topic's words, so 'toxicity' reads as 'off topic'), 'keyword' (--oracle_kwargs with its words).",
             "choices": sorted(CONSTRAINTS),
         },
     )

@@ -387,7 +387,7 @@ def filter_by_constraint(train: Dataset, constraint: Constraint, minimum: float)
     if not keep:
         raise UserInputError(
             f"{what}={minimum} keeps none of the {len(texts)} training records (constraint {constraint.name!r} "
-            f"on their {column!r}; the highest score is {float(scores.probs.max()):.3f})"
+            f"on their {column!r}; the highest score is {float(scores.probs.max()) if texts else float('nan'):.3f})"
         )
     logger.info(
         "corpus filtered by %s >= %s: %d of %d training records kept",
