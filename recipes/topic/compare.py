@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from steer.constraints import topic_constraint
+from steer.eval.metrics import text_nll, toxicity_scores
 from steer.eval.stats import bootstrap_ci, paired_bootstrap_ci
-from steer.guidance.sampling import score_texts
 
 TOPIC = "politics"
 # Politics words that are not in steer.constraints.TOPICS["politics"] (checked at start-up): the second judge.
@@ -58,28 +58,20 @@ def read_run(directory: Path, run: str) -> tuple[list[str], list[list[str]]]:
 
 
 def per_prompt_rate(constraint, rows: list[list[str]]) -> np.ndarray:
-    flat = [t for row in rows for t in row]
-    probs = score_texts(constraint, flat, desc=f"scoring ({constraint.name})").probs.double().numpy()
-    out, start = [], 0
-    for row in rows:
-        out.append(float(probs[start : start + len(row)].mean()))
-        start += len(row)
-    return np.asarray(out)
+    """Per prompt: the share of its continuations that satisfy ``constraint`` (unscored ones left out)."""
+    return np.asarray([1.0 - np.nanmean(row) for row in toxicity_scores(rows, constraint)])
 
 
 def per_prompt_nll(model, tokenizer, prompts, rows) -> tuple[np.ndarray, np.ndarray]:
     """Per prompt: summed NLL and token count of its continuations under the base LM."""
-    from steer.eval.metrics import text_nll
-
     flat_prompts = [p for p, row in zip(prompts, rows) for _ in row]
     flat = [t for row in rows for t in row]
     nll, tokens = text_nll(model, tokenizer, flat, prompts=flat_prompts)
-    out_nll, out_tok, start = [], [], 0
-    for row in rows:
-        out_nll.append(nll[start : start + len(row)].sum())
-        out_tok.append(tokens[start : start + len(row)].sum())
-        start += len(row)
-    return np.asarray(out_nll), np.asarray(out_tok)
+    ends = np.cumsum([len(row) for row in rows])[:-1]
+    return (
+        np.asarray([part.sum() for part in np.split(nll, ends)]),
+        np.asarray([part.sum() for part in np.split(tokens, ends)]),
+    )
 
 
 def ppl(nll: np.ndarray, tokens: np.ndarray) -> float:
