@@ -4,7 +4,7 @@ from .base import Constraint, ConstraintScores, hard_labels, sanitize_scores, so
 from .classifier import ClassifierConstraint, SequenceClassifierRunner
 from .composite import AllOf, AnyOf, Not, Threshold
 from .keyword import CallableConstraint, KeywordConstraint, keyword_pattern
-from .registry import CONSTRAINTS, build_constraint
+from .registry import CONSTRAINTS, build_constraint, constraint_kwargs
 from .topics import TOPICS, topic_constraint
 from .toxicity import NonToxic, load_detoxify, write_random_detoxify_checkpoint
 
@@ -23,6 +23,7 @@ __all__ = [
     "SequenceClassifierRunner",
     "Threshold",
     "build_constraint",
+    "constraint_kwargs",
     "hard_labels",
     "keyword_pattern",
     "load_detoxify",

@@ -21,7 +21,7 @@ from .keyword import KeywordConstraint
 from .topics import topic_constraint
 from .toxicity import NonToxic
 
-__all__ = ["CONSTRAINTS", "build_constraint"]
+__all__ = ["CONSTRAINTS", "build_constraint", "constraint_kwargs"]
 
 CONSTRAINTS: dict[str, Callable[..., Constraint]] = {
     "non_toxic": NonToxic,  # backend= "profanity" (default) or "detoxify"
@@ -38,6 +38,21 @@ def _target(factory: Callable[..., Constraint]) -> str:
     if isinstance(factory, partial):
         return f"{_target(factory.func)}({', '.join(map(repr, factory.args))})"
     return f"{__package__}:{factory.__name__}"
+
+
+def constraint_kwargs(value: Mapping[str, Any] | str | None, field: str) -> dict[str, Any]:
+    """A constraint's keyword arguments as a config field holds them: a mapping (a recipe's YAML), a JSON object
+    (the command line) or None/"" (none). ``ValueError`` naming ``field`` for invalid JSON or a non-mapping."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{field} is not valid JSON: {err}") from err
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{field} must be a mapping, got {type(value).__name__}")
+    return dict(value)
 
 
 def build_constraint(

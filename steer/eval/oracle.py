@@ -6,13 +6,12 @@ The oracle is a constraint of the registry (:data:`steer.constraints.CONSTRAINTS
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..constraints import CONSTRAINTS, Constraint, build_constraint
+from ..constraints import CONSTRAINTS, Constraint, build_constraint, constraint_kwargs
 from ..errors import UserInputError
 
 
@@ -61,18 +60,7 @@ class OracleArguments:
     )
 
     def __post_init__(self) -> None:
-        owner = type(self).__name__
-        if isinstance(self.oracle_kwargs, str):
-            try:
-                self.oracle_kwargs = json.loads(self.oracle_kwargs) if self.oracle_kwargs.strip() else {}
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{owner}.oracle_kwargs is not valid JSON: {err}") from err
-        if self.oracle_kwargs is None:
-            self.oracle_kwargs = {}
-        if not isinstance(self.oracle_kwargs, dict):
-            raise ValueError(
-                f"{owner}.oracle_kwargs must be a mapping, got {type(self.oracle_kwargs).__name__}"
-            )
+        self.oracle_kwargs = constraint_kwargs(self.oracle_kwargs, f"{type(self).__name__}.oracle_kwargs")
 
 
 def _oracle_kwargs(args: OracleArguments, device: str | torch.device | None) -> dict[str, Any]:
@@ -113,7 +101,7 @@ def build_oracle(args: OracleArguments, device: str | torch.device | None = None
         )
     return build_constraint(
         args.oracle,
-        {**_oracle_kwargs(args, device), **(args.oracle_kwargs or {})},
+        {**_oracle_kwargs(args, device), **args.oracle_kwargs},
         field=f"{owner}.oracle",
         kwargs_field=f"{owner}.oracle_* arguments",
         load_hint=hint,

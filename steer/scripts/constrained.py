@@ -8,14 +8,13 @@ tail, or any local/hub table) and :func:`train_constrained`.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from datasets import Dataset
 
-from steer.constraints import CONSTRAINTS, Constraint, build_constraint
+from steer.constraints import CONSTRAINTS, Constraint, build_constraint, constraint_kwargs
 from steer.data import RTP_HELDOUT_SIZE
 from steer.errors import UserInputError, first_line
 from steer.scripts.output import check_output_dir, resolve_resume, training_run
@@ -133,20 +132,9 @@ class ConstrainedScriptArguments:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.constraint_kwargs, str):
-            try:
-                self.constraint_kwargs = json.loads(self.constraint_kwargs) if self.constraint_kwargs else {}
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"ConstrainedScriptArguments.constraint_kwargs is not valid JSON: {err}"
-                ) from err
-        if self.constraint_kwargs is None:
-            self.constraint_kwargs = {}
-        if not isinstance(self.constraint_kwargs, dict):
-            raise ValueError(
-                "ConstrainedScriptArguments.constraint_kwargs must be a mapping, got "
-                f"{type(self.constraint_kwargs).__name__}"
-            )
+        self.constraint_kwargs = constraint_kwargs(
+            self.constraint_kwargs, "ConstrainedScriptArguments.constraint_kwargs"
+        )
         if self.dataset_format not in ("text", "prompt_completion"):
             raise ValueError(
                 "ConstrainedScriptArguments.dataset_format must be 'text' or 'prompt_completion', "
