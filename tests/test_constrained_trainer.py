@@ -48,6 +48,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("schedule", "async"),
         ("sample_buffer_size", 0),
         ("guidance_holdout_fraction", 1.0),
+        ("importance_weighting", "prefix"),
     ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field, value):
@@ -295,9 +296,20 @@ def test_parallel_schedule_runs_one_round_stale(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- resume / export
-@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
-def test_resume_matches_an_uninterrupted_run(tmp_path, schedule):
-    extra = {"parallel_worker_threads": 1} if schedule == "parallel" else {}
+@pytest.mark.parametrize(
+    ("schedule", "settings"),
+    [
+        ("sequential", {}),
+        ("parallel", {"parallel_worker_threads": 1}),
+        # the shared context logit is a trained part; the suffix weights need the base reference
+        (
+            "sequential",
+            {"kl_reference": "base", "guidance_shared_logit": True, "importance_weighting": "suffix"},
+        ),
+    ],
+)
+def test_resume_matches_an_uninterrupted_run(tmp_path, schedule, settings):
+    extra = dict(settings)
     full = _trainer(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, schedule=schedule, **extra)
     full.train()
     checkpoint = tmp_path / "out" / "checkpoint-3"
@@ -312,6 +324,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, schedule):
     assert tokens[0] == tokens[1] and tokens[0][-1] > tokens[0][0] > 0  # TRL's token counter resumes too
     for x, y in zip(full.guidance.trainable_parameters(), resumed.guidance.trainable_parameters()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    if settings.get("guidance_shared_logit"):
+        assert full.guidance.head.shared is not None and full.guidance.head.shared.abs().sum() > 0
 
 
 def test_save_model_reloads_with_identical_logits(tmp_path):

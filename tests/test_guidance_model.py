@@ -302,3 +302,66 @@ def test_duplicate_adapter_name_is_refused():
     GuidanceModel(policy, GuidanceConfig(lora_r=4))
     with pytest.raises(ValueError, match="already has an adapter"):
         GuidanceModel(policy, GuidanceConfig(lora_r=4))
+
+
+@pytest.mark.parametrize("backbone", ["lora", "separate"])
+def test_shared_logit_head_is_one_z_everywhere_and_round_trips(tmp_path, backbone):
+    from steer.guidance.objective import sampled_token_logits
+
+    policy, _ = _policy()
+    config = GuidanceConfig(backbone=backbone, lora_r=4, separate_num_layers=1, shared_logit=True)
+    guidance = GuidanceModel(policy, config)
+    ids, mask = _ids()
+    assert (guidance(ids, mask) == 0).all()  # a fresh head is still its (zero) prior
+    _train_guidance(guidance, ids, mask, steps=2)
+    assert guidance.head.shared.abs().sum() > 0 and not guidance.head.is_fresh()
+    hidden = guidance.hidden_states(ids, attention_mask=mask)
+    with torch.no_grad():
+        z = guidance(ids, mask)
+        torch.testing.assert_close(guidance.head(hidden.float()), z)
+        gathered = z[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(sampled_token_logits(hidden, guidance.head, ids), gathered)
+    guidance.save_pretrained(tmp_path / "g")
+    loaded = GuidanceModel.from_pretrained(tmp_path / "g", _policy()[0])
+    assert loaded.config.shared_logit and loaded.head.shared is not None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), z, atol=1e-6, rtol=1e-6)
+
+
+def test_shared_logit_carries_context_evidence_to_tokens_never_sampled_after_it():
+    """The label is "token 7 occurs in the prefix". Trained on sequences whose next tokens come from one half of
+    the vocabulary, only the shared context logit lets R rise after token 7 for tokens of the other half."""
+    from steer.guidance import guidance_loss_from_hidden
+
+    def train(shared: bool) -> float:
+        torch.manual_seed(0)
+        model, _ = tiny_causal_lm("llama", seed=0)
+        guidance = GuidanceModel(
+            model, GuidanceConfig(backbone="separate", separate_num_layers=1, shared_logit=shared)
+        )
+        opt = torch.optim.Adam(guidance.trainable_parameters(), lr=1e-2)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            ids = torch.randint(10, 200, (16, 8), generator=gen)  # next tokens from [10, 200) only
+            labels = (torch.rand(16, generator=gen) < 0.5).float()
+            ids[labels.bool(), 2] = 7  # the evidence, inside the prefix
+            cont = torch.zeros_like(ids, dtype=torch.bool)
+            cont[:, 3:] = True
+            hidden = guidance.hidden_states(ids, attention_mask=torch.ones_like(ids))
+            loss, _ = guidance_loss_from_hidden(hidden, guidance.head, ids, cont, labels, guidance=guidance)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            probe = torch.randint(10, 200, (32, 8), generator=gen)
+            with_evidence = probe.clone()
+            with_evidence[:, 2] = 7
+            unseen = torch.arange(300, 400)  # tokens never sampled in training
+            r = [
+                torch.sigmoid(guidance(x, torch.ones_like(x))[:, -1, unseen]).mean()
+                for x in (with_evidence, probe)
+            ]
+        return float(r[0] - r[1])
+
+    assert train(shared=True) > 0.2
+    assert abs(train(shared=False)) < 0.05

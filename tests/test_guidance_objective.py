@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steer.guidance import guidance_loss, importance_weights
+from steer.guidance import guidance_loss, importance_weights, suffix_importance_weights
 
 
 def _batch(vocab=13, seed=0):
@@ -143,3 +143,45 @@ def test_importance_weights():
     assert w[0] > w[1] > w[2]
     clipped = importance_weights(torch.tensor([50.0, 0.0, 0.0]), torch.zeros(3), max_weight=1.5)
     assert clipped.max().item() <= 1.5 + 1e-6  # truncated, never re-inflated above the cap
+
+
+def test_suffix_importance_weights_reweight_only_the_tokens_after():
+    target = torch.tensor([[0.0, -1.0, -2.0, -1.0], [-1.0, -1.0, 0.0, 0.0]])
+    sampling = torch.tensor([[-1.0, -1.0, -1.0, -2.0], [-1.0, -3.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    w = suffix_importance_weights(target, sampling, mask, max_weight=100.0)
+    delta = (target - sampling) * mask
+    for b in range(2):
+        for t in range(4):
+            expected = float(torch.exp(delta[b, t + 1 :].sum()))
+            assert w[b, t].item() == pytest.approx(expected, rel=1e-5)
+    assert w[0, 3].item() == 1.0 and w[1, 1].item() == 1.0  # the last token of a continuation: exact label
+    capped = suffix_importance_weights(target, sampling, mask, max_weight=1.5)
+    assert capped.max().item() <= 1.5 + 1e-6
+    # as per-token loss weights: each token's BCE weighted on its own
+    z, ids, cont, labels = _batch()
+    per_token = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) + 0.1
+    loss, _ = guidance_loss(z, ids, cont, labels, weights=per_token)
+    m = cont[:, 1:]
+    bce = F.binary_cross_entropy_with_logits(
+        z[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1),
+        labels[:, None].expand(3, 7),
+        reduction="none",
+    )
+    assert loss.item() == pytest.approx(float((bce * per_token * m).sum() / (per_token * m).sum()), rel=1e-5)
+
+
+def test_suffix_weights_estimate_the_base_conditional_from_policy_samples():
+    """Two tokens, C = "token 1 appears". From x1 = 0 the base writes token 1 with probability 0.5, the policy with
+    0.9: weighted by the ratio of the token after it, the label mean at x1 = 0 is P_base(C | x1 = 0) = 0.5."""
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    x2 = (torch.rand(n, generator=gen) < 0.9).long()  # policy samples after x1 = 0
+    log_base = torch.log(torch.full((n,), 0.5))
+    log_policy = torch.log(torch.where(x2 == 1, torch.tensor(0.9), torch.tensor(0.1)))
+    target = torch.stack([torch.zeros(n), log_base], 1)  # x1's own ratio does not enter its weight
+    sampling = torch.stack([torch.zeros(n), log_policy], 1)
+    w = suffix_importance_weights(target, sampling, torch.ones(n, 2, dtype=torch.bool), max_weight=10.0)
+    y = x2.float()
+    assert float((w[:, 0] * y).sum() / w[:, 0].sum()) == pytest.approx(0.5, abs=0.02)
+    assert float(y.mean()) == pytest.approx(0.9, abs=0.02)  # unweighted: the policy's conditional

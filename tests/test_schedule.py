@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 
 import pytest
@@ -219,3 +220,23 @@ def test_sequential_state_round_trip():
     with pytest.raises(ValueError, match="schedule='sequential'"):
         bad = dict(state, schedule="parallel")
         other.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("importance", ["sequence", "suffix"])
+def test_a_round_with_importance_weights(importance):
+    """kl_reference='base': the guidance loss weights policy samples toward the base, per sample or per token."""
+    policy, tokenizer = _policy()
+    with torch.no_grad():  # a policy that differs from its base
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))
+    guidance.set_trainable(False)
+    learner = _learner(policy, guidance, tokenizer, importance_max_weight=5.0, importance=importance)
+    metrics = learner.run_round(0)
+    assert math.isfinite(metrics["guidance/loss"])
+    batch = SampleBuffer.collate(list(learner.buffer.items())[:4], learner.pad_token_id)
+    weights = learner._importance(batch)
+    expected = (4,) if importance == "sequence" else (4, batch["input_ids"].shape[1] - 1)
+    assert weights.shape == expected and (weights > 0).all() and (weights <= 5.0 + 1e-6).all()
+    assert not torch.allclose(weights, torch.ones_like(weights))

@@ -5,7 +5,7 @@ from .decoding import NADOLogitsProcessor, guided_generate, guided_sample
 from .fused_kl import FusedConstraintKL, FusedKLOutput, fused_chunk_size, fused_constraint_kl
 from .kl import constraint_kl, constraint_kl_naive, guided_log_probs
 from .model import GuidanceConfig, GuidanceModel
-from .objective import guidance_loss, guidance_loss_from_hidden, importance_weights
+from .objective import guidance_loss, guidance_loss_from_hidden, importance_weights, suffix_importance_weights
 from .prior import prior_logits, token_prior
 from .sampling import LabelledSamples, SampleBatch, label_samples, sample_continuations
 
@@ -33,5 +33,6 @@ __all__ = [
     "label_samples",
     "prior_logits",
     "sample_continuations",
+    "suffix_importance_weights",
     "token_prior",
 ]

@@ -2,7 +2,8 @@
 
 ``R(x<t, v)`` estimates P(the finished sequence satisfies the constraint | prefix x<t, next token v).
 The default ``lora`` backbone is a second LoRA adapter on the policy's own (frozen) base weights, so the
-guidance model costs adapter + head memory rather than a second model copy. The vocabulary head is
+guidance model costs adapter + head memory rather than a second model copy. The vocabulary head
+(:class:`~steer.guidance.head.GuidanceHead`, optionally with a context logit shared by every token) is
 zero-initialised: R = 0.5 everywhere and q* = p before training.
 """
 
@@ -25,6 +26,7 @@ from ..errors import ArtefactMismatchError, InputFileNotFoundError, UserInputErr
 from ..io import atomic_save_file, atomic_write_text, dataclass_from_dict
 from ..models import base_model_record, check_artefact_base, model_device
 from .context_prior import ContextPrior
+from .head import GuidanceHead, shared_logit
 
 __all__ = ["GuidanceConfig", "GuidanceModel"]
 
@@ -56,6 +58,13 @@ class GuidanceConfig:
     separate_num_layers: int | None = field(
         default=None,
         metadata={"help": "'separate' backbone: copy the first k decoder layers of the base (None: all)."},
+    )
+    shared_logit: bool = field(
+        default=False,
+        metadata={
+            "help": "Add one context logit u.h to every token's logit (steer.guidance.head): what the prefix says "
+            "about the constraint, whatever the next token, is learned from every sampled position."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -156,11 +165,9 @@ class GuidanceModel(nn.Module):
             self._checkpoint_modules = []
             self._adapter_params = []
             self._all_adapter_params = []
-        self.head = nn.Linear(
-            self.hidden_size, self.vocab_size, bias=True, device=device, dtype=torch.float32
+        self.head = GuidanceHead(
+            self.hidden_size, self.vocab_size, shared=self.config.shared_logit, device=device
         )
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
         self.context_prior: ContextPrior | None = None  # fixed offsets of z for split words (not trained)
         self.set_trainable(True)
 
@@ -263,7 +270,7 @@ class GuidanceModel(nn.Module):
         return self.head.weight.device
 
     def init_head(self, bias: Tensor) -> None:
-        """Start the head from a per-token prior: ``z = bias`` for every context (weights zeroed).
+        """Start the head from a per-token prior: ``z = bias`` for every context (weights, shared vector zeroed).
 
         ``bias`` is ``[V]`` (e.g. :func:`steer.guidance.prior.prior_logits` of the oracle's token prior), so
         R starts at the oracle's judgement of each token, also for tokens the policy never samples.
@@ -272,6 +279,8 @@ class GuidanceModel(nn.Module):
             raise ValueError(f"head bias must be [{self.vocab_size}], got {tuple(bias.shape)}")
         with torch.no_grad():
             self.head.weight.zero_()
+            if self.head.shared is not None:
+                self.head.shared.zero_()
             self.head.bias.copy_(bias.to(device=self.device, dtype=self.head.bias.dtype))
 
     def set_context_prior(self, prior: ContextPrior | None) -> None:
@@ -301,6 +310,9 @@ class GuidanceModel(nn.Module):
                 z = F.linear(hidden.float(), self.head.weight, self.head.bias)
             else:
                 z = torch.addmm(self.head.bias, hidden.float(), self.head.weight.t(), out=out)
+            extra = shared_logit(self.head, hidden)
+            if extra is not None:
+                z.add_(extra.unsqueeze(-1))
         if self.context_prior is not None and contexts is not None:
             self.context_prior.add_(z.view(-1, z.shape[-1]), contexts.reshape(-1, contexts.shape[-1]))
         return z
@@ -507,14 +519,16 @@ class GuidanceModel(nn.Module):
         if unknown:
             raise ValueError(f"{source}: unexpected keys {unknown[:5]}")
         head = part("head.")
-        if set(head) != {"weight", "bias"} or head["weight"].shape != self.head.weight.shape:
+        expected = {name: tuple(p.shape) for name, p in self.head.named_parameters()}
+        if {k: tuple(v.shape) for k, v in head.items()} != expected:
             shapes = {k: tuple(v.shape) for k, v in head.items()}
             raise ValueError(
-                f"{source}: head weights {shapes} do not fit head {tuple(self.head.weight.shape)}"
+                f"{source}: head weights {shapes} do not fit head {expected} (config.json shared_logit: "
+                f"{self.config.shared_logit})"
             )
         with torch.no_grad():
-            self.head.weight.copy_(head["weight"])
-            self.head.bias.copy_(head["bias"])
+            for name, param in self.head.named_parameters():
+                param.copy_(head[name])
         if self.backbone is not None:
             self.backbone.load_state_dict({k: v for k, v in part("backbone.").items()}, strict=True)
             return

@@ -7,11 +7,21 @@ binary cross-entropy *with logits* (on ``z`` itself, never on ``logsigmoid(z)``)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["guidance_loss", "guidance_loss_from_hidden", "importance_weights", "sampled_token_logits"]
+from .head import shared_logit
+
+__all__ = [
+    "guidance_loss",
+    "guidance_loss_from_hidden",
+    "importance_weights",
+    "sampled_token_logits",
+    "suffix_importance_weights",
+]
 
 
 def importance_weights(
@@ -34,6 +44,31 @@ def importance_weights(
             raise ValueError(f"max_weight must be > 0, got {max_weight}")
         weights = weights.clamp(max=max_weight)
     return weights.float()
+
+
+def suffix_importance_weights(
+    target_token_log_probs: Tensor, sampling_token_log_probs: Tensor, mask: Tensor, *, max_weight: float
+) -> Tensor:
+    """Per-position importance weights ``[B, T-1]`` for the guidance loss: at the logit of token ``t+1`` (the
+    loss's position ``t``), ``p_target / p_sampling`` of the tokens *after* it, truncated at ``max_weight``.
+
+    ``R(x<=t+1) = P(C | x<=t+1)`` is a conditional: which prefixes the samples visit does not change its value,
+    only how the continuation goes on from there does. So only the rest of the sequence is re-weighted, not the
+    prefix. A whole-sequence weight (:func:`importance_weights`) also re-weights the prefix: where the sampling
+    policy prefers prefixes that satisfy the constraint, the samples that carry the most information about R get
+    the smallest weights. The last token's weight is 1 (nothing follows it: its label is exact). Each weight is
+    an unbiased ratio on its own (mean 1 under the sampling policy); :func:`guidance_loss` self-normalises.
+
+    Args:
+        target_token_log_probs / sampling_token_log_probs: ``[B, T-1]`` log-probabilities of token ``t+1``.
+        mask: ``[B, T-1]`` bool, the continuation tokens (the rest contribute nothing).
+    """
+    if not max_weight > 0:
+        raise ValueError(f"max_weight must be > 0, got {max_weight}")
+    delta = (target_token_log_probs.double() - sampling_token_log_probs.double()) * mask.double()
+    # sum over the strictly later tokens: reverse cumulative sum, minus the token itself
+    after = delta.flip(-1).cumsum(-1).flip(-1) - delta
+    return after.clamp(max=math.log(max_weight)).exp().float()
 
 
 def _bernoulli_kl(log_a: Tensor, log_1ma: Tensor, log_b: Tensor, log_1mb: Tensor) -> Tensor:
@@ -60,8 +95,9 @@ def guidance_loss(
         continuation_mask: ``[B, T]`` bool, True at sampled continuation tokens (prompt, padding and
             anything after the first EOS are False).
         labels: ``[B]`` sequence labels in [0, 1] (hard 0/1 or soft scores).
-        weights: optional ``[B]`` non-negative sample weights (e.g. :func:`importance_weights`). The loss is a
-            weighted mean over tokens, so it is invariant to the weights' overall scale (self-normalised).
+        weights: optional non-negative weights, ``[B]`` per sample (e.g. :func:`importance_weights`) or ``[B, T-1]``
+            per scored token (:func:`suffix_importance_weights`). The loss is a weighted mean over tokens, so it is
+            invariant to the weights' overall scale (self-normalised).
         consistency_coef: weight of the consistency regulariser
             ``KL(Bern(R(x<=t)) || Bern(sum_v p(v | x<=t) R(x<=t, v)))`` at consecutive continuation tokens.
         ref_logits: ``[B, T, V]`` logits of the sampling distribution p; required when ``consistency_coef > 0``.
@@ -81,8 +117,6 @@ def guidance_loss(
         )
     if labels.shape != (batch,):
         raise ValueError(f"labels must be [B] = ({batch},), got {tuple(labels.shape)}")
-    if weights is not None and weights.shape != (batch,):
-        raise ValueError(f"weights must be [B] = ({batch},), got {tuple(weights.shape)}")
     if consistency_coef < 0:
         raise ValueError(f"consistency_coef must be >= 0, got {consistency_coef}")
     if consistency_coef > 0 and ref_logits is None:
@@ -149,12 +183,17 @@ def _bce_terms(
     bce = F.binary_cross_entropy_with_logits(token_logits, targets, reduction="none")
     token_weights = mask.float()
     if weights is not None:
-        if weights.shape != (batch,):
-            raise ValueError(f"weights must be [B] = ({batch},), got {tuple(weights.shape)}")
+        if weights.shape not in ((batch,), tuple(token_logits.shape)):
+            raise ValueError(
+                f"weights must be [B] = ({batch},) or [B, T-1] = {tuple(token_logits.shape)}, got "
+                f"{tuple(weights.shape)}"
+            )
         sample_weights = weights.to(device=device, dtype=torch.float32)
         if (sample_weights < 0).any() or not torch.isfinite(sample_weights).all():
             raise ValueError("weights must be finite and non-negative")
-        token_weights = token_weights * sample_weights[:, None]
+        token_weights = token_weights * (
+            sample_weights[:, None] if sample_weights.dim() == 1 else sample_weights
+        )
     denom = token_weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
     loss = (bce * token_weights).sum() / denom
     with torch.no_grad():
@@ -179,11 +218,15 @@ def sampled_token_logits(
     """``z[b, t-1, x_t]`` for every sampled token, ``[B, T-1]``, from the head rows of those tokens only.
 
     ``offsets [B, T-1]``: fixed additions to those logits (the guidance model's context prior,
-    :meth:`~steer.guidance.GuidanceModel.token_offsets`)."""
+    :meth:`~steer.guidance.GuidanceModel.token_offsets`). A :class:`~steer.guidance.head.GuidanceHead` with a
+    shared context logit adds it at every position."""
     targets = input_ids[:, 1:].to(hidden.device)
     logits = (hidden[:, :-1].float() * head.weight[targets].float()).sum(-1)
     if head.bias is not None:
         logits = logits + head.bias[targets].float()
+    extra = shared_logit(head, hidden[:, :-1])
+    if extra is not None:
+        logits = logits + extra
     if offsets is not None:
         logits = logits + offsets.to(logits.device)
     return logits
@@ -236,7 +279,9 @@ def guidance_loss_from_hidden(
                 return guidance.logits(
                     hidden[b, t], None if contexts is None else contexts.to(hidden.device)[b, t]
                 )
-            return F.linear(hidden[b, t], head.weight.float(), bias)  # a bare head: no offsets
+            z = F.linear(hidden[b, t], head.weight.float(), bias)  # a bare head: no offsets
+            extra = shared_logit(head, hidden[b, t])
+            return z if extra is None else z + extra.unsqueeze(-1)
 
         consistency = _consistency(
             token_logits, token_weights, continuation_mask.to(hidden.device), rows, ref_logits_fn

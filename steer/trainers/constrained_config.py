@@ -116,6 +116,14 @@ class ConstrainedConfig(SFTConfig):
     guidance_num_layers: int | None = field(
         default=None, metadata={"help": "'separate' backbone: number of base layers to copy (None: all)."}
     )
+    guidance_shared_logit: bool = field(
+        default=False,
+        metadata={
+            "help": "Add one context logit, shared by every token, to the guidance head (steer.guidance.head): "
+            "what the prefix already says about the constraint (e.g. a topic word written) is learned from every "
+            "sampled position instead of once per vocabulary row."
+        },
+    )
     guidance_lr: float = field(
         default=5e-4, metadata={"help": "Learning rate of the guidance model's AdamW."}
     )
@@ -170,6 +178,15 @@ class ConstrainedConfig(SFTConfig):
         metadata={
             "help": "kl_reference='base': guidance samples come from the policy but R must hold under the base, so "
             "each sample is weighted by p_base/p_policy (self-normalised), truncated at this value."
+        },
+    )
+    importance_weighting: str = field(
+        default="sequence",
+        metadata={
+            "help": "kl_reference='base': 'sequence' weights each sample by p_base/p_policy of its whole "
+            "continuation; 'suffix' weights the guidance loss at each token by the ratio of the tokens after it "
+            "only (R is a conditional given the prefix: the prefix needs no weight), so samples of prefixes the "
+            "policy prefers keep their weight (steer.guidance.suffix_importance_weights)."
         },
     )
     guidance_steps_per_round: int = field(
@@ -299,6 +316,7 @@ class ConstrainedConfig(SFTConfig):
             _at_least("guidance_warmup_samples", self.guidance_warmup_samples, 1)
         _at_least("guidance_auc_pool", self.guidance_auc_pool, 1)
         _at_least("importance_max_weight", self.importance_max_weight, 1.0)
+        _choice("importance_weighting", self.importance_weighting, ("sequence", "suffix"))
         _choice("guidance_backbone", self.guidance_backbone, ("lora", "separate"))
         _at_least("guidance_lora_r", self.guidance_lora_r, 1)
         _at_least("guidance_lora_alpha", self.guidance_lora_alpha, 0, strict=True)
@@ -371,6 +389,7 @@ class ConstrainedConfig(SFTConfig):
             auc_pool_size=self.guidance_auc_pool,
             prior=self.guidance_prior,
             importance_max_weight=self.importance_max_weight if self.kl_reference == "base" else None,
+            importance=self.importance_weighting,
         )
 
     def guidance_config(self) -> GuidanceConfig:
@@ -379,4 +398,5 @@ class ConstrainedConfig(SFTConfig):
             lora_r=self.guidance_lora_r,
             lora_alpha=self.guidance_lora_alpha,
             separate_num_layers=self.guidance_num_layers,
+            shared_logit=self.guidance_shared_logit,
         )

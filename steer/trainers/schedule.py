@@ -92,6 +92,9 @@ class RoundSettings:
     importance_max_weight: float | None = (
         None  # set: weight samples by p_base / p_policy (kl_reference='base')
     )
+    importance: str = (
+        "sequence"  # 'sequence' (whole-sample weights) or 'suffix' (the tokens after each scored one)
+    )
 
 
 def round_seed(seed: int, round_index: int, process_index: int = 0) -> int:
@@ -247,22 +250,27 @@ class GuidanceLearner:
         return out.logits
 
     def _importance(self, batch: dict) -> torch.Tensor:
-        """``p_base(x) / p_policy(x)`` weights of a minibatch of policy samples (capped, mean 1)."""
-        from steer.guidance import importance_weights
+        """``p_base / p_policy`` weights of a minibatch of policy samples: per sample (``importance: sequence``,
+        ``[B]``, capped, mean 1) or per scored token, of the tokens after it (``suffix``, ``[B, T-1]``, capped)."""
+        from steer.guidance import importance_weights, suffix_importance_weights
 
-        def seq_log_probs(logits):
+        mask = batch["continuation_mask"][:, 1:]
+
+        def token_log_probs(logits):
             log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            token = log_p.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
-            return (token * batch["continuation_mask"][:, 1:].float()).sum(1)
+            return log_p.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1) * mask.float()
 
         was_training = self.policy.training
         self.policy.eval()  # no dropout: both log-probabilities must be the models' own
         try:
-            policy = seq_log_probs(self._policy_logits(batch))
-            base = seq_log_probs(self._policy_logits(batch, base=True))
+            policy = token_log_probs(self._policy_logits(batch))
+            base = token_log_probs(self._policy_logits(batch, base=True))
         finally:
             self.policy.train(was_training)
-        return importance_weights(base, policy, max_weight=self.settings.importance_max_weight)
+        cap = self.settings.importance_max_weight
+        if self.settings.importance == "suffix":
+            return suffix_importance_weights(base, policy, mask, max_weight=cap)
+        return importance_weights(base.sum(1), policy.sum(1), max_weight=cap)
 
     def _set_label_prior(self, rows: torch.Tensor | None = None) -> None:
         """``prior='label_mean'``: start every token's R at the base satisfaction rate (q* is unchanged);
@@ -272,7 +280,7 @@ class GuidanceLearner:
         rank starts from the same head.
         """
         head = getattr(self.guidance, "head", None)
-        if head is None or head.bias is None or bool(head.weight.any()):
+        if head is None or head.bias is None or not head.is_fresh():
             return  # not a fresh head
         if rows is None and bool(head.bias.any()):
             return  # not a fresh zero-initialised head
