@@ -520,8 +520,8 @@ class GuidanceModel(nn.Module):
             raise ValueError(f"{source}: unexpected keys {unknown[:5]}")
         head = part("head.")
         expected = {name: tuple(p.shape) for name, p in self.head.named_parameters()}
-        if {k: tuple(v.shape) for k, v in head.items()} != expected:
-            shapes = {k: tuple(v.shape) for k, v in head.items()}
+        shapes = {k: tuple(v.shape) for k, v in head.items()}
+        if shapes != expected:
             raise ValueError(
                 f"{source}: head weights {shapes} do not fit head {expected} (config.json shared_logit: "
                 f"{self.config.shared_logit})"
