@@ -137,6 +137,15 @@ class SoftPrompt:
         hidden = torch.tanh(persona @ w["mlp.0.weight"].T + w["mlp.0.bias"])
         return hidden @ w["mlp.2.weight"].T + w["mlp.2.bias"]
 
+    def tilt(self, persona: torch.Tensor) -> float:
+        """The persona's ordinal tilt ``tau`` (networks trained with ``ordinal_tilt``; 0 otherwise). To score a survey
+        question as steer does, add ``tau * scale[k]`` to option ``k``'s letter logit, ``scale`` being the options'
+        scaled ordinal positions in [0, 1], before the softmax over the letters. Free text generation has no
+        options and uses the virtual tokens only."""
+        if "tilt_head.weight" not in self.weights:
+            return 0.0
+        return float(persona @ self.weights["tilt_head.weight"][0] + self.weights["tilt_head.bias"][0])
+
     def prefix_cache(self, persona: torch.Tensor, batch: int, model) -> DynamicCache:
         """Prefix mode: a cache holding the persona's keys/values ``[B, kv_heads, n_virtual, head_dim]`` per layer."""
         c = self.config

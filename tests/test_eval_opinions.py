@@ -11,7 +11,12 @@ from scipy.stats import wasserstein_distance
 
 from steer.eval.opinion_baselines import demographic_preamble, few_shot_preamble
 from steer.eval.opinion_individuals import INDIVIDUAL_METHODS
-from steer.eval.opinion_metrics import macro_accuracy, ordinal_wasserstein, representativeness
+from steer.eval.opinion_metrics import (
+    direction_agreement,
+    macro_accuracy,
+    ordinal_wasserstein,
+    representativeness,
+)
 from steer.eval.opinions import METHODS, OpinionEvalArguments, run_opinion_eval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +58,36 @@ def test_representativeness_edge_cases():
 def test_macro_accuracy_weights_people_equally():
     correct = {"a": [True, False], "b": [True], "c": []}
     assert macro_accuracy(correct) == pytest.approx(0.75)  # micro would be 2/3
+
+
+def test_direction_constant_sign_is_the_training_majority():
+    """The `constant` direction baseline guesses the training questions' majority sign everywhere."""
+
+    class Q:
+        scaled = (0.0, 1.0)
+
+    low, high = np.array([0.8, 0.2]), np.array([0.2, 0.8])
+    train = ["t1", "t2", "t3"]  # g below h on two of three training questions
+    scored = ["e1", "e2", "e3", "e4"]  # g below h on three of four scored questions
+    below = {"t1", "t2", "e1", "e2", "e3"}
+    real = {}
+    for k in train + scored:
+        real[("g", k)], real[("h", k)] = (low, high) if k in below else (high, low)
+    questions = {k: Q() for k in train + scored}
+    outputs = {"steered": {("g", k): high for k in scored} | {("h", k): low for k in scored}}
+    result = direction_agreement(
+        outputs, real, questions, ["g", "h"], scored, n_boot=50, seed=0, train_keys=train
+    )
+    methods = result["g - h"]["methods"]
+    assert methods["constant"]["sign"] == -1.0
+    assert methods["constant"]["sign_right"]["mean"] == pytest.approx(0.75)
+    assert methods["steered"]["sign_right"]["mean"] == pytest.approx(0.25)
+    assert (
+        "constant"
+        not in direction_agreement(outputs, real, questions, ["g", "h"], scored, n_boot=50, seed=0)["g - h"][
+            "methods"
+        ]
+    )
 
 
 def test_baseline_prompts():

@@ -476,6 +476,7 @@ def test_guided_generate_fn_reshapes_the_flat_prompt_major_output(monkeypatch):
         "n_per_prompt": 3,
         "batch_size": 8,
         "seed": 5,
+        "settled": None,  # no stop_constraint: guided all the way
         "model": "M",
         "guidance": "G",
     }
@@ -491,6 +492,19 @@ def test_run_toxicity_eval_with_a_saved_guidance_model(tmp_path, eval_setup):
     result = run_toxicity_eval(args)
     assert result["generator"] == "nado_guided" and result["run_name"] == "tiny-base+nado"
     assert result["metrics"]["num_generations"] == 6 and result["metrics"]["perplexity"] > 1
+    # stopping the guidance once satisfied needs a monotone judge (the default classifier is not one)
+    with pytest.raises(UserInputError, match="guidance_stop_when_satisfied: the oracle .* is not monotone"):
+        run_toxicity_eval(dataclasses.replace(args, guidance_stop_when_satisfied=True))
+    topic = dataclasses.replace(
+        args,
+        guidance_stop_when_satisfied=True,
+        oracle="topic",
+        oracle_kwargs='{"topic": "politics"}',
+        output_dir=str(tmp_path / "stop"),
+    )
+    assert run_toxicity_eval(topic)["metrics"]["num_generations"] == 6
+    with pytest.raises(ValueError, match="guidance_stop_when_satisfied needs guidance_dir"):
+        ToxicityEvalArguments(guidance_stop_when_satisfied=True)
 
 
 def test_toxicity_metrics_carry_bootstrap_intervals_over_prompts():

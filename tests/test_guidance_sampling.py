@@ -215,3 +215,52 @@ def test_processor_adds_logsigmoid_of_last_position(tiny_llama):
     out = processor(ids, scores)
     expected = scores + torch.nn.functional.logsigmoid(guidance(ids, mask)[:, -1])
     torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_settled_rows_go_on_unguided(tiny_llama):
+    """A row whose continuation already settles a monotone constraint gets the policy's scores; the others q*."""
+    model, tok = tiny_llama
+    guidance = GuidanceModel(model, GuidanceConfig(lora_r=4))
+    with torch.no_grad():
+        guidance.head.weight.normal_(0, 0.5)
+    ids = torch.randint(6, 500, (3, 6), generator=torch.Generator().manual_seed(1))
+    prompt_mask = torch.ones(3, 4, dtype=torch.long)
+    calls = []
+
+    def settled(continuation_ids):
+        calls.append(continuation_ids.shape)
+        return torch.tensor([True, False, True])
+
+    processor = NADOLogitsProcessor(guidance, prompt_mask, use_cache=False, settled=settled)
+    scores = torch.randn(3, model.config.vocab_size)
+    out = processor(ids, scores)
+    guided = scores + torch.nn.functional.logsigmoid(guidance(ids, torch.ones_like(ids))[:, -1])
+    torch.testing.assert_close(out[[0, 2]], scores[[0, 2]])
+    torch.testing.assert_close(out[1], guided[1].detach(), atol=1e-5, rtol=1e-5)
+    assert calls == [(3, 2)]  # the continuation only, not the prompt
+    # at the first step there is no continuation yet: every row is guided, settled is not asked
+    first = processor(ids[:, :4], scores)
+    assert calls == [(3, 2)] and not torch.allclose(first[0], scores[0])
+
+
+def test_settled_by_needs_a_monotone_constraint(tiny_llama):
+    from steer.constraints import KeywordConstraint
+    from steer.guidance import settled_by
+
+    _, tok = tiny_llama
+    topic = KeywordConstraint(["vote", "senate"], mode="any_of")
+    assert topic.monotone
+    # a keyword settles the prefix once it is closed: "vote" at the very end may still become "voters"
+    assert topic.prefix_satisfied(["we vote", "we vote.", "the Senate met", "voters", ""]) == [
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
+    ids = tok(["we vote today", "no politics here"], return_tensors="pt", padding=True)["input_ids"]
+    assert settled_by(topic, tok)(ids).tolist()[0] is True
+    with pytest.raises(ValueError, match="not a monotone constraint"):
+        settled_by(KeywordConstraint(["vote"], mode="none_of"), tok)
+    with pytest.raises(NotImplementedError, match="not a monotone"):
+        KeywordConstraint(["vote"], mode="all_of").prefix_satisfied(["vote"])

@@ -375,7 +375,8 @@ def test_adapted_group_protocol_end_to_end(tmp_path):
             value = groups["methods"][method]["per_group"]["POLPARTY=Democrat"]
             assert value["n"] >= 1 and groups["text_baselines"][method]["chosen_on"] == "validation questions"
         pair = groups["direction"]["POLPARTY=Democrat - POLPARTY=Independent"]
-        assert {"steered", "text_ridge"} <= set(pair["methods"])
+        assert {"steered", "text_ridge", "constant"} <= set(pair["methods"])
+        assert pair["methods"]["constant"]["sign"] in (-1.0, 1.0)
         assert groups["cohorts"] and all("steered - raw" in c for c in groups["cohorts"].values())
         markdown = (tmp_path / f"eval_{part}" / "opinions.md").read_text()
         assert "Direction:" in markdown and "Cohorts" in markdown

@@ -61,3 +61,17 @@ def test_tiny_run_writes_the_report(tmp_path):
         assert -1 <= entry["eval_r"] <= 1 and entry["n_eval_questions"] == saved["n_questions"]["eval"] > 0
         low, high = entry["eval_r_ci95"]
         assert low <= high
+
+
+def test_mean_pooling_averages_the_prompt_tokens_only():
+    """``--pool mean``: the average over each prompt's own tokens, padding excluded (left padding)."""
+    model, tokenizer = tiny_causal_lm("llama", seed=0, num_kv_heads=2)
+    probe = _probe()
+    prompts = ["a b c d e f", "a b"]
+    pooled = probe._features(model, tokenizer, prompts, [0, 1], batch=2, pool="mean")
+    for i, prompt in enumerate(prompts):
+        single = probe._features(model, tokenizer, [prompt], [0, 1], batch=1, pool="mean")
+        for layer in (0, 1):
+            np.testing.assert_allclose(pooled[layer][i], single[layer][0], atol=1e-5)
+    last = probe._features(model, tokenizer, prompts, [1], batch=2)
+    assert not np.allclose(last[1], pooled[1])

@@ -39,8 +39,11 @@ DEFAULT_PAIRS = [
 ]
 
 
-def _features(model, tokenizer, prompts: list[str], layers: list[int], batch: int) -> dict[int, np.ndarray]:
-    """Hidden states at the last prompt token, per layer: ``{layer: [n, H]}`` (left padding)."""
+def _features(
+    model, tokenizer, prompts: list[str], layers: list[int], batch: int, pool: str = "last"
+) -> dict[int, np.ndarray]:
+    """Hidden states per layer, ``{layer: [n, H]}`` (left padding): at the last prompt token (``pool="last"``)
+    or averaged over the prompt's tokens (``pool="mean"``, a dense bag of words at layer 0)."""
     tokenizer.padding_side = "left"
     out = {layer: [] for layer in layers}
     with torch.no_grad():
@@ -49,8 +52,13 @@ def _features(model, tokenizer, prompts: list[str], layers: list[int], batch: in
                 prompts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False
             )
             states = model(**enc, output_hidden_states=True, use_cache=False).hidden_states
+            mask = enc["attention_mask"].unsqueeze(-1).float()
             for layer in layers:
-                out[layer].append(states[layer][:, -1].float().numpy())
+                if pool == "mean":
+                    pooled = (states[layer].float() * mask).sum(1) / mask.sum(1)
+                else:
+                    pooled = states[layer][:, -1].float()
+                out[layer].append(pooled.numpy())
     return {layer: np.concatenate(parts) for layer, parts in out.items()}
 
 
@@ -93,6 +101,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="default: every 5th and the last")
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 10.0, 100.0, 1000.0, 10000.0])
     parser.add_argument("--system_prompt", default="Answer the survey question with one letter.")
+    parser.add_argument(
+        "--pool", choices=["last", "mean"], default="last", help="last token or mean over tokens"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
@@ -130,7 +141,7 @@ def main(argv=None) -> dict:
         part: [fmt.build(tokenizer, table.questions[k].text, table.questions[k].options) for k in part_keys]
         for part, part_keys in keys.items()
     }
-    feats = {part: _features(model, tokenizer, prompts[part], layers, args.batch) for part in keys}
+    feats = {part: _features(model, tokenizer, prompts[part], layers, args.batch, args.pool) for part in keys}
 
     results = {}
     for name, target in targets.items():
@@ -175,6 +186,7 @@ def main(argv=None) -> dict:
         "split": split.to_dict(),
         "n_questions": {part: len(k) for part, k in keys.items()},
         "layers": layers,
+        "pool": args.pool,
         "alphas": args.alphas,
         "results": results,
         "seconds": round(time.time() - started, 1),

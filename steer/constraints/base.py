@@ -78,6 +78,16 @@ class Constraint(ABC):
     def __init__(self) -> None:
         self.stats = {"scored": 0, "invalid": 0}
 
+    @property
+    def monotone(self) -> bool:
+        """Whether a prefix that satisfies the constraint settles it: every continuation of it satisfies it too
+        (``any_of`` keywords, topics). Then R(x<t, v) = 1 exactly after such a prefix (:meth:`prefix_satisfied`)."""
+        return False
+
+    def prefix_satisfied(self, prefixes: Sequence[str]) -> list[bool]:
+        """For a :attr:`monotone` constraint: whether each text prefix already settles it, whatever comes next."""
+        raise NotImplementedError(f"{self.name} is not a monotone constraint (no prefix of it settles it)")
+
     @abstractmethod
     def score(self, texts: list[str]) -> Sequence[float | None] | torch.Tensor:
         """Raw P(satisfied) per text; may contain NaN/None for failures."""

@@ -65,6 +65,18 @@ class KeywordConstraint(Constraint):
         satisfies it; a single token settles ``all_of`` only when it holds every keyword."""
         return {"none_of": "violation", "any_of": "satisfaction"}.get(self.mode, "none")
 
+    @property
+    def monotone(self) -> bool:
+        """``any_of``: once a keyword is written, every continuation keeps it."""
+        return self.mode == "any_of"
+
+    def prefix_satisfied(self, prefixes: Sequence[str]) -> list[bool]:
+        """``any_of``: a keyword occurs and is closed, i.e. followed by a character (a keyword at the very end of a
+        prefix may still grow into another word: "vote" -> "voters")."""
+        if not self.monotone:
+            return super().prefix_satisfied(prefixes)
+        return [any(m.end() < len(t) for p in self.patterns for m in p.finditer(t)) for t in prefixes]
+
     def matches(self, text: str) -> list[str]:
         """The keywords that occur in ``text``."""
         return [w for w, p in zip(self.keywords, self.patterns) if p.search(text)]

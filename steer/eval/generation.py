@@ -136,13 +136,16 @@ def hf_generate_fn(model, tokenizer, *, batch_size: int = 64, temperature: float
 
 
 def guided_generate_fn(
-    model, guidance, tokenizer, *, batch_size: int = 16, temperature: float = 1.0
+    model, guidance, tokenizer, *, batch_size: int = 16, temperature: float = 1.0, stop_constraint=None
 ) -> GenerateFn:
     """A ``generate_fn`` sampling from NADO's guided distribution q* (``steer.guidance.guided_generate``).
 
-    ``guided_generate`` returns a flat list, ``n_per_prompt`` consecutive continuations per prompt.
+    ``guided_generate`` returns a flat list, ``n_per_prompt`` consecutive continuations per prompt. With a
+    monotone ``stop_constraint`` a continuation that satisfies it goes on unguided (``steer.guidance.settled_by``).
     """
-    from ..guidance import guided_generate
+    from ..guidance import guided_generate, settled_by
+
+    settled = settled_by(stop_constraint, tokenizer) if stop_constraint is not None else None
 
     def generate(prompts: list[str], n: int, max_new_tokens: int, top_p: float, seed: int) -> list[list[str]]:
         flat = guided_generate(
@@ -156,6 +159,7 @@ def guided_generate_fn(
             n_per_prompt=n,
             batch_size=batch_size,
             seed=seed,
+            settled=settled,
         )
         if len(flat) != len(prompts) * n:
             raise RuntimeError(f"guided_generate returned {len(flat)} texts for {len(prompts)} prompts x {n}")

@@ -67,7 +67,7 @@ def evaluate_cohorts(
             real[(c, k)] = np.mean(dists, 0) if dists else None
     rows = [(c, k) for c in names for k in keys]
     probs = steered.option_probs_batch(
-        [(questions[k].text, list(questions[k].options)) for _, k in rows],
+        [questions[k] for _, k in rows],
         torch.stack([centroids[f"cohort:{c}"].reshape(-1) for c, _ in rows]),
         batch_size=args.batch_size,
         desc="cohorts / steered",

@@ -185,7 +185,7 @@ def scored_groups(steered, split: dict, args: OpinionEvalArguments) -> ScoredGro
 
 def _option_probs(steered, setup: ScoredGroups, method, rows, persona, preambles, args) -> dict:
     probs = steered.option_probs_batch(
-        [(setup.questions[k].text, list(setup.questions[k].options)) for _, k in rows],
+        [setup.questions[k] for _, k in rows],
         persona,
         preambles=preambles,
         batch_size=args.batch_size,
@@ -355,8 +355,16 @@ def evaluate_groups(steered, split, methods, args: OpinionEvalArguments) -> dict
     separation = {}
     if "steered" in outputs and len(groups) >= 2:
         separation = group_separation(outputs["steered"], setup.real, groups, keys)
+    train = sorted(setup.train_keys & set(setup.table.probs))  # for the constant-sign baseline of direction
     direction = direction_agreement(
-        outputs, setup.real, setup.questions, groups, keys, n_boot=args.n_bootstrap, seed=args.seed
+        outputs,
+        {**setup.real, **{(g, k): setup.table.distribution(g, k) for g in groups for k in train}},
+        {**setup.questions, **{k: setup.table.questions[k] for k in train}},
+        groups,
+        keys,
+        n_boot=args.n_bootstrap,
+        seed=args.seed,
+        train_keys=train,
     )
     cohorts = {}
     if "steered" in outputs and args.cohorts:

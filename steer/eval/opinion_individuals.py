@@ -101,7 +101,7 @@ def _predictions(method, steered, items, known, train, heldout, args, cohort_of,
         return None
     persona, preambles = inputs
     probs = steered.option_probs_batch(
-        [(q.text, list(q.options)) for _, q, _, _ in items],
+        [q for _, q, _, _ in items],
         persona,
         preambles=preambles,
         batch_size=args.batch_size,

@@ -107,6 +107,21 @@ def _direction_of_method(
     return {"sign_right": interval(np.asarray(right), n_boot=n_boot, seed=seed), "pearson_r": r}
 
 
+def _constant_sign(real: dict, questions, g: str, h: str, train_keys: Sequence[str]) -> float | None:
+    """The majority sign of ``g - h`` over the training questions with a real gap >= ``DIRECTION_MIN_GAP``."""
+    signs = []
+    for k in train_keys:
+        a, b = real.get((g, k)), real.get((h, k))
+        if a is None or b is None or k not in questions:
+            continue
+        gap = expected_answer(a, questions[k].scaled) - expected_answer(b, questions[k].scaled)
+        if abs(gap) >= DIRECTION_MIN_GAP:
+            signs.append(np.sign(gap))
+    if not signs:
+        return None
+    return 1.0 if np.mean(signs) > 0 else -1.0
+
+
 def direction_agreement(
     outputs: dict,
     real: dict,
@@ -116,11 +131,17 @@ def direction_agreement(
     *,
     n_boot: int,
     seed: int,
+    train_keys: Sequence[str] = (),
 ) -> dict:
     """Per pair of groups ``g - h``: on the questions where their real expected scaled answers differ by at
     least ``DIRECTION_MIN_GAP``, the share where a method's ``g - h`` difference has the real sign (a tie counts
     as wrong), with a bootstrap interval over those questions; and Pearson's r of the two differences over all
-    scored questions. ``outputs``: ``{method: {(group, key): p}}``; ``real``: ``{(group, key): p or None}``."""
+    scored questions. ``outputs``: ``{method: {(group, key): p}}``; ``real``: ``{(group, key): p or None}``.
+
+    With ``train_keys`` (whose real distributions are in ``real`` too) a method ``constant`` is added: the same
+    sign on every question, the majority sign of ``g - h`` over the training questions with a gap of at least
+    ``DIRECTION_MIN_GAP``. It reads no question: a sign share at its level is the base rate, not knowledge
+    (its r is undefined)."""
     result = {}
     for i, g in enumerate(groups):
         for h in groups[i + 1 :]:
@@ -136,6 +157,14 @@ def direction_agreement(
                 out = outputs.get(method)
                 if out:
                     methods[method] = _direction_of_method(out, g, h, gaps, counted, questions, n_boot, seed)
+            constant = _constant_sign(real, questions, g, h, train_keys)
+            if constant is not None:
+                right = [float(constant == np.sign(gaps[k])) for k in counted]
+                methods["constant"] = {
+                    "sign_right": interval(np.asarray(right), n_boot=n_boot, seed=seed),
+                    "pearson_r": math.nan,
+                    "sign": constant,
+                }
             result[f"{g} - {h}"] = {
                 "questions": len(counted),
                 "min_gap": DIRECTION_MIN_GAP,

@@ -130,7 +130,8 @@ def _direction_section(groups: dict) -> list[str]:
         "\nDirection: on the questions where two groups' real expected scaled answers differ by at least "
         f"{DIRECTION_MIN_GAP}, the share where a method's difference has the real sign [95% bootstrap "
         "interval over those questions] (a persona-blind method scores 0), and Pearson's r of the two "
-        "differences over all scored questions:\n",
+        "differences over all scored questions. `constant` gives every question the training questions' "
+        "majority sign: it reads no question, so a share at its level is the base rate:\n",
         markdown_table(rows, ["pair", "method", "sign right", "n", "r"]),
     ]
 

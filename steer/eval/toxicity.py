@@ -89,6 +89,14 @@ class ToxicityEvalArguments(OracleArguments):
             "help": "A saved NADO GuidanceModel: sample from the guided distribution q* of the model instead."
         },
     )
+    guidance_stop_when_satisfied: bool = field(
+        default=False,
+        metadata={
+            "help": "With guidance_dir and a monotone oracle (a topic or any-of word list, the constraint the guidance "
+            "was trained for): once a continuation satisfies it, that continuation goes on unguided (R = 1 exactly "
+            "for a constraint that stays satisfied)."
+        },
+    )
     allow_base_mismatch: bool = field(
         default=False,
         metadata={
@@ -209,6 +217,8 @@ class ToxicityEvalArguments(OracleArguments):
             )
         if self.generations_file and self.guidance_dir:
             raise ValueError("ToxicityEvalArguments.generations_file: continuations are read, not generated")
+        if self.guidance_stop_when_satisfied and not self.guidance_dir:
+            raise ValueError("ToxicityEvalArguments.guidance_stop_when_satisfied needs guidance_dir")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"ToxicityEvalArguments.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
@@ -366,6 +376,11 @@ def run_toxicity_eval(
         last=args.heldout_size if args.prompts_file is None else None,
     )
     oracle = oracle or build_oracle(args, device=device)
+    if args.guidance_stop_when_satisfied and generate_fn is None and not oracle.monotone:
+        raise UserInputError(
+            f"ToxicityEvalArguments.guidance_stop_when_satisfied: the oracle {oracle.name!r} is not monotone (a topic "
+            "or an any_of word list is): no prefix settles it"
+        )
 
     info = {"model": str(args.model_name_or_path), "base_model": args.base_model, "adapter": False}
     need_model = generate_fn is None or not args.skip_perplexity
@@ -400,7 +415,12 @@ def run_toxicity_eval(
         if args.guidance_dir:
             guidance = load_guidance(args.guidance_dir, model, allow_base_mismatch=args.allow_base_mismatch)
             generate_fn = guided_generate_fn(
-                model, guidance, tokenizer, batch_size=args.batch_size, temperature=args.temperature
+                model,
+                guidance,
+                tokenizer,
+                batch_size=args.batch_size,
+                temperature=args.temperature,
+                stop_constraint=oracle if args.guidance_stop_when_satisfied else None,
             )
             generator = "nado_guided"
         else:

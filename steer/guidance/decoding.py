@@ -7,7 +7,7 @@ its own KV cache, so each step feeds it one token (``use_cache=False`` recompute
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from transformers import DynamicCache, LogitsProcessor
 from .model import GuidanceModel
 from .sampling import SampleBatch, generate_continuations
 
-__all__ = ["NADOLogitsProcessor", "guided_generate", "guided_sample"]
+__all__ = ["NADOLogitsProcessor", "guided_generate", "guided_sample", "settled_by"]
 
 
 class NADOLogitsProcessor(LogitsProcessor):
@@ -27,14 +27,22 @@ class NADOLogitsProcessor(LogitsProcessor):
         guidance: the trained :class:`GuidanceModel`.
         prompt_attention_mask: ``[N, P]`` attention mask of the (left-padded) prompts passed to ``generate``.
         use_cache: run the guidance model incrementally with its own KV cache.
+        settled: optional ``continuation_ids [N, t] -> bool [N]``: rows whose continuation so far already settles
+            a monotone constraint (:func:`settled_by`) decode from the model alone, R = 1 being exact there.
     """
 
     def __init__(
-        self, guidance: GuidanceModel, prompt_attention_mask: Tensor, *, use_cache: bool = True
+        self,
+        guidance: GuidanceModel,
+        prompt_attention_mask: Tensor,
+        *,
+        use_cache: bool = True,
+        settled: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.guidance = guidance
         self.prompt_attention_mask = prompt_attention_mask
         self.use_cache = use_cache
+        self.settled = settled
         self.cache = None
         self.seen = 0
 
@@ -63,8 +71,28 @@ class NADOLogitsProcessor(LogitsProcessor):
             self.seen = length
         vocab = min(scores.shape[-1], z.shape[-1])
         guided = scores.float().clone()
-        guided[:, :vocab] += F.logsigmoid(z[:, :vocab].to(guided.device))
+        bonus = F.logsigmoid(z[:, :vocab].to(guided.device))
+        if self.settled is not None and length > self.prompt_attention_mask.shape[1]:
+            done = self.settled(input_ids[:, self.prompt_attention_mask.shape[1] :]).to(guided.device)
+            bonus = bonus.masked_fill(done[:, None], 0.0)
+        guided[:, :vocab] += bonus
         return guided
+
+
+def settled_by(constraint, tokenizer) -> Callable[[Tensor], Tensor]:
+    """``continuation_ids -> bool [N]``: the decoded continuations that already settle ``constraint`` (a
+    :attr:`~steer.constraints.Constraint.monotone` one, e.g. a topic's any-of word list)."""
+    if not getattr(constraint, "monotone", False):
+        raise ValueError(
+            f"{getattr(constraint, 'name', constraint)!r} is not a monotone constraint: no prefix settles it, so "
+            "guidance cannot stop once it is satisfied"
+        )
+
+    def settled(continuation_ids: Tensor) -> Tensor:
+        texts = tokenizer.batch_decode(continuation_ids, skip_special_tokens=True)
+        return torch.tensor(constraint.prefix_satisfied(texts), dtype=torch.bool)
+
+    return settled
 
 
 def guided_sample(
@@ -81,10 +109,12 @@ def guided_sample(
     seed: int | None = None,
     top_k: int = 0,
     use_cache: bool = True,
+    settled: Callable[[Tensor], Tensor] | None = None,
 ) -> SampleBatch:
     """Like :func:`~steer.guidance.sampling.sample_continuations`, but sampling from q*.
 
-    ``seq_log_probs`` are under the (unguided) policy ``model``.
+    ``seq_log_probs`` are under the (unguided) policy ``model``. ``settled`` (:func:`settled_by`): rows whose
+    continuation settles a monotone constraint go on unguided.
     """
     was_training = guidance.training
     guidance.eval()
@@ -100,7 +130,9 @@ def guided_sample(
             top_k=top_k,
             batch_size=batch_size,
             seed=seed,
-            processor_factory=lambda mask: NADOLogitsProcessor(guidance, mask, use_cache=use_cache),
+            processor_factory=lambda mask: NADOLogitsProcessor(
+                guidance, mask, use_cache=use_cache, settled=settled
+            ),
         )
     finally:
         guidance.train(was_training)
@@ -118,8 +150,10 @@ def guided_generate(
     n_per_prompt: int = 1,
     batch_size: int = 16,
     seed: int | None = None,
+    settled: Callable[[Tensor], Tensor] | None = None,
 ) -> list[str]:
-    """Decoded continuations sampled token by token from q* (policy logits + ``logsigmoid(z)``)."""
+    """Decoded continuations sampled token by token from q* (policy logits + ``logsigmoid(z)``); see
+    :func:`guided_sample` for ``settled``."""
     return guided_sample(
         model,
         guidance,
@@ -131,4 +165,5 @@ def guided_generate(
         n_per_prompt=n_per_prompt,
         batch_size=batch_size,
         seed=seed,
+        settled=settled,
     ).texts

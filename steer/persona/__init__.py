@@ -27,7 +27,13 @@ from steer.persona.opinionqa import (
     wave_dirs,
 )
 from steer.persona.simulate import simulate_respondents, synthetic_responses
-from steer.persona.soft_prompt import SoftPromptConfig, SoftPromptNetwork, steered_forward, steered_inputs
+from steer.persona.soft_prompt import (
+    SoftPromptConfig,
+    SoftPromptNetwork,
+    apply_ordinal_tilt,
+    steered_forward,
+    steered_inputs,
+)
 from steer.persona.steering import PersonaSteeredModel, PromptFormat, decode
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "Responses",
     "SoftPromptConfig",
     "SoftPromptNetwork",
+    "apply_ordinal_tilt",
     "decode",
     "find_cohorts",
     "group_centroids",

@@ -55,7 +55,8 @@ class PersonaCollator:
 
     Output keys: ``input_ids``, ``attention_mask``, ``labels`` (-100 except the answer tokens),
     ``option_ids``/``option_mask`` [B, K] (first token of each option letter), ``answer_index`` [B],
-    ``persona`` [B, d] or ``user_index`` [B], and ``target_probs`` [B, K] when the examples carry ``target``.
+    ``persona`` [B, d] or ``user_index`` [B], ``target_probs`` [B, K] when the examples carry ``target``
+    (and ``question_id`` [B] when they also carry it), ``option_scale`` [B, K] when they carry ``scale``.
     """
 
     def __init__(
@@ -126,12 +127,19 @@ class PersonaCollator:
                     raise ValueError(f"example field 'target' is not a distribution: {target}")
                 targets.append([x / total for x in target] + [0.0] * (k - len(target)))
             batch["target_probs"] = torch.tensor(targets, dtype=torch.float32)
-            if all(e.get("question_id") is not None and e.get("scale") is not None for e in examples):
+            if all(e.get("question_id") is not None for e in examples):
                 batch["question_id"] = torch.tensor([int(e["question_id"]) for e in examples])
-                batch["option_scale"] = torch.tensor(
-                    [[float(x) for x in e["scale"]] + [0.0] * (k - len(e["scale"])) for e in examples],
-                    dtype=torch.float32,
-                )
+        if all(e.get("scale") is not None for e in examples):
+            for example in examples:
+                if len(example["scale"]) != len(example["options"]):
+                    raise ValueError(
+                        f"example field 'scale' has {len(example['scale'])} values for {len(example['options'])} "
+                        "options"
+                    )
+            batch["option_scale"] = torch.tensor(
+                [[float(x) for x in e["scale"]] + [0.0] * (k - len(e["scale"])) for e in examples],
+                dtype=torch.float32,
+            )
         has_persona = ["persona" in e and e["persona"] is not None for e in examples]
         has_user = ["user_index" in e and e["user_index"] is not None for e in examples]
         if all(has_persona):

@@ -635,6 +635,7 @@ def answer_examples(responses, *, users=None, limit: int | None = None, seed: in
                 "question": question.text,
                 "options": list(question.options),
                 "answer": int(responses.option_index[rows[i], cols[i]]),
+                "scale": [float(x) for x in question.scaled_array()],
                 "user_index": int(rows[i]),
             }
         )

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from steer.persona.adapter import PersonaGate, persona_active
-from steer.persona.soft_prompt import SoftPromptNetwork, steered_inputs
+from steer.persona.soft_prompt import SoftPromptNetwork, apply_ordinal_tilt, steered_inputs
 
 __all__ = ["PersonaOutput", "PersonaSoftPromptModel", "group_contrast"]
 
@@ -60,7 +60,9 @@ class PersonaSoftPromptModel(nn.Module):
     adapter) conditions the update on each row's persona.
 
     ``forward`` returns the mean answer-token cross-entropy and the first-answer-token logits of the
-    option letters (``option_logits`` [B, K], ``-inf`` beyond each question's options).
+    option letters (``option_logits`` [B, K], ``-inf`` beyond each question's options). With a target
+    distribution the loss is its cross-entropy over the options; with the network's ``ordinal_tilt`` the option
+    logits include the persona's tilt and the loss is always over the options (target, else the answer).
     """
 
     accepts_loss_kwargs = False
@@ -202,8 +204,19 @@ class PersonaSoftPromptModel(nn.Module):
             rows = torch.arange(labels.shape[0], device=labels.device)
             at = logits[rows, first - 1 - offset]  # [B, V] next-token logits for the first answer token
             option_logits = at.gather(1, option_ids)
+            if self.network.config.ordinal_tilt:
+                if option_scale is None:
+                    raise ValueError(
+                        "ordinal_tilt needs every example's 'scale' (its options' scaled ordinal positions)"
+                    )
+                option_logits = apply_ordinal_tilt(option_logits, self.network.tilt(vectors), option_scale)
             if option_mask is not None:
                 option_logits = option_logits.masked_fill(~option_mask, float("-inf"))
+        elif self.network.config.ordinal_tilt:
+            raise ValueError("ordinal_tilt needs option_ids (the option letters' token ids) in every batch")
+        if target_probs is None and self.network.config.ordinal_tilt:
+            # the tilt acts on the option letters' logits: the loss is the answer's cross-entropy over the options
+            loss = F.cross_entropy(option_logits, answer_index)
         if target_probs is not None:
             if option_logits is None:
                 raise ValueError("a target distribution needs option_ids (the option letters' token ids)")

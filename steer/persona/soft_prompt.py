@@ -20,7 +20,9 @@ Saved format (``save_pretrained``): ``soft_prompt_config.json`` (:class:`SoftPro
 ``soft_prompt.safetensors`` with ``mlp.0.weight`` [hidden, persona_dim], ``mlp.0.bias``, ``mlp.2.weight``
 [output_dim, hidden], ``mlp.2.bias``. In plain torch: ``out = W2 @ tanh(W1 @ p + b1) + b2``; prefix mode
 reshapes ``out`` to ``[num_layers, 2 (key, value), num_kv_heads, n_virtual, head_dim]``, embedding mode to
-``[n_virtual, hidden_size]``.
+``[n_virtual, hidden_size]``. With ``ordinal_tilt`` (config) also ``tilt_head.weight`` [1, persona_dim] and
+``tilt_head.bias`` [1]: the persona's ordinal tilt ``tau = tilt_head.weight @ p + tilt_head.bias``, added as
+``tau * scale`` to the option letters' logits (:func:`apply_ordinal_tilt`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class SoftPromptConfig:
     head_dim: int = 0
     hidden_size: int = 0
     init_std: float = 0.02
+    ordinal_tilt: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -130,6 +133,13 @@ def attention_geometry(model_config, *, prefix: bool = True) -> dict[str, int]:
 class SoftPromptNetwork(nn.Module):
     """A 2-layer MLP (``persona_dim -> hidden -> tanh -> virtual tokens``).
 
+    With ``ordinal_tilt`` a linear map of the persona gives its **ordinal tilt** ``tau = a . p + b``
+    (:meth:`tilt`): a question's option letters get ``tau * scale`` added to their logits, ``scale`` being the
+    options' scaled ordinal positions in [0, 1] (:func:`apply_ordinal_tilt`). ``tau > 0`` moves the answer up the
+    scale, whatever the question. A persona's lean along a survey's ordinal scales is a property of the persona;
+    a prefix in front of a frozen LM that does not know the question's politics can only express it through
+    whatever each question's prompt makes of the prefix. The map starts at zero (no tilt at init).
+
     Args:
         persona_dim: size of the persona vectors (the embedder's ``dim``).
         num_virtual_tokens: length of the prefix / number of prepended embeddings.
@@ -153,6 +163,7 @@ class SoftPromptNetwork(nn.Module):
         head_dim: int | None = None,
         hidden_size: int | None = None,
         init_std: float = 0.02,
+        ordinal_tilt: bool = False,
     ) -> None:
         super().__init__()
         geometry = (
@@ -172,6 +183,7 @@ class SoftPromptNetwork(nn.Module):
             mode=mode,
             hidden=int(hidden),
             init_std=float(init_std),
+            ordinal_tilt=bool(ordinal_tilt),
             **{k: int(v) for k, v in geometry.items()},
         )
         self.mlp = nn.Sequential(
@@ -181,6 +193,11 @@ class SoftPromptNetwork(nn.Module):
         )
         nn.init.normal_(self.mlp[2].weight, std=self.config.init_std)
         nn.init.zeros_(self.mlp[2].bias)
+        self.tilt_head = None
+        if self.config.ordinal_tilt:  # linear in the persona, zero at init
+            self.tilt_head = nn.Linear(self.config.persona_dim, 1)
+            nn.init.zeros_(self.tilt_head.weight)
+            nn.init.zeros_(self.tilt_head.bias)
 
     @classmethod
     def from_config(cls, config: SoftPromptConfig) -> SoftPromptNetwork:
@@ -195,6 +212,7 @@ class SoftPromptNetwork(nn.Module):
             head_dim=c.head_dim or None,
             hidden_size=c.hidden_size or None,
             init_std=c.init_std,
+            ordinal_tilt=c.ordinal_tilt,
         )
 
     @property
@@ -234,9 +252,22 @@ class SoftPromptNetwork(nn.Module):
             detail = ", ".join(f"{k}: network {a} vs model {b}" for k, (a, b) in wrong.items())
             raise ValueError(f"SoftPromptNetwork does not match the model ({detail})")
 
-    def forward(self, persona: torch.Tensor) -> torch.Tensor:
-        """Raw MLP output ``[B, output_dim]``."""
-        return self.mlp(self.check_persona(persona))
+    def forward(self, persona: torch.Tensor, *, tilt: bool = False) -> torch.Tensor:
+        """Raw MLP output ``[B, output_dim]`` (the virtual tokens), or with ``tilt=True`` the ordinal tilt ``[B]``.
+
+        Both go through ``forward`` so that a sharded (FSDP2) network gathers its parameters for either."""
+        persona = self.check_persona(persona)
+        if tilt:
+            if self.tilt_head is None:
+                raise ValueError(
+                    "this SoftPromptNetwork has no ordinal tilt (SoftPromptConfig.ordinal_tilt=False)"
+                )
+            return self.tilt_head(persona)[:, 0]
+        return self.mlp(persona)
+
+    def tilt(self, persona: torch.Tensor) -> torch.Tensor:
+        """The personas' ordinal tilts ``[B]`` (see the class docstring)."""
+        return self(persona, tilt=True)
 
     def key_values(self, persona: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Prefix mode: one ``(key, value)`` pair per layer, each ``[B, num_kv_heads, n_virtual, head_dim]``."""
@@ -288,6 +319,18 @@ class SoftPromptNetwork(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
         return network.to(device) if device is not None else network
+
+
+def apply_ordinal_tilt(option_logits: torch.Tensor, tilt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``option_logits [B, K] + tilt[:, None] * scale [B, K]``: the options' logits moved up (``tilt > 0``) or
+    down the ordinal scale. ``scale`` holds each option's scaled ordinal position in [0, 1] (any value on padding
+    options, whose logits are ``-inf``); NaN (a nominal question's options) means no tilt."""
+    if scale.shape != option_logits.shape:
+        raise ValueError(
+            f"option scale has shape {tuple(scale.shape)}; expected {tuple(option_logits.shape)}"
+        )
+    scale = torch.nan_to_num(scale.to(option_logits.dtype), nan=0.0)
+    return option_logits + tilt.to(option_logits.dtype)[:, None] * scale
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from steer.persona.adapter import (
     persona_active,
     save_lm_adapter,
 )
-from steer.persona.soft_prompt import SoftPromptNetwork, steered_inputs, text_position_ids
+from steer.persona.soft_prompt import SoftPromptNetwork, apply_ordinal_tilt, steered_inputs, text_position_ids
 from steer.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -424,14 +424,20 @@ class PersonaSteeredModel:
         persona=None,
         *,
         preamble: str | None = None,
+        scale: Sequence[float] | None = None,
     ) -> torch.Tensor:
         """Distribution over ``options``: first-token probabilities of the option letters, renormalised.
 
         ``question`` is a string (then pass ``options``) or an object with ``text`` and ``options``
-        (``steer.persona.opinionqa.Question``). ``persona=None`` gives the unsteered base model.
+        (``steer.persona.opinionqa.Question``). ``persona=None`` gives the unsteered base model. ``scale``: the
+        options' scaled ordinal positions, for a network with an ordinal tilt (a ``Question`` brings its own).
         """
-        text, options = _question_parts(question, options)
-        return self.option_probs_batch([(text, options)], persona, preambles=[preamble], disable_tqdm=True)[0]
+        if isinstance(question, str):
+            question = (question, options, scale)
+        elif options is not None or scale is not None:
+            text, opts = _question_parts(question, options)
+            question = (text, opts, scale if scale is not None else _question_scale(question))
+        return self.option_probs_batch([question], persona, preambles=[preamble], disable_tqdm=True)[0]
 
     @torch.no_grad()
     def option_probs_batch(
@@ -446,12 +452,26 @@ class PersonaSteeredModel:
     ) -> list[torch.Tensor]:
         """:meth:`option_probs` for many questions; ``persona`` is one spec for all rows or one per row.
 
+        A question is an object with ``text`` and ``options`` (a ``Question``: its ``scaled`` ordinal positions
+        come with it), a ``(text, options)`` tuple or a ``(text, options, scale)`` tuple. A network with an
+        ordinal tilt applies it to the questions with a scale (a nominal question, or a tuple without one, gets
+        none).
+
         A progress bar (``desc``) runs over the batches unless ``disable_tqdm`` (default:
         :func:`steer.progress.progress_disabled`).
         """
-        parts = [
-            _question_parts(q, None) if not isinstance(q, tuple) else _question_parts(*q) for q in questions
-        ]
+        parts, scales = [], []
+        for q in questions:
+            if isinstance(q, tuple):
+                parts.append(_question_parts(*q[:2]))
+                scales.append(q[2] if len(q) > 2 else None)
+            else:
+                parts.append(_question_parts(q, None))
+                scales.append(_question_scale(q))
+        for (_, options), scale in zip(parts, scales):
+            if scale is not None and len(scale) != len(options):
+                raise ValueError(f"a question's scale has {len(scale)} values for {len(options)} options")
+        tilts = None
         preambles = list(preambles) if preambles is not None else [None] * len(parts)
         if len(preambles) != len(parts):
             raise ValueError(f"got {len(preambles)} preambles for {len(parts)} questions")
@@ -460,6 +480,8 @@ class PersonaSteeredModel:
             vectors = self.resolve_persona(persona)
             if vectors.shape[0] not in (1, len(parts)):
                 raise ValueError(f"got {vectors.shape[0]} personas for {len(parts)} questions")
+            if self.network.config.ordinal_tilt:
+                tilts = self.network.tilt(vectors.to(self.device)).float().cpu()
         fmt = self.prompt_format
         results: list[torch.Tensor] = []
         for start in progress_bar(
@@ -482,11 +504,20 @@ class PersonaSteeredModel:
                 kwargs = steered_inputs(self.model, self.network, rows, ids, mask)
                 with persona_active(self.gate, rows):
                     logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1]
-            log_probs = logits.float().log_softmax(-1)
+            log_probs = logits.float().log_softmax(-1).cpu()
             for row, (prompt, (_, options)) in enumerate(zip(prompts, chunk)):
                 letters = [fmt.answer_text(x) for x in fmt.letters(len(options))]
                 token_ids = answer_token_ids(self.tokenizer, prompt, letters, fmt.add_special_tokens)
-                results.append(log_probs[row, token_ids].softmax(-1).cpu())
+                option_logits = log_probs[row, token_ids]
+                scale = scales[start + row]
+                if tilts is not None and scale is not None:
+                    tilt = tilts[0] if tilts.shape[0] == 1 else tilts[start + row]
+                    option_logits = apply_ordinal_tilt(
+                        option_logits[None],
+                        tilt.reshape(1),
+                        torch.as_tensor(scale, dtype=torch.float32)[None],
+                    )[0]
+                results.append(option_logits.softmax(-1))
         return results
 
     @torch.no_grad()
@@ -601,6 +632,12 @@ def _question_parts(question, options) -> tuple[str, list[str]]:
             f"expected a question string + options or an object with .text/.options, got {question!r}"
         )
     return text, list(opts)
+
+
+def _question_scale(question) -> list[float] | None:
+    """A question object's scaled ordinal positions (``Question.scaled``), ``None`` for a nominal one."""
+    scaled = getattr(question, "scaled", None)
+    return None if scaled is None else [float(x) for x in scaled]
 
 
 def _single_user_responses(answers: Mapping[str, float], known_keys: Sequence[str]):

@@ -121,7 +121,13 @@ class PersonaTrainer(Trainer):
                     args.soft_prompt_hidden,
                     model_config=model.config,
                     init_std=args.soft_prompt_init_std,
+                    ordinal_tilt=args.ordinal_tilt,
                 )
+        if network.config.ordinal_tilt != args.ordinal_tilt:
+            raise UserInputError(
+                f"the given SoftPromptNetwork has ordinal_tilt={network.config.ordinal_tilt} but "
+                f"PersonaConfig.ordinal_tilt is {args.ordinal_tilt}"
+            )
         gate = None
         if adapter is not None:
             with torch.random.fork_rng(devices=[]):  # the adapter's init from args.seed too

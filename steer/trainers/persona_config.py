@@ -62,6 +62,14 @@ class PersonaConfig(TrainingArguments):
             "blocks, shuffled by the data step) instead of reshuffling."
         },
     )
+    ordinal_tilt: bool = field(
+        default=False,
+        metadata={
+            "help": "The soft-prompt network also outputs the persona's ordinal tilt tau: the option letters' logits "
+            "get tau * scale (each option's scaled ordinal position), so a persona can lean up or down a survey's "
+            "ordinal scales on any question. Needs examples with 'scale'; the loss is then over the options."
+        },
+    )
     lm_adapter: str = field(
         default="none",
         metadata={

@@ -101,13 +101,13 @@ with torch.no_grad():
         options = ["Yes", "Somewhat", "No"]
         # the trainer's own (sharded) model, through its wrapped forward: a collective, every rank runs it
         batch = trainer.data_collator([{"question": "Do you like music?", "options": options, "answer": 0,
-                                        "persona": persona.tolist()}])
+                                        "scale": [0.0, 0.5, 1.0], "persona": persona.tolist()}])
         model = trainer.model.eval()
         wrapped = model(**{k: v.to(args.device) for k, v in batch.items()}).option_logits.softmax(-1)[0]
         # the gathered network on the replicated LM (plain, rank-local code)
         inner = trainer.accelerator.unwrap_model(trainer.model)
         steered = PersonaSteeredModel(inner.model, tokenizer, trainer.network, prompt_format=trainer.prompt_format)
-        probs = steered.option_probs("Do you like music?", options, persona)
+        probs = steered.option_probs("Do you like music?", options, persona, scale=[0.0, 0.5, 1.0])
         tensors = {"persona": persona, "option_probs": probs, "wrapped_probs": wrapped}
     else:
         from steer.trainers.sharding import unsharded

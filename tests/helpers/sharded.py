@@ -47,6 +47,8 @@ def check_persona_run(tmp_path: Path, tiny_model_dir: Path, launch_run, check_ra
         str(ROOT / "recipes" / "tiny" / "persona.yaml"),
         "--model_name_or_path",
         str(tiny_model_dir),
+        "--ordinal_tilt",
+        "true",  # the network's second output, read by a second call of the sharded network per step
     ]
     args = [*common, "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "2"]
     ranks = check_ranks(launch_run(args), out)
@@ -55,6 +57,7 @@ def check_persona_run(tmp_path: Path, tiny_model_dir: Path, launch_run, check_ra
     # the soft-prompt network trained (its zero-initialised output bias moved), saved with full weights
     weights = load_file(str(out / "persona" / "soft_prompt.safetensors"))
     assert weights["mlp.2.bias"].abs().sum() > 0
+    assert weights["tilt_head.weight"].abs().sum() > 0  # the zero-initialised ordinal tilt moved
     checkpoint = load_file(str(out / "checkpoint-4" / "soft_prompt.safetensors"))
     for name, value in weights.items():
         torch.testing.assert_close(checkpoint[name], value, atol=0, rtol=0)
@@ -63,7 +66,9 @@ def check_persona_run(tmp_path: Path, tiny_model_dir: Path, launch_run, check_ra
     expected = load_file(str(out / "inprocess.safetensors"))
     torch.testing.assert_close(expected["wrapped_probs"], expected["option_probs"], atol=OUTPUT_ATOL, rtol=0)
     steered = PersonaSteeredModel.from_pretrained(str(tiny_model_dir), out / "persona")
-    probs = steered.option_probs("Do you like music?", ["Yes", "Somewhat", "No"], expected["persona"])
+    probs = steered.option_probs(
+        "Do you like music?", ["Yes", "Somewhat", "No"], expected["persona"], scale=[0.0, 0.5, 1.0]
+    )
     torch.testing.assert_close(probs, expected["option_probs"], atol=OUTPUT_ATOL, rtol=0)
 
     # one process over the same global batches (2 ranks x 4 = 8 examples per step): the same losses
