@@ -16,7 +16,7 @@ from helpers.constrained import values as _values
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
-from steer.constraints import build_constraint
+from steer.constraints import KeywordConstraint, build_constraint
 from steer.errors import UserInputError
 from steer.guidance import GuidanceModel, constraint_kl_naive
 from steer.models import tiny_causal_lm
@@ -349,3 +349,13 @@ def test_save_model_reloads_with_identical_logits(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
         guidance = GuidanceModel.from_pretrained(out / "guidance", loaded)
         torch.testing.assert_close(guidance(ids), expected_z, rtol=0, atol=1e-6)
+
+
+def test_stop_when_satisfied_needs_a_monotone_constraint_and_counts_settled_positions(tmp_path):
+    with pytest.raises(UserInputError, match="kl_stop_when_satisfied: the constraint .* is not monotone"):
+        _trainer(tmp_path, kl_stop_when_satisfied=True)
+    topic = KeywordConstraint(["the", "a", "and", "of", "to"], mode="any_of")  # common words: settled early
+    trainer = _trainer(tmp_path, constraint=topic, kl_stop_when_satisfied=True, max_steps=2, logging_steps=1)
+    trainer.train()
+    shares = [h["kl_settled_share"] for h in trainer.state.log_history if "kl_settled_share" in h]
+    assert shares and all(0.0 <= s <= 1.0 for s in shares)

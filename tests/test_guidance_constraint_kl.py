@@ -94,3 +94,63 @@ def test_fused_and_chunked_terms_equal_the_naive_kl(reference):
     for loss, term in results.values():
         assert term == pytest.approx(float(naive), rel=1e-4)
         assert loss == pytest.approx(0.7 * float(naive) / float(supervised.sum()), rel=1e-4)
+
+
+def test_settled_positions_start_after_the_first_counted_position():
+    from steer.guidance.constraint_kl import settled_positions
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 7, 6, 6, 6, 0]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    seen = []
+
+    def has_seven(prefixes):
+        seen.extend(prefixes)
+        return [7 in p for p in prefixes]
+
+    settled = settled_positions(ids, mask, has_seven)
+    # row 0: continuation from token 2 on; position 2 has read [7] -> settled, and so on
+    # row 1: continuation from token 1 on ([7, ...]); position 1 has read [7]
+    assert settled.tolist() == [
+        [False, False, True, True, True, False],
+        [False, True, True, True, False, False],
+    ]
+    assert [7] in seen and [] not in seen  # the first counted position has read nothing: not asked
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "fused"])
+def test_settled_positions_get_the_reference_as_target(implementation):
+    """With stop_when_satisfied, R = 1 after a settling prefix: the KL there is KL(p_ref || p_theta), which is 0 with
+    the policy as reference, and the other positions keep the full term."""
+    policy, guidance = _models()
+    batch = _batch(guidance.vocab_size)
+    settle_at = int(batch["input_ids"][0, 4])  # row 0 is settled once it has read its token 4
+    settings = KLSettings(
+        coef=1.0, implementation=implementation, positions="corpus", stop_when_satisfied=True
+    )
+    with pytest.raises(ValueError, match="needs prefix_settled"):
+        ConstraintKL(guidance, lambda: policy, settings)
+    kl = ConstraintKL(
+        guidance, lambda: policy, settings, prefix_settled=lambda ps: [settle_at in p for p in ps]
+    )
+    plain = ConstraintKL(
+        guidance, lambda: policy, KLSettings(coef=1.0, implementation=implementation, positions="corpus")
+    )
+    supervised, targets = kl.corpus_mask(batch)
+    with kl.capture() as captured:
+        policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = captured[0]
+    out = kl(batch, hidden, supervised=supervised, targets=targets, n_corpus=3, denom=supervised.sum())
+    with plain.capture() as captured:
+        policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    full = plain(
+        batch, captured[0], supervised=supervised, targets=targets, n_corpus=3, denom=supervised.sum()
+    )
+    with torch.no_grad():
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        z = guidance(batch["input_ids"], batch["attention_mask"])
+        keep = supervised.clone()
+        keep[0, 4:] = False  # row 0's positions 4.. have read token 4
+        naive = constraint_kl_naive(logits, logits, z, keep, reduction="sum")
+    assert 0 < out.metrics["kl_settled_share"] < 1
+    assert float(out.terms["corpus"]) == pytest.approx(float(naive), rel=1e-4, abs=1e-6)
+    assert float(out.terms["corpus"]) < float(full.terms["corpus"])

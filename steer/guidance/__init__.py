@@ -1,7 +1,7 @@
 """The NADO half of steer: guidance model, the constraint objective (KL towards q*), sampling and guided decoding."""
 
 from .constraint_kl import ConstraintKL, KLOutput, KLSettings
-from .decoding import NADOLogitsProcessor, guided_generate, guided_sample, settled_by
+from .decoding import NADOLogitsProcessor, guided_generate, guided_sample, prefix_settled_by, settled_by
 from .fused_kl import FusedConstraintKL, FusedKLOutput, fused_chunk_size, fused_constraint_kl
 from .kl import constraint_kl, constraint_kl_naive, guided_log_probs
 from .model import GuidanceConfig, GuidanceModel
@@ -29,6 +29,7 @@ __all__ = [
     "guided_generate",
     "guided_log_probs",
     "guided_sample",
+    "prefix_settled_by",
     "settled_by",
     "importance_weights",
     "label_samples",

@@ -44,7 +44,7 @@ from .model import GuidanceModel, _is_peft_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConstraintKL", "KLOutput", "KLSettings", "counted_window", "logit_transform"]
+__all__ = ["ConstraintKL", "KLOutput", "KLSettings", "counted_window", "logit_transform", "settled_positions"]
 
 POSITIONS = ("corpus", "samples", "both")
 
@@ -59,6 +59,7 @@ class KLSettings:
     implementation: str = "fused"
     positions: str = "both"
     stop_at_violation: bool = True
+    stop_when_satisfied: bool = False
     chunk_size: int = 256
 
     def __post_init__(self) -> None:
@@ -100,7 +101,8 @@ class KLOutput:
     gradient, or ``None`` when the batch has no position to count. ``terms``: detached sums over the positions
     of each set computed (``"corpus"``, ``"samples"``; with the NLL also ``"nll"``, ``"entropy"``,
     ``"is_top1"``). ``sample_count``: the number of policy-sample positions (``None`` without sample rows).
-    ``metrics``: ``kl_grad_share`` / ``kl_grad_cosine`` when gradient statistics were asked for.
+    ``metrics``: ``kl_grad_share`` / ``kl_grad_cosine`` when gradient statistics were asked for;
+    ``kl_settled_share`` (the share of KL positions after a settling prefix) with ``stop_when_satisfied``.
     """
 
     loss: Tensor | None = None
@@ -165,8 +167,14 @@ class ConstraintKL:
         flagged: Tensor | None = None,
         gathered: Callable[[], contextlib.AbstractContextManager] | None = None,
         require_fused: bool = False,
+        prefix_settled: Callable[[list[list[int]]], list[bool]] | None = None,
     ) -> None:
+        if settings.stop_when_satisfied and prefix_settled is None:
+            raise ValueError(
+                "KLSettings.stop_when_satisfied needs prefix_settled (steer.guidance.prefix_settled_by)"
+            )
         self.guidance, self.settings, self.flagged = guidance, settings, flagged
+        self.prefix_settled = prefix_settled if settings.stop_when_satisfied else None
         self._policy, self._gathered, self._require_fused = policy, gathered, require_fused
         model = policy()
         inner = model.get_base_model() if _is_peft_model(model) else model
@@ -409,16 +417,27 @@ class ConstraintKL:
             weights["corpus"] = (s.coef * factor) / denom
         if "samples" in masks:
             weights["samples"] = s.sample_weight / (out.sample_count * accumulation).clamp(min=1)
+        settled = None
+        if self.prefix_settled is not None and masks:
+            kl_union = torch.zeros_like(next(iter(masks.values())))
+            for mask in masks.values():
+                kl_union |= mask
+            settled = settled_positions(inputs["input_ids"], kl_union, self.prefix_settled)
+            out.metrics["kl_settled_share"] = (
+                float(settled[kl_union].float().mean()) if kl_union.any() else 0.0
+            )
         with self._gathered() if self._gathered is not None else contextlib.nullcontext():
             out.terms, out.loss = self._terms(
-                inputs, hidden, masks, weights, targets, nll, grad_stats, out.metrics
+                inputs, hidden, masks, weights, targets, nll, grad_stats, out.metrics, settled
             )
         return out
 
-    def _terms(self, inputs, hidden, masks, weights, targets, nll, grad_stats, metrics):
+    def _terms(self, inputs, hidden, masks, weights, targets, nll, grad_stats, metrics, settled=None):
         """Detached KL sums ``{name: sum over positions}`` per position set, and ``sum_name weights[name] * sum``.
 
         ``nll`` = ``(mask [B, T], targets [B, T], weight)`` (fused only) adds the SFT NLL to the same pass.
+        ``settled`` ([B, T], ``stop_when_satisfied``): positions after a prefix that settles the constraint, where
+        R = 1 (``z`` = :data:`SETTLED_Z`) and q* is the reference.
         """
         union = torch.zeros_like(hidden[..., 0], dtype=torch.bool)
         for mask in masks.values():
@@ -436,12 +455,16 @@ class ConstraintKL:
                 "output head (the KL's gradient must be computed while the head's weight is gathered)"
             )
         if head is not None:
-            return self._fused_terms(inputs, hidden, masks, weights, union, head, log_share, nll, metrics)
+            return self._fused_terms(
+                inputs, hidden, masks, weights, union, head, log_share, nll, metrics, settled
+            )
         if nll is not None:
             raise RuntimeError("the SFT NLL shares the head pass only on the fused path")
         policy_logits = self.head_logits(hidden[union])  # [N, V], with gradient
         with torch.no_grad():  # z only where the KL counts (the guidance head is vocabulary-wide)
             z = self.guidance.logits(self.guidance_hidden(inputs, union), self.contexts(inputs, union))
+            if settled is not None:
+                z = z.masked_fill(settled[union][:, None], SETTLED_Z)
         ref_logits = self.reference_logits(inputs, union, policy_logits)
         terms, total = {}, zero
         for name, mask in masks.items():
@@ -462,7 +485,9 @@ class ConstraintKL:
                 metrics.update(_share_metrics(*shares))
         return terms, total
 
-    def _fused_terms(self, inputs, hidden, masks, weights, union, head, log_share, nll, metrics):
+    def _fused_terms(
+        self, inputs, hidden, masks, weights, union, head, log_share, nll, metrics, settled=None
+    ):
         """:meth:`_terms` from hidden states: every position set (and the NLL) in one chunked head + KL pass.
 
         The rows go in KL positions first (row-major), then the NLL-only ones, so the guidance model (and the
@@ -491,10 +516,14 @@ class ConstraintKL:
                 "nll_weight": torch.as_tensor(nll_weight, device=hidden.device).float(),
             }
         contexts = self.contexts(inputs, kl_union)
+        settled_rows = None if settled is None else settled.reshape(-1)[order][:n_kl]
 
         def z_fn(start: int, end: int, out: Tensor | None = None) -> Tensor:
             part = None if contexts is None else contexts[start:end]
-            return self.guidance.logits(guidance_hidden[start:end], part, out=out)
+            z = self.guidance.logits(guidance_hidden[start:end], part, out=out)
+            if settled_rows is not None:
+                z.masked_fill_(settled_rows[start:end, None], SETTLED_Z)
+            return z
 
         z_fn.writes_into = True  # the fused pass may hand over its scratch buffer
         result = fused_constraint_kl(
@@ -550,6 +579,38 @@ class ConstraintKL:
                 lm_sq += float(p.square().sum())
                 dot += float((kl_grad * p).sum())
         return kl_sq, lm_sq, dot
+
+
+SETTLED_Z = 40.0  # logsigmoid(40) = -4e-18: R = 1 to float precision
+
+
+def settled_positions(
+    input_ids: Tensor, mask: Tensor, prefix_settled: Callable[[list[list[int]]], list[bool]]
+) -> Tensor:
+    """``[B, T]`` bool: the masked positions whose continuation so far already settles a monotone constraint.
+
+    A row's continuation starts after its first masked position (position ``t`` predicts token ``t + 1``, so the
+    first one predicts the first continuation token); at position ``t`` the continuation so far is the tokens
+    ``first + 1 .. t``. ``prefix_settled`` (:func:`~steer.guidance.prefix_settled_by`) judges all of them at once.
+    """
+    out = torch.zeros_like(mask)
+    where, prefixes = [], []
+    ids = input_ids.tolist()
+    for row in range(mask.shape[0]):
+        positions = mask[row].nonzero().view(-1).tolist()
+        if not positions:
+            continue
+        first = positions[0]
+        for t in positions[1:]:
+            where.append((row, t))
+            prefixes.append(ids[row][first + 1 : t + 1])
+    if prefixes:
+        flags = prefix_settled(prefixes)
+        hit = [w for w, f in zip(where, flags) if f]
+        if hit:
+            rows, cols = zip(*hit)
+            out[list(rows), list(cols)] = True
+    return out
 
 
 def _share_metrics(kl_sq: float, lm_sq: float, dot: float) -> dict[str, Any]:

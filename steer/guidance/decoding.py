@@ -17,7 +17,7 @@ from transformers import DynamicCache, LogitsProcessor
 from .model import GuidanceModel
 from .sampling import SampleBatch, generate_continuations
 
-__all__ = ["NADOLogitsProcessor", "guided_generate", "guided_sample", "settled_by"]
+__all__ = ["NADOLogitsProcessor", "guided_generate", "guided_sample", "prefix_settled_by", "settled_by"]
 
 
 class NADOLogitsProcessor(LogitsProcessor):
@@ -79,8 +79,8 @@ class NADOLogitsProcessor(LogitsProcessor):
         return guided
 
 
-def settled_by(constraint, tokenizer) -> Callable[[Tensor], Tensor]:
-    """``continuation_ids -> bool [N]``: the decoded continuations that already settle ``constraint`` (a
+def prefix_settled_by(constraint, tokenizer) -> Callable[[Sequence[Sequence[int]]], list[bool]]:
+    """``token id lists -> [bool]``: which decoded continuations already settle ``constraint`` (a
     :attr:`~steer.constraints.Constraint.monotone` one, e.g. a topic's any-of word list)."""
     if not getattr(constraint, "monotone", False):
         raise ValueError(
@@ -88,11 +88,17 @@ def settled_by(constraint, tokenizer) -> Callable[[Tensor], Tensor]:
             "guidance cannot stop once it is satisfied"
         )
 
-    def settled(continuation_ids: Tensor) -> Tensor:
-        texts = tokenizer.batch_decode(continuation_ids, skip_special_tokens=True)
-        return torch.tensor(constraint.prefix_satisfied(texts), dtype=torch.bool)
+    def settled(id_lists: Sequence[Sequence[int]]) -> list[bool]:
+        texts = tokenizer.batch_decode([list(map(int, ids)) for ids in id_lists], skip_special_tokens=True)
+        return [bool(x) for x in constraint.prefix_satisfied(texts)]
 
     return settled
+
+
+def settled_by(constraint, tokenizer) -> Callable[[Tensor], Tensor]:
+    """``continuation_ids [N, t] -> bool [N]``: :func:`prefix_settled_by` for the processor's continuation rows."""
+    settled = prefix_settled_by(constraint, tokenizer)
+    return lambda continuation_ids: torch.tensor(settled(continuation_ids.tolist()), dtype=torch.bool)
 
 
 def guided_sample(

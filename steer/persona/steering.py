@@ -504,11 +504,11 @@ class PersonaSteeredModel:
                 kwargs = steered_inputs(self.model, self.network, rows, ids, mask)
                 with persona_active(self.gate, rows):
                     logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1]
-            log_probs = logits.float().log_softmax(-1).cpu()
+            log_probs = logits.float().log_softmax(-1)
             for row, (prompt, (_, options)) in enumerate(zip(prompts, chunk)):
                 letters = [fmt.answer_text(x) for x in fmt.letters(len(options))]
                 token_ids = answer_token_ids(self.tokenizer, prompt, letters, fmt.add_special_tokens)
-                option_logits = log_probs[row, token_ids]
+                option_logits = log_probs[row, token_ids].cpu()
                 scale = scales[start + row]
                 if tilts is not None and scale is not None:
                     tilt = tilts[0] if tilts.shape[0] == 1 else tilts[start + row]

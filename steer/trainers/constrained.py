@@ -40,7 +40,7 @@ from trl import SFTTrainer
 
 from steer.constraints import Constraint
 from steer.errors import UserInputError
-from steer.guidance import ConstraintKL
+from steer.guidance import ConstraintKL, prefix_settled_by
 from steer.guidance.oracle_priors import oracle_priors
 from steer.io import atomic_dir, atomic_torch_save
 
@@ -111,6 +111,11 @@ class ConstrainedTrainer(SFTTrainer):
             raise TypeError(
                 f"ConstrainedTrainer needs constraint= a steer.constraints.Constraint, got {type(constraint).__name__}"
             )
+        if args.kl_stop_when_satisfied and not constraint.monotone:
+            raise UserInputError(
+                f"ConstrainedConfig.kl_stop_when_satisfied: the constraint {constraint.name!r} is not monotone (a topic "
+                "or an any_of word list is): no prefix settles it"
+            )
         super().__init__(model, args, *sft_args, **sft_kwargs)
         self.constraint = constraint
         self.prompts = prompts_from(prompt_dataset, self._tokenizer)
@@ -179,6 +184,9 @@ class ConstrainedTrainer(SFTTrainer):
             flagged=self.priors.flagged,
             gathered=(lambda: sharding.zero3_whole(self.model_wrapped)) if self._zero3 else None,
             require_fused=self._zero3,
+            prefix_settled=prefix_settled_by(constraint, self._tokenizer)
+            if settings.stop_when_satisfied
+            else None,
         )
         if self.is_fsdp_enabled:
             self._setup_fsdp2()

@@ -90,6 +90,15 @@ class ConstrainedConfig(SFTConfig):
             "its own (token prior < label_threshold): past a violation the constraint is lost and R carries no signal."
         },
     )
+    kl_stop_when_satisfied: bool = field(
+        default=False,
+        metadata={
+            "help": "For a constraint that stays satisfied once met (a topic, any_of words: Constraint.monotone): at "
+            "positions after a prefix that already satisfies it, R = 1 exactly, so q* is the KL reference there "
+            "(Constraint.prefix_satisfied judges each prefix). Without it the learned R keeps favouring the "
+            "constraint's words after they were written."
+        },
+    )
     kl_sample_coef: float | None = field(
         default=None,
         metadata={
@@ -368,6 +377,7 @@ class ConstrainedConfig(SFTConfig):
             implementation=self.kl_implementation,
             positions=self.kl_positions,
             stop_at_violation=self.kl_corpus_stop_at_violation,
+            stop_when_satisfied=self.kl_stop_when_satisfied,
             chunk_size=self.kl_chunk_size,
         )
 
