@@ -24,6 +24,7 @@ also carries a projection of the shortened run to the recipe's steps (an estimat
     python -m benchmarks.whole_run                      # detox, 30 steps (writes whole_run.json)
     python -m benchmarks.whole_run --full               # detox as shipped, 150 steps (whole_run_full.json)
     python -m benchmarks.whole_run --threads 2          # two intra-op threads in each run (default 1)
+    python -m benchmarks.whole_run --full --keep-outputs outputs/whole_run   # keep the timed runs' models
     python -m benchmarks.whole_run --config recipes/tiny/constrained.yaml --model DIR --max-steps 4 \\
         --output-dir /tmp/bench -- --dataset_name corpus.jsonl     # arguments after -- go to every run
 """
@@ -246,6 +247,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--output-dir", default=None, help="where the JSON goes (default: benchmarks/results/)"
     )
     parser.add_argument("--name", default=None, help="result name (default whole_run, or whole_run_full)")
+    parser.add_argument(
+        "--keep-outputs",
+        default=None,
+        help="write each run's trained model to DIR/<run> and keep it (e.g. to evaluate the runs that were timed)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.full and args.max_steps is not None:
@@ -277,8 +283,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         "recipe_max_steps": recipe_steps,
         "max_steps": max_steps,
         "shortened": max_steps < recipe_steps,
-        "settings": f"every setting of the recipe but max_steps ({max_steps} of {recipe_steps}), output_dir (a "
-        "temporary directory), save_strategy no, report_to none"
+        "settings": f"every setting of the recipe but max_steps ({max_steps} of {recipe_steps}), output_dir ("
+        + (f"{args.keep_outputs}/<run>, kept" if args.keep_outputs else "a temporary directory")
+        + "), save_strategy no, report_to none"
         + (f"; model {args.model}" if args.model else "")
         + (f"; also {' '.join(extra)}" if extra else ""),
         "guidance_interval": interval,
@@ -292,11 +299,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     }
     runs = {}
     with tempfile.TemporaryDirectory(prefix="steer-whole-run-") as tmp:
+        outputs = Path(args.keep_outputs) if args.keep_outputs else Path(tmp)
         for variant, variant_args in variants.items():
             steer_args = ["--config", str(config), "--max_steps", str(max_steps)]
             steer_args += [
                 "--output_dir",
-                str(Path(tmp) / variant),
+                str(outputs / variant),
                 "--save_strategy",
                 "no",
                 "--report_to",

@@ -441,6 +441,24 @@ def test_trainer_process_schedule_resumes_exactly(tmp_path):
 
 
 @needs_trainer
+@pytest.mark.slow  # one training with a worker process
+def test_trainer_without_the_warm_up_wait_trains_on_its_priors_until_round_0_returns(tmp_path):
+    trainer = _trainer(
+        tmp_path, schedule="process", guidance_warmup_wait=False, kl_positions="both", kl_sample_batch_size=2
+    )
+    trainer.train()
+    # every step is one round behind: steps 0-1 use the starting guidance (no samples), round 0 arrives at step 2
+    assert _staleness(trainer) == [1, 1, 1, 1, 1, 1]
+    assert [h["step"] for h in trainer.round_history] == [2, 4, 6]
+    assert trainer.schedule.version == 2 and trainer.schedule.pid is None
+    assert (
+        trainer.timings["sample_rows"] == 2 * 4
+    )  # the samples term starts with round 0's samples, at step 2
+    with pytest.raises(ValueError, match="guidance_warmup_wait=False needs schedule='parallel' or 'process'"):
+        _trainer(tmp_path / "s", schedule="sequential", guidance_warmup_wait=False)
+
+
+@needs_trainer
 def test_trainer_stops_at_the_next_step_when_a_worker_round_fails(tmp_path):
     trainer = _trainer(tmp_path, schedule="process", max_steps=40, constraint=FailingOracle(ok_calls=0))
     seen = {}

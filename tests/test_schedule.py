@@ -203,6 +203,36 @@ def test_parallel_rounds_swap_in_one_round_late():
         schedule.close()
 
 
+def test_a_warm_up_round_not_waited_for_runs_in_the_background():
+    policy, tokenizer = _policy()
+    worker_policy = copy.deepcopy(policy)
+    guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))
+    worker_guidance = GuidanceModel(worker_policy, GuidanceConfig(lora_r=4))
+    for g in (guidance, worker_guidance):
+        g.set_trainable(False)
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    main_named, worker_named = dict(policy.named_parameters()), dict(worker_policy.named_parameters())
+    start = [p.detach().clone() for p in guidance.trainable_parameters()]
+    schedule = ParallelSchedule(
+        _learner(worker_policy, worker_guidance, tokenizer),
+        policy_params=lambda: [main_named[n] for n in names],
+        worker_policy_params=lambda: [worker_named[n] for n in names],
+        guidance_params=guidance.trainable_parameters,
+        worker_threads=1,
+        wait_warmup=False,
+    )
+    try:
+        # round 0 runs while the policy trains on the guidance it starts from, with no policy samples yet
+        assert schedule.on_round(0) == [] and schedule.version == -1 and schedule.samples == []
+        assert all(torch.equal(a, b) for a, b in zip(start, guidance.trainable_parameters()))
+        finished = schedule.on_round(1)  # round 0 swapped in one interval late, with its samples
+        assert len(finished) == 1 and schedule.version == 0 and schedule.samples
+        assert not all(torch.equal(a, b) for a, b in zip(start, guidance.trainable_parameters()))
+        assert len(schedule.finish()) == 1 and schedule.version == 1
+    finally:
+        schedule.close()
+
+
 def test_sequential_state_round_trip():
     policy, tokenizer = _policy()
     guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))

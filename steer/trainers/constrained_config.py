@@ -263,6 +263,15 @@ class ConstrainedConfig(SFTConfig):
             "tests)."
         },
     )
+    guidance_warmup_wait: bool = field(
+        default=True,
+        metadata={
+            "help": "'parallel'/'process' schedules: wait for the warm-up round (round 0) before the first policy "
+            "step. False: it runs in the worker like any other round, the policy trains steps [0, "
+            "guidance_interval) with the guidance it starts from (its priors; no policy samples for the KL yet) "
+            "and round 0 is swapped in at step guidance_interval (the paper's parallel scheme from the start)."
+        },
+    )
     parallel_worker_threads: int | None = field(
         default=None,
         metadata={
@@ -355,6 +364,11 @@ class ConstrainedConfig(SFTConfig):
             )
         _at_least("consistency_coef", self.consistency_coef, 0.0)
         _choice("schedule", self.schedule, ("sequential", "parallel", "process"))
+        if not self.guidance_warmup_wait and self.schedule == "sequential":
+            raise ValueError(
+                "ConstrainedConfig.guidance_warmup_wait=False needs schedule='parallel' or 'process' (the "
+                "'sequential' schedule runs every round before the steps that use it)"
+            )
         _at_least("guidance_process_timeout", self.guidance_process_timeout, 0.0, strict=True)
         if self.parallel_worker_threads is not None:
             _at_least("parallel_worker_threads", self.parallel_worker_threads, 1)

@@ -83,6 +83,7 @@ def build_guidance(
             policy_params=lambda: _params(policy, names),
             guidance_params=guidance.trainable_parameters,
             synchronised=args.parallel_synchronised,
+            wait_warmup=args.guidance_warmup_wait,
             worker_threads=args.parallel_worker_threads,
             sync_weights=sharding.average_weights if num_processes > 1 else None,
         )

@@ -1,12 +1,14 @@
 """The ``process`` guidance schedule: rounds in a worker *process*, weights exchanged explicitly.
 
-Same versions as :class:`~steer.trainers.schedule.ParallelSchedule` (round 0 is waited for; round ``k >= 1``
+Same versions as :class:`~steer.trainers.schedule.ParallelSchedule` (round 0 is waited for unless
+``wait_warmup=False``; round ``k >= 1``
 runs while the policy trains steps ``[kI, (k+1)I)`` with guidance version ``k-1``, staleness 1, and is swapped
 in at step ``(k+1)I``; ``synchronised=True`` waits for every round), but the rounds ``k >= 1`` (sampling,
 labelling, guidance training) run in a spawned child process with its own interpreter, so the policy's
 training and the round truly overlap: no shared interpreter lock, and on a GPU its own CUDA context (its own
 streams), on the same device or on ``device`` (e.g. ``"cuda:1"``). Round 0, which is waited for, runs in the
-trainer's process, on the policy's device, while the worker starts.
+trainer's process, on the policy's device, while the worker starts (with ``wait_warmup=False`` it runs in the
+worker like the others).
 
 Design (one worker per training process, owned by it; with ``accelerate launch`` each rank owns one):
 
@@ -256,6 +258,7 @@ class ProcessSchedule(BackgroundSchedule):
         synchronised: bool = False,
         worker_threads: int | None = None,
         sync_weights=None,
+        wait_warmup: bool = True,
         device: str | torch.device | None = None,
         timeout: float = 3600.0,
         stop_timeout: float = 30.0,
@@ -274,7 +277,10 @@ class ProcessSchedule(BackgroundSchedule):
         self.policy_names = list(policy_names)
         self.guidance_params = guidance_params
         self._init_background(
-            synchronised=synchronised, worker_threads=worker_threads, sync_weights=sync_weights
+            synchronised=synchronised,
+            worker_threads=worker_threads,
+            sync_weights=sync_weights,
+            wait_warmup=wait_warmup,
         )
         self.device = None if device is None else str(device)
         self.timeout = float(timeout)
@@ -469,7 +475,7 @@ class ProcessSchedule(BackgroundSchedule):
         return [metrics]
 
     def _start(self, round_index: int) -> None:
-        if self._learner is not None and round_index == 0:
+        if self._learner is not None and round_index == 0 and self.wait_warmup:
             self._ensure_started()  # the worker imports while the warm-up round (waited for) runs here
             self._run_here(round_index)
             return

@@ -671,8 +671,11 @@ class BackgroundSchedule:
 
     name = ""
 
-    def _init_background(self, *, synchronised: bool, worker_threads: int | None, sync_weights) -> None:
+    def _init_background(
+        self, *, synchronised: bool, worker_threads: int | None, sync_weights, wait_warmup: bool = True
+    ) -> None:
         self.synchronised = synchronised
+        self.wait_warmup = wait_warmup
         self.sync_weights = sync_weights
         self.version = -1
         self.samples: list = []
@@ -716,7 +719,7 @@ class BackgroundSchedule:
         self._collect()
         finished = self._swap()
         self._start(round_index)
-        if self.synchronised or round_index == 0:  # the warm-up round is always waited for
+        if self.synchronised or (round_index == 0 and self.wait_warmup):
             self._collect()
             finished += self._swap()
         return finished
@@ -760,6 +763,7 @@ class ParallelSchedule(BackgroundSchedule):
         synchronised: bool = False,
         worker_threads: int | None = None,
         sync_weights=None,
+        wait_warmup: bool = True,
     ) -> None:
         if len(policy_params()) != len(worker_policy_params()):
             raise ValueError("the worker's policy copy does not match the trained policy's parameters")
@@ -768,7 +772,10 @@ class ParallelSchedule(BackgroundSchedule):
         self.worker_policy_params = worker_policy_params
         self.guidance_params = guidance_params
         self._init_background(
-            synchronised=synchronised, worker_threads=worker_threads, sync_weights=sync_weights
+            synchronised=synchronised,
+            worker_threads=worker_threads,
+            sync_weights=sync_weights,
+            wait_warmup=wait_warmup,
         )
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._future: concurrent.futures.Future | None = None
