@@ -166,7 +166,9 @@ def test_a_round_samples_labels_and_trains_the_guidance():
     assert not any(p.requires_grad for p in guidance.trainable_parameters())
 
 
-def test_parallel_rounds_swap_in_one_round_late():
+def _parallel(**options):
+    """A ParallelSchedule on the tiny policy, its worker on one thread: (schedule, guidance, worker_guidance,
+    the policy's and the worker copy's named parameters, the trainable names)."""
     policy, tokenizer = _policy()
     worker_policy = copy.deepcopy(policy)
     guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))
@@ -181,7 +183,13 @@ def test_parallel_rounds_swap_in_one_round_late():
         worker_policy_params=lambda: [worker_named[n] for n in names],
         guidance_params=guidance.trainable_parameters,
         worker_threads=1,
+        **options,
     )
+    return schedule, guidance, worker_guidance, main_named, worker_named, names
+
+
+def test_parallel_rounds_swap_in_one_round_late():
+    schedule, guidance, worker_guidance, main_named, worker_named, names = _parallel()
     try:
         assert len(schedule.on_round(0)) == 1 and schedule.version == 0  # warm-up: waited for
         v0 = [p.detach().clone() for p in guidance.trainable_parameters()]
@@ -204,23 +212,8 @@ def test_parallel_rounds_swap_in_one_round_late():
 
 
 def test_a_warm_up_round_not_waited_for_runs_in_the_background():
-    policy, tokenizer = _policy()
-    worker_policy = copy.deepcopy(policy)
-    guidance = GuidanceModel(policy, GuidanceConfig(lora_r=4))
-    worker_guidance = GuidanceModel(worker_policy, GuidanceConfig(lora_r=4))
-    for g in (guidance, worker_guidance):
-        g.set_trainable(False)
-    names = [n for n, p in policy.named_parameters() if p.requires_grad]
-    main_named, worker_named = dict(policy.named_parameters()), dict(worker_policy.named_parameters())
+    schedule, guidance = _parallel(wait_warmup=False)[:2]
     start = [p.detach().clone() for p in guidance.trainable_parameters()]
-    schedule = ParallelSchedule(
-        _learner(worker_policy, worker_guidance, tokenizer),
-        policy_params=lambda: [main_named[n] for n in names],
-        worker_policy_params=lambda: [worker_named[n] for n in names],
-        guidance_params=guidance.trainable_parameters,
-        worker_threads=1,
-        wait_warmup=False,
-    )
     try:
         # round 0 runs while the policy trains on the guidance it starts from, with no policy samples yet
         assert schedule.on_round(0) == [] and schedule.version == -1 and schedule.samples == []

@@ -1,9 +1,8 @@
 """The ``process`` guidance schedule: rounds in a worker *process*, weights exchanged explicitly.
 
 Same versions as :class:`~steer.trainers.schedule.ParallelSchedule` (round 0 is waited for unless
-``wait_warmup=False``; round ``k >= 1``
-runs while the policy trains steps ``[kI, (k+1)I)`` with guidance version ``k-1``, staleness 1, and is swapped
-in at step ``(k+1)I``; ``synchronised=True`` waits for every round), but the rounds ``k >= 1`` (sampling,
+``wait_warmup=False``; round ``k >= 1`` runs while the policy trains steps ``[kI, (k+1)I)`` with guidance version
+``k-1``, staleness 1, and is swapped in at step ``(k+1)I``; ``synchronised=True`` waits for every round), but the rounds ``k >= 1`` (sampling,
 labelling, guidance training) run in a spawned child process with its own interpreter, so the policy's
 training and the round truly overlap: no shared interpreter lock, and on a GPU its own CUDA context (its own
 streams), on the same device or on ``device`` (e.g. ``"cuda:1"``). Round 0, which is waited for, runs in the
