@@ -1,13 +1,13 @@
 """The ``process`` guidance schedule: rounds in a worker *process*, weights exchanged explicitly.
 
 Same versions as :class:`~steer.trainers.schedule.ParallelSchedule` (round 0 is waited for unless
-``wait_warmup=False``; round ``k >= 1`` runs while the policy trains steps ``[kI, (k+1)I)`` with guidance version
-``k-1``, staleness 1, and is swapped in at step ``(k+1)I``; ``synchronised=True`` waits for every round), but the rounds ``k >= 1`` (sampling,
-labelling, guidance training) run in a spawned child process with its own interpreter, so the policy's
-training and the round truly overlap: no shared interpreter lock, and on a GPU its own CUDA context (its own
-streams), on the same device or on ``device`` (e.g. ``"cuda:1"``). Round 0, which is waited for, runs in the
-trainer's process, on the policy's device, while the worker starts (with ``wait_warmup=False`` it runs in the
-worker like the others).
+``wait_warmup=False``; round ``k >= 1`` runs while the policy trains steps ``[kI, (k+1)I)`` with guidance
+version ``k-1``, staleness 1, and is swapped in at step ``(k+1)I``; ``synchronised=True`` waits for every
+round), but the rounds ``k >= 1`` (sampling, labelling, guidance training) run in a spawned child process with
+its own interpreter, so the policy's training and the round truly overlap: no shared interpreter lock, and on
+a GPU its own CUDA context (its own streams), on the same device or on ``device`` (e.g. ``"cuda:1"``). Round 0,
+which is waited for, runs in the trainer's process, on the policy's device, while the worker starts (with
+``wait_warmup=False`` it runs in the worker like the others).
 
 Design (one worker per training process, owned by it; with ``accelerate launch`` each rank owns one):
 
@@ -35,9 +35,9 @@ Design (one worker per training process, owned by it; with ``accelerate launch``
 
 The worker must be able to import what it is sent: it does not run the script being run (``__main__``; so an
 unguarded training script is never started twice), hence a constraint class must live in an importable
-module, not in that script (refused with a clear error). Randomness: rounds depend only on ``(seed, round, rank)`` and the weights
-(:mod:`steer.trainers.schedule`), so with the same thread count the worker process computes the same guidance
-weights as the thread worker (a test checks this).
+module, not in that script (refused with a clear error). Randomness: rounds depend only on
+``(seed, round, rank)`` and the weights (:mod:`steer.trainers.schedule`), so with the same thread count the
+worker process computes the same guidance weights as the thread worker (a test checks this).
 """
 
 from __future__ import annotations
