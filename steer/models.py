@@ -358,6 +358,91 @@ def unknown_target_modules(targets, names) -> list[str]:
     return [t for t in targets if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]
 
 
+REFERENCE_ADAPTER = "reference"  # the frozen adapter a policy's KL reference runs with (kl_reference_adapter)
+
+
+def load_reference_adapter(peft_model, path: str | os.PathLike, policy_adapter: str = "default") -> None:
+    """Load the PEFT adapter at ``path`` into ``peft_model`` as the frozen :data:`REFERENCE_ADAPTER` and start the
+    policy adapter (``policy_adapter``) from its weights.
+
+    The adapter must have been trained on the same base model (``base_model.json``) with the policy's LoRA shape
+    (``r``, ``lora_alpha``, target modules); anything else is refused with one line naming ``path``.
+    """
+    import json
+
+    where = f"ConstrainedConfig.kl_reference_adapter={str(path)!r}"
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{where}: no adapter_config.json there (a PEFT adapter directory, e.g. an SFT run's)"
+        )
+    try:
+        saved = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise ModelLoadError(f"{where}: {config_file} is not valid JSON ({err})") from err
+    check_base_model(
+        recorded_base_model(path), peft_model.get_base_model(), artefact=f"the adapter of {where}"
+    )
+    mine = peft_model.peft_config[policy_adapter]
+    for key in ("r", "lora_alpha"):
+        if saved.get(key) != getattr(mine, key, None):
+            raise ModelLoadError(
+                f"{where}: its LoRA {key} is {saved.get(key)!r}, the policy's {getattr(mine, key, None)!r}; the "
+                "policy starts from it, so train it with the policy's lora_r, lora_alpha and target modules"
+            )
+    with quiet_adapter_load():
+        peft_model.load_adapter(str(path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    params = dict(peft_model.named_parameters())
+    copied = 0
+    for name, param in params.items():
+        if f".{policy_adapter}." not in name:
+            continue
+        source = params.get(name.replace(f".{policy_adapter}.", f".{REFERENCE_ADAPTER}."))
+        if source is None or source.shape != param.shape:
+            raise ModelLoadError(
+                f"{where}: it has no weight matching the policy's {name} "
+                f"({'missing' if source is None else f'shape {tuple(source.shape)} vs {tuple(param.shape)}'}); "
+                "train it with the policy's lora_r and target modules"
+            )
+        with torch.no_grad():
+            param.copy_(source)
+        copied += 1
+    for name, param in params.items():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)
+    logger.info("KL reference: the adapter of %s (%d policy tensors start from it)", path, copied)
+
+
+@contextlib.contextmanager
+def reference_model(peft_model):
+    """Run ``peft_model`` as the KL's frozen reference: the base with the :data:`REFERENCE_ADAPTER` alone active
+    when the model carries one (:func:`load_reference_adapter`), else with every adapter disabled (the base).
+
+    The tuner layers' active-adapter state is switched directly (PEFT's ``set_adapter`` would flip
+    ``requires_grad`` flags) and put back afterwards.
+    """
+    if REFERENCE_ADAPTER not in getattr(peft_model, "peft_config", {}):
+        with peft_model.disable_adapter():
+            yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    states = [
+        (layer, layer._active_adapter, layer._disable_adapters)
+        for layer in peft_model.modules()
+        if isinstance(layer, BaseTunerLayer)
+    ]
+    try:
+        for layer, _, _ in states:
+            layer._active_adapter = [REFERENCE_ADAPTER]
+            layer._disable_adapters = False
+        yield
+    finally:
+        for layer, active, disabled in states:
+            layer._active_adapter = active
+            layer._disable_adapters = disabled
+
+
 @contextlib.contextmanager
 def quiet_adapter_load():
     """Silence transformers' ``is_gradient_checkpointing`` FutureWarning, which PEFT triggers on every adapter

@@ -164,6 +164,65 @@ def test_kl_reference_base(tmp_path):
     assert kls[-1] > 0  # the policy moved away from the base, so KL(q*[base] || p) > 0
 
 
+def test_kl_reference_adapter(tmp_path):
+    """kl_reference_adapter: a plain-SFT run's adapter becomes the frozen reference (its logits, not the base's,
+    are what ``reference_model`` yields, before and after training), the policy starts from its weights and
+    trains away from it, and only the policy adapter is saved."""
+    from steer.models import REFERENCE_ADAPTER, reference_model
+
+    sft = _trainer(tmp_path / "sft", kl_coef=0.0, max_steps=3, learning_rate=3e-2)
+    sft.train()
+    sft.save_model(str(tmp_path / "sft_out"))
+    batch = {
+        "input_ids": torch.tensor([[5, 9, 17, 3, 8, 21]]),
+        "attention_mask": torch.ones(1, 6, dtype=torch.long),
+    }
+    with torch.no_grad():
+        sft_logits = sft.model(**batch).logits
+        with sft.model.disable_adapter():
+            base_logits = sft.model(**batch).logits
+    assert float((sft_logits - base_logits).abs().max()) > 1e-3  # the SFT adapter moved the model
+
+    trainer = _trainer(
+        tmp_path / "ref", kl_reference="base", kl_reference_adapter=str(tmp_path / "sft_out"), max_steps=3
+    )
+    model = trainer.model
+    reference = [p for n, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in n]
+    assert reference and not any(p.requires_grad for p in reference)
+    before = [p.detach().clone() for p in reference]
+    with torch.no_grad():  # the policy starts at the SFT model
+        assert float((model(**batch).logits - sft_logits).abs().max()) < 1e-5
+    trainer.train()
+    with torch.no_grad():
+        policy_logits = model(**batch).logits
+        with reference_model(model):
+            ref_logits = model(**batch).logits
+    assert float((ref_logits - sft_logits).abs().max()) < 1e-5  # the reference stayed the SFT model
+    assert float((policy_logits - sft_logits).abs().max()) > 1e-4  # the policy trained away from it
+    assert all(torch.equal(a, b) for a, b in zip(before, reference))
+    assert model.active_adapter == trainer._policy_adapter
+    trainer.save_model(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / REFERENCE_ADAPTER).exists()
+    saved = PeftModel.from_pretrained(tiny_causal_lm("llama", seed=0)[0], str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert float((saved(**batch).logits - policy_logits).abs().max()) < 1e-4
+
+
+def test_kl_reference_adapter_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="kl_reference_adapter"):
+        _config(tmp_path, kl_reference="policy", kl_reference_adapter=str(tmp_path))
+    with pytest.raises(Exception, match="kl_reference_adapter.*adapter_config.json"):
+        _trainer(tmp_path, kl_reference="base", kl_reference_adapter=str(tmp_path))
+    odd = tmp_path / "odd"
+    lora = _lora()
+    lora.r = 8
+    from peft import get_peft_model
+
+    get_peft_model(tiny_causal_lm("llama", seed=0)[0], lora).save_pretrained(str(odd))
+    with pytest.raises(Exception, match="LoRA r is 8, the policy's 4"):
+        _trainer(tmp_path, kl_reference="base", kl_reference_adapter=str(odd))
+
+
 @pytest.mark.parametrize(
     ("kl_reference", "stop_at_violation", "context_prior"),
     [

@@ -1,7 +1,8 @@
 """The constraint objective of constrained fine-tuning: λ·KL(q* || p_θ) at the positions where it counts.
 
 ``log q* = log_softmax(ref + logsigmoid(z))`` with ``ref`` the detached policy (``reference="policy"``) or the
-frozen base (``"base"``: the policy with its adapters disabled) and ``z`` from :meth:`GuidanceModel.logits`.
+frozen base (``"base"``: the policy with its adapters disabled, or with its frozen reference adapter alone when it
+carries one: :func:`steer.models.reference_model`) and ``z`` from :meth:`GuidanceModel.logits`.
 :class:`ConstraintKL` takes a training batch's last hidden states and masks and returns the KL terms and their
 statistics; a trainer only decides what goes into the batch and how the terms are divided.
 
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserInputError
+from ..models import reference_model
 from .fused_kl import fused_chunk_size, fused_constraint_kl
 from .kl import constraint_kl, guided_log_probs
 from .model import GuidanceModel, _is_peft_model
@@ -339,10 +341,10 @@ class ConstraintKL:
         return self.guidance.hidden_states(ids, attention)[union]
 
     def reference_hidden(self, inputs, mask: Tensor) -> Tensor:
-        """The base model's last hidden states ``[N, H]`` at the counted positions (adapters disabled, no grad),
-        from a pass on the :func:`counted_window` only."""
+        """The frozen reference's last hidden states ``[N, H]`` at the counted positions (no grad,
+        :func:`steer.models.reference_model`), from a pass on the :func:`counted_window` only."""
         ids, attention, mask = counted_window(inputs, mask)
-        with torch.no_grad(), self._policy().disable_adapter():
+        with torch.no_grad(), reference_model(self._policy()):
             out = self.decoder(input_ids=ids, attention_mask=attention, use_cache=False)
         return _last_hidden(out)[mask]
 
@@ -350,7 +352,7 @@ class ConstraintKL:
         if self.settings.reference == "policy":
             return policy_logits.detach()
         model = self._policy()
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), reference_model(model):
             logits = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
             ).logits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
@@ -322,6 +323,12 @@ def check_constrained_config(
                 "ConstrainedScriptArguments.use_peft=false trains the full model, but ConstrainedConfig."
                 "kl_reference='base' needs the base under a PEFT adapter; set kl_reference policy (or use_peft true)"
             )
+    adapter = training_args.kl_reference_adapter
+    if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        raise UserInputError(
+            f"ConstrainedConfig.kl_reference_adapter={adapter!r} is not a PEFT adapter directory (no "
+            "adapter_config.json there); point it at a finished run's output_dir, e.g. the plain-SFT twin's"
+        )
 
 
 def check_constrained_run(

@@ -43,6 +43,7 @@ from steer.errors import UserInputError
 from steer.guidance import ConstraintKL, prefix_settled_by
 from steer.guidance.oracle_priors import oracle_priors
 from steer.io import atomic_dir, atomic_torch_save
+from steer.models import load_reference_adapter
 
 from . import sharding
 from .buffer import SampleBuffer
@@ -141,6 +142,13 @@ class ConstrainedTrainer(SFTTrainer):
                 "ConstrainedConfig.kl_reference='base' needs a PEFT policy (the base is the model with its "
                 "adapters disabled); use kl_reference='policy' or pass peft_config"
             )
+        if args.kl_reference_adapter is not None:
+            if self._zero3 or self.is_fsdp_enabled:
+                raise UserInputError(
+                    "ConstrainedConfig.kl_reference_adapter is not supported under FSDP2 or DeepSpeed ZeRO-3 (the "
+                    "reference adapter would be sharded with the policy); use DDP or ZeRO-2"
+                )
+            load_reference_adapter(policy, args.kl_reference_adapter, self._policy_adapter)
         inner = policy.get_base_model() if self._is_peft else policy
         settings = args.kl_settings()
 

@@ -56,6 +56,15 @@ class ConstrainedConfig(SFTConfig):
             "or 'base' (the frozen base model with adapters disabled; needs a PEFT policy)."
         },
     )
+    kl_reference_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "kl_reference='base': a PEFT adapter directory (e.g. the plain-SFT twin's output_dir, trained "
+            "with the same LoRA shape) that becomes the frozen reference, q* = p_ref * R / Z with p_ref = the base "
+            "with this adapter, as RLHF anchors on its SFT model; the policy adapter starts from its weights. None: "
+            "the base model itself."
+        },
+    )
     kl_chunk_size: int = field(
         default=256,
         metadata={
@@ -311,6 +320,11 @@ class ConstrainedConfig(SFTConfig):
         super().__post_init__()
         _at_least("kl_coef", self.kl_coef, 0.0)
         _choice("kl_reference", self.kl_reference, ("policy", "base"))
+        if self.kl_reference_adapter is not None and self.kl_reference != "base":
+            raise ValueError(
+                "ConstrainedConfig.kl_reference_adapter is the frozen reference of kl_reference='base', got "
+                f"kl_reference={self.kl_reference!r}"
+            )
         _at_least("kl_chunk_size", self.kl_chunk_size, 1)
         _choice("kl_implementation", self.kl_implementation, ("chunked", "fused"))
         _choice("kl_positions", self.kl_positions, ("corpus", "samples", "both"))

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserInputError
-from ..models import model_device
+from ..models import model_device, reference_model
 from ..progress import progress_bar
 from .buffer import SampleBuffer
 
@@ -242,7 +242,7 @@ class GuidanceLearner:
         return {k: v.to(device) for k, v in batch.items()}
 
     def _policy_logits(self, batch: dict, *, base: bool = False) -> torch.Tensor:
-        context = self.policy.disable_adapter() if base else contextlib.nullcontext()
+        context = reference_model(self.policy) if base else contextlib.nullcontext()
         with torch.no_grad(), context:
             out = self.policy(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
