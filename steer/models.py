@@ -410,6 +410,10 @@ def load_reference_adapter(peft_model, path: str | os.PathLike, policy_adapter: 
     for name, param in params.items():
         if f".{REFERENCE_ADAPTER}." in name:
             param.requires_grad_(False)
+    for module in peft_model.modules():  # the reference is deterministic: no LoRA dropout in training mode
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, torch.nn.ModuleDict) and REFERENCE_ADAPTER in dropout:
+            dropout[REFERENCE_ADAPTER] = torch.nn.Identity()
     logger.info("KL reference: the adapter of %s (%d policy tensors start from it)", path, copied)
 
 

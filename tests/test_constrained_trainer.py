@@ -173,6 +173,10 @@ def test_kl_reference_adapter(tmp_path):
     sft = _trainer(tmp_path / "sft", kl_coef=0.0, max_steps=3, learning_rate=3e-2)
     sft.train()
     sft.save_model(str(tmp_path / "sft_out"))
+    saved_config = tmp_path / "sft_out" / "adapter_config.json"  # a dropout the reference must not apply
+    text = saved_config.read_text()
+    assert '"lora_dropout": 0.0' in text
+    saved_config.write_text(text.replace('"lora_dropout": 0.0', '"lora_dropout": 0.5'))
     batch = {
         "input_ids": torch.tensor([[5, 9, 17, 3, 8, 21]]),
         "attention_mask": torch.ones(1, 6, dtype=torch.long),
@@ -192,7 +196,11 @@ def test_kl_reference_adapter(tmp_path):
     before = [p.detach().clone() for p in reference]
     with torch.no_grad():  # the policy starts at the SFT model
         assert float((model(**batch).logits - sft_logits).abs().max()) < 1e-5
+    model.train()
+    with torch.no_grad(), reference_model(model):  # deterministic in training mode
+        assert torch.equal(model(**batch).logits, model(**batch).logits)
     trainer.train()
+    model.eval()
     with torch.no_grad():
         policy_logits = model(**batch).logits
         with reference_model(model):
