@@ -221,6 +221,12 @@ def test_kl_reference_adapter_bad_input(tmp_path):
         _config(tmp_path, kl_reference="policy", kl_reference_adapter=str(tmp_path))
     with pytest.raises(Exception, match="kl_reference_adapter.*adapter_config.json"):
         _trainer(tmp_path, kl_reference="base", kl_reference_adapter=str(tmp_path))
+    twin = _trainer(
+        tmp_path, kl_coef=0.0, kl_reference="base", kl_reference_adapter=str(tmp_path / "not_yet")
+    )
+    assert (
+        "reference" not in twin.model.peft_config
+    )  # the plain-SFT twin that trains the reference ignores it
     odd = tmp_path / "odd"
     lora = _lora()
     lora.r = 8

@@ -142,7 +142,7 @@ class ConstrainedTrainer(SFTTrainer):
                 "ConstrainedConfig.kl_reference='base' needs a PEFT policy (the base is the model with its "
                 "adapters disabled); use kl_reference='policy' or pass peft_config"
             )
-        if args.kl_reference_adapter is not None:
+        if args.kl_reference_adapter is not None and args.kl_coef > 0:  # kl_coef 0: the plain-SFT twin
             if self._zero3 or self.is_fsdp_enabled:
                 raise UserInputError(
                     "ConstrainedConfig.kl_reference_adapter is not supported under FSDP2 or DeepSpeed ZeRO-3 (the "

@@ -62,7 +62,7 @@ class ConstrainedConfig(SFTConfig):
             "help": "kl_reference='base': a PEFT adapter directory (e.g. the plain-SFT twin's output_dir, trained "
             "with the same LoRA shape) that becomes the frozen reference, q* = p_ref * R / Z with p_ref = the base "
             "with this adapter, as RLHF anchors on its SFT model; the policy adapter starts from its weights. None: "
-            "the base model itself."
+            "the base model itself. Ignored with kl_coef 0 (the plain-SFT twin that trains it)."
         },
     )
     kl_chunk_size: int = field(
