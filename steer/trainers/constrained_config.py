@@ -46,7 +46,9 @@ class ConstrainedConfig(SFTConfig):
         default=1.0,
         metadata={
             "help": "λ: weight of KL(q* || p_theta) added to the SFT loss (>= 0). 0 = the plain-SFT baseline: no "
-            "guidance rounds, every other setting identical."
+            "guidance rounds, every other setting identical. It weighs the corpus positions; the samples' weight is "
+            "kl_sample_coef when set, so with kl_positions 'samples' and kl_sample_coef set it only switches the "
+            "rounds on."
         },
     )
     kl_reference: str = field(
