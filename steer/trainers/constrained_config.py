@@ -55,7 +55,8 @@ class ConstrainedConfig(SFTConfig):
         default="policy",
         metadata={
             "help": "Reference distribution inside q*: 'policy' (the current policy, detached; no extra forward) "
-            "or 'base' (the frozen base model with adapters disabled; needs a PEFT policy)."
+            "or 'base' (the frozen base model with adapters disabled, or with kl_reference_adapter; needs a PEFT "
+            "policy)."
         },
     )
     kl_reference_adapter: str | None = field(
