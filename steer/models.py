@@ -395,6 +395,9 @@ def load_reference_adapter(peft_model, path: str | os.PathLike, policy_adapter: 
     params = dict(peft_model.named_parameters())
     copied = 0
     for name, param in params.items():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)
+            continue
         if f".{policy_adapter}." not in name:
             continue
         source = params.get(name.replace(f".{policy_adapter}.", f".{REFERENCE_ADAPTER}."))
@@ -407,9 +410,6 @@ def load_reference_adapter(peft_model, path: str | os.PathLike, policy_adapter: 
         with torch.no_grad():
             param.copy_(source)
         copied += 1
-    for name, param in params.items():
-        if f".{REFERENCE_ADAPTER}." in name:
-            param.requires_grad_(False)
     for module in peft_model.modules():  # the reference is deterministic: no LoRA dropout in training mode
         dropout = getattr(module, "lora_dropout", None)
         if isinstance(dropout, torch.nn.ModuleDict) and REFERENCE_ADAPTER in dropout:
@@ -417,34 +417,44 @@ def load_reference_adapter(peft_model, path: str | os.PathLike, policy_adapter: 
     logger.info("KL reference: the adapter of %s (%d policy tensors start from it)", path, copied)
 
 
-@contextlib.contextmanager
-def reference_model(peft_model):
-    """Run ``peft_model`` as the KL's frozen reference: the base with the :data:`REFERENCE_ADAPTER` alone active
-    when the model carries one (:func:`load_reference_adapter`), else with every adapter disabled (the base).
-
-    The tuner layers' active-adapter state is switched directly (PEFT's ``set_adapter`` would flip
-    ``requires_grad`` flags) and put back afterwards.
-    """
-    if REFERENCE_ADAPTER not in getattr(peft_model, "peft_config", {}):
-        with peft_model.disable_adapter():
-            yield
-        return
+def tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every PEFT tuner layer (LoRA-wrapped module) of ``model``."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    states = [
-        (layer, layer._active_adapter, layer._disable_adapters)
-        for layer in peft_model.modules()
-        if isinstance(layer, BaseTunerLayer)
-    ]
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def only_adapter(layers, name: str):
+    """Only the adapter ``name`` active in the PEFT tuner ``layers`` (:func:`tuner_layers`); put back afterwards.
+
+    Each layer's active-adapter state is switched directly: PEFT's ``set_adapter`` is model-global and flips the
+    ``requires_grad`` flag of every adapter, which a pass inside a training step must not do. A layer without
+    ``name`` runs as the base.
+    """
+    states = [(layer, layer._active_adapter, layer._disable_adapters) for layer in layers]
     try:
         for layer, _, _ in states:
-            layer._active_adapter = [REFERENCE_ADAPTER]
+            layer._active_adapter = [name]
             layer._disable_adapters = False
         yield
     finally:
         for layer, active, disabled in states:
             layer._active_adapter = active
             layer._disable_adapters = disabled
+
+
+@contextlib.contextmanager
+def reference_model(peft_model):
+    """Run ``peft_model`` as the KL's frozen reference: the base with the :data:`REFERENCE_ADAPTER` alone active
+    when the model carries one (:func:`load_reference_adapter`, switched by :func:`only_adapter`), else with every
+    adapter disabled (the base)."""
+    if REFERENCE_ADAPTER not in getattr(peft_model, "peft_config", {}):
+        with peft_model.disable_adapter():
+            yield
+        return
+    with only_adapter(tuner_layers(peft_model), REFERENCE_ADAPTER):
+        yield
 
 
 @contextlib.contextmanager

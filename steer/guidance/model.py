@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import ArtefactMismatchError, InputFileNotFoundError, UserInputError
 from ..io import atomic_save_file, atomic_write_text, dataclass_from_dict
-from ..models import base_model_record, check_artefact_base, model_device
+from ..models import base_model_record, check_artefact_base, model_device, only_adapter, tuner_layers
 from .context_prior import ContextPrior
 from .head import GuidanceHead, shared_logit
 
@@ -143,7 +143,7 @@ class GuidanceModel(nn.Module):
             object.__setattr__(self, "peft_model", peft_model)  # shared with the policy: not a submodule
             self.backbone = None
             # Every tuner layer (also those without a guidance adapter, which must run without the policy's).
-            self._tuner_layers = self._tuner_layers_of(peft_model)
+            self._tuner_layers = tuner_layers(peft_model)
             self._checkpoint_modules = [
                 m for m in peft_model.modules() if hasattr(m, "gradient_checkpointing")
             ]
@@ -214,15 +214,9 @@ class GuidanceModel(nn.Module):
         peft_model = get_peft_model(base_model, lora_config, adapter_name=name)
         for param, flag in flags.items():
             param.requires_grad_(flag)
-        for layer in self._tuner_layers_of(peft_model):
+        for layer in tuner_layers(peft_model):
             layer.enable_adapters(False)
         return peft_model
-
-    @staticmethod
-    def _tuner_layers_of(model: nn.Module) -> list[nn.Module]:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
     def _build_separate_backbone(self, causal_lm: nn.Module) -> nn.Module:
         from transformers import AutoModel
@@ -335,14 +329,12 @@ class GuidanceModel(nn.Module):
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
     def _guidance_adapter(self):
-        """Activate only the guidance adapter; afterwards restore active adapters and requires_grad flags.
+        """Activate only the guidance adapter; afterwards restore the active adapters and requires_grad flags.
 
-        PEFT's ``set_adapter`` is model-global and flips ``requires_grad`` of every adapter. The tuner layers'
-        active-adapter state is therefore switched directly where PEFT exposes it (no flag churn), otherwise
-        through ``set_adapter`` with all adapter flags saved and put back. Gradient checkpointing is switched
+        The tuner layers are switched directly where PEFT exposes their state (:func:`steer.models.only_adapter`,
+        no flag churn), otherwise through :meth:`_set_adapter_keeping_flags`. Gradient checkpointing is switched
         off for the guidance pass: its recomputation would run after the policy adapter is active again.
         """
-        name = [self.config.adapter_name]
         checkpointed = [
             m for m in self._checkpoint_modules if getattr(m, "gradient_checkpointing", False) is True
         ]
@@ -350,37 +342,37 @@ class GuidanceModel(nn.Module):
             hasattr(layer, "_active_adapter") and hasattr(layer, "_disable_adapters")
             for layer in self._tuner_layers
         )
-        flags = None if fast else [p.requires_grad for p in self._all_adapter_params]
+        name = self.config.adapter_name
+        with only_adapter(self._tuner_layers, name) if fast else self._set_adapter_keeping_flags(name):
+            for module in checkpointed:
+                module.gradient_checkpointing = False
+            try:
+                yield
+            finally:
+                for module in checkpointed:
+                    module.gradient_checkpointing = True
+
+    @contextlib.contextmanager
+    def _set_adapter_keeping_flags(self, name: str):
+        """The public-API path of :meth:`_guidance_adapter`: PEFT's ``set_adapter`` on every tuner layer, which
+        flips ``requires_grad`` of every adapter, so all adapter flags are saved and put back."""
+        flags = [p.requires_grad for p in self._all_adapter_params]
         states = [(layer, layer.active_adapter, layer.disable_adapters) for layer in self._tuner_layers]
         try:
             for layer, _, disabled in states:
-                if fast:
-                    layer._active_adapter = name
-                    layer._disable_adapters = False
-                else:
-                    if disabled:
-                        layer.enable_adapters(True)
-                    layer.set_adapter(name)
-            if flags is not None:
-                for param, flag in zip(self._all_adapter_params, flags):
-                    param.requires_grad_(flag)
-            for module in checkpointed:
-                module.gradient_checkpointing = False
+                if disabled:
+                    layer.enable_adapters(True)
+                layer.set_adapter([name])
+            for param, flag in zip(self._all_adapter_params, flags):
+                param.requires_grad_(flag)
             yield
         finally:
-            for module in checkpointed:
-                module.gradient_checkpointing = True
             for layer, active, disabled in states:
-                if fast:
-                    layer._active_adapter = active
-                    layer._disable_adapters = disabled
-                else:
-                    layer.set_adapter(active)
-                    if disabled:
-                        layer.enable_adapters(False)
-            if flags is not None:
-                for param, flag in zip(self._all_adapter_params, flags):
-                    param.requires_grad_(flag)
+                layer.set_adapter(active)
+                if disabled:
+                    layer.enable_adapters(False)
+            for param, flag in zip(self._all_adapter_params, flags):
+                param.requires_grad_(flag)
 
     def hidden_states(
         self,
