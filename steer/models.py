@@ -361,16 +361,11 @@ def unknown_target_modules(targets, names) -> list[str]:
 REFERENCE_ADAPTER = "reference"  # the frozen adapter a policy's KL reference runs with (kl_reference_adapter)
 
 
-def load_reference_adapter(peft_model, path: str | os.PathLike, policy_adapter: str = "default") -> None:
-    """Load the PEFT adapter at ``path`` into ``peft_model`` as the frozen :data:`REFERENCE_ADAPTER` and start the
-    policy adapter (``policy_adapter``) from its weights.
-
-    The adapter must have been trained on the same base model (``base_model.json``) with the policy's LoRA shape
-    (``r``, ``lora_alpha``, target modules); anything else is refused with one line naming ``path``.
-    """
+def _checked_adapter_config(peft_model, path, policy_adapter: str, where: str) -> None:
+    """Refuse, with one line naming ``where``, an adapter at ``path`` that the policy adapter cannot start from or
+    run beside: no ``adapter_config.json``, another base model, or another LoRA ``r`` / ``lora_alpha``."""
     import json
 
-    where = f"ConstrainedConfig.kl_reference_adapter={str(path)!r}"
     config_file = Path(path) / "adapter_config.json"
     if not config_file.is_file():
         raise ModelLoadError(
@@ -388,19 +383,19 @@ def load_reference_adapter(peft_model, path: str | os.PathLike, policy_adapter: 
         if saved.get(key) != getattr(mine, key, None):
             raise ModelLoadError(
                 f"{where}: its LoRA {key} is {saved.get(key)!r}, the policy's {getattr(mine, key, None)!r}; the "
-                "policy starts from it, so train it with the policy's lora_r, lora_alpha and target modules"
+                "policy runs with or starts from it, so train it with the policy's lora_r, lora_alpha and target "
+                "modules"
             )
-    with quiet_adapter_load():
-        peft_model.load_adapter(str(path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-    params = dict(peft_model.named_parameters())
+
+
+def _copy_into_policy(peft_model, source_of, policy_adapter: str, where: str) -> int:
+    """Copy ``source_of(name)`` (a tensor, or None when the adapter has none) into every policy-adapter parameter;
+    refuse a missing or misshapen one with one line naming ``where``. Returns the number of tensors copied."""
     copied = 0
-    for name, param in params.items():
-        if f".{REFERENCE_ADAPTER}." in name:
-            param.requires_grad_(False)
-            continue
+    for name, param in peft_model.named_parameters():
         if f".{policy_adapter}." not in name:
             continue
-        source = params.get(name.replace(f".{policy_adapter}.", f".{REFERENCE_ADAPTER}."))
+        source = source_of(name)
         if source is None or source.shape != param.shape:
             raise ModelLoadError(
                 f"{where}: it has no weight matching the policy's {name} "
@@ -410,11 +405,58 @@ def load_reference_adapter(peft_model, path: str | os.PathLike, policy_adapter: 
         with torch.no_grad():
             param.copy_(source)
         copied += 1
+    return copied
+
+
+def load_reference_adapter(
+    peft_model, path: str | os.PathLike, policy_adapter: str = "default", *, init_policy: bool = True
+) -> None:
+    """Load the PEFT adapter at ``path`` into ``peft_model`` as the frozen :data:`REFERENCE_ADAPTER` and, with
+    ``init_policy``, start the policy adapter (``policy_adapter``) from its weights.
+
+    The adapter must have been trained on the same base model (``base_model.json``) with the policy's LoRA shape
+    (``r``, ``lora_alpha``, target modules); anything else is refused with one line naming ``path``.
+    """
+    where = f"ConstrainedConfig.kl_reference_adapter={str(path)!r}"
+    _checked_adapter_config(peft_model, path, policy_adapter, where)
+    with quiet_adapter_load():
+        peft_model.load_adapter(str(path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    params = dict(peft_model.named_parameters())
+    for name, param in params.items():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)
+    copied = 0
+    if init_policy:
+        copied = _copy_into_policy(
+            peft_model,
+            lambda name: params.get(name.replace(f".{policy_adapter}.", f".{REFERENCE_ADAPTER}.")),
+            policy_adapter,
+            where,
+        )
     for module in peft_model.modules():  # the reference is deterministic: no LoRA dropout in training mode
         dropout = getattr(module, "lora_dropout", None)
         if isinstance(dropout, torch.nn.ModuleDict) and REFERENCE_ADAPTER in dropout:
             dropout[REFERENCE_ADAPTER] = torch.nn.Identity()
     logger.info("KL reference: the adapter of %s (%d policy tensors start from it)", path, copied)
+
+
+def init_policy_adapter(peft_model, path: str | os.PathLike, policy_adapter: str = "default") -> None:
+    """Start the policy adapter (``policy_adapter``) of ``peft_model`` from the weights of the finished PEFT
+    adapter at ``path`` (``ConstrainedConfig.policy_init_adapter``), checked like :func:`load_reference_adapter`'s."""
+    from peft.utils import load_peft_weights
+
+    where = f"ConstrainedConfig.policy_init_adapter={str(path)!r}"
+    _checked_adapter_config(peft_model, path, policy_adapter, where)
+    if not any((Path(path) / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ModelLoadError(f"{where}: no adapter_model.safetensors there (a finished run's output_dir)")
+    try:
+        weights = load_peft_weights(str(path), device="cpu")
+    except Exception as err:  # a missing or unreadable weights file
+        raise ModelLoadError(f"{where}: could not read its adapter weights ({first_line(err)})") from err
+    copied = _copy_into_policy(
+        peft_model, lambda name: weights.get(name.replace(f".{policy_adapter}.", ".")), policy_adapter, where
+    )
+    logger.info("Policy adapter: starts from the adapter of %s (%d tensors)", path, copied)
 
 
 def tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -237,6 +237,48 @@ def test_kl_reference_adapter_bad_input(tmp_path):
         _trainer(tmp_path, kl_reference="base", kl_reference_adapter=str(odd))
 
 
+def test_policy_init_adapter(tmp_path):
+    """policy_init_adapter: the policy starts from one finished adapter while kl_reference_adapter anchors the KL
+    on another; a missing directory is refused naming the field, and the plain-SFT twin (kl_coef 0) ignores it."""
+    from steer.models import reference_model
+
+    batch = {
+        "input_ids": torch.tensor([[5, 9, 17, 3, 8, 21]]),
+        "attention_mask": torch.ones(1, 6, dtype=torch.long),
+    }
+    logits = {}
+    for name, lr in (("ref", 3e-2), ("init", 1e-1)):
+        sft = _trainer(tmp_path / name, kl_coef=0.0, max_steps=3, learning_rate=lr, seed=len(name))
+        sft.train()
+        sft.save_model(str(tmp_path / f"{name}_out"))
+        sft.model.eval()
+        with torch.no_grad():
+            logits[name] = sft.model(**batch).logits
+    assert float((logits["ref"] - logits["init"]).abs().max()) > 1e-3
+
+    trainer = _trainer(
+        tmp_path / "run",
+        kl_reference="base",
+        kl_reference_adapter=str(tmp_path / "ref_out"),
+        policy_init_adapter=str(tmp_path / "init_out"),
+        max_steps=2,
+    )
+    model = trainer.model.eval()
+    with torch.no_grad():
+        assert (
+            float((model(**batch).logits - logits["init"]).abs().max()) < 1e-5
+        )  # the policy: init's weights
+        with reference_model(model):
+            assert float((model(**batch).logits - logits["ref"]).abs().max()) < 1e-5  # the reference: ref's
+    trainer.train()
+    assert all(math.isfinite(x) for x in _losses(trainer))
+
+    with pytest.raises(Exception, match="policy_init_adapter.*no adapter_config.json"):
+        _trainer(tmp_path / "bad", kl_reference="base", policy_init_adapter=str(tmp_path / "nowhere"))
+    twin = _trainer(tmp_path / "twin", kl_coef=0.0, policy_init_adapter=str(tmp_path / "nowhere"))
+    assert twin.model is not None  # ignored by the plain-SFT twin
+
+
 @pytest.mark.parametrize(
     ("kl_reference", "stop_at_violation", "context_prior"),
     [

@@ -43,7 +43,7 @@ from steer.errors import UserInputError
 from steer.guidance import ConstraintKL, prefix_settled_by
 from steer.guidance.oracle_priors import oracle_priors
 from steer.io import atomic_dir, atomic_torch_save
-from steer.models import load_reference_adapter
+from steer.models import init_policy_adapter, load_reference_adapter
 
 from . import sharding
 from .buffer import SampleBuffer
@@ -142,13 +142,24 @@ class ConstrainedTrainer(SFTTrainer):
                 "ConstrainedConfig.kl_reference='base' needs a PEFT policy (the base is the model with its "
                 "adapters disabled); use kl_reference='policy' or pass peft_config"
             )
-        if args.kl_reference_adapter is not None and args.kl_coef > 0:  # kl_coef 0: the plain-SFT twin
-            if self._zero3 or self.is_fsdp_enabled:
-                raise UserInputError(
-                    "ConstrainedConfig.kl_reference_adapter is not supported under FSDP2 or DeepSpeed ZeRO-3 (the "
-                    "reference adapter would be sharded with the policy); use DDP or ZeRO-2"
+        if args.kl_coef > 0:  # kl_coef 0: the plain-SFT twin, which trains these adapters, ignores them
+            for name in ("kl_reference_adapter", "policy_init_adapter"):
+                if getattr(args, name) is not None and (
+                    self._zero3 or self.is_fsdp_enabled or not self._is_peft
+                ):
+                    raise UserInputError(
+                        f"ConstrainedConfig.{name} needs a PEFT policy under DDP or ZeRO-2 (under FSDP2 or "
+                        "DeepSpeed ZeRO-3 the adapter would be sharded with the policy)"
+                    )
+            if args.kl_reference_adapter is not None:
+                load_reference_adapter(
+                    policy,
+                    args.kl_reference_adapter,
+                    self._policy_adapter,
+                    init_policy=args.policy_init_adapter is None,
                 )
-            load_reference_adapter(policy, args.kl_reference_adapter, self._policy_adapter)
+            if args.policy_init_adapter is not None:
+                init_policy_adapter(policy, args.policy_init_adapter, self._policy_adapter)
         inner = policy.get_base_model() if self._is_peft else policy
         settings = args.kl_settings()
 

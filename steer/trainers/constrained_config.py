@@ -68,6 +68,15 @@ class ConstrainedConfig(SFTConfig):
             "the base model itself. Ignored with kl_coef 0 (the plain-SFT twin that trains it)."
         },
     )
+    policy_init_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "A PEFT adapter directory (a finished run's output_dir with the policy's LoRA shape) that the "
+            "policy adapter starts from, e.g. the plain-SFT twin's while kl_reference_adapter anchors the KL on "
+            "another model. None: the kl_reference_adapter when set, else a fresh LoRA. Ignored with kl_coef 0, "
+            "like kl_reference_adapter (the plain-SFT twin is usually what it points at)."
+        },
+    )
     kl_chunk_size: int = field(
         default=256,
         metadata={
