@@ -437,7 +437,8 @@ def load_reference_adapter(
         dropout = getattr(module, "lora_dropout", None)
         if isinstance(dropout, torch.nn.ModuleDict) and REFERENCE_ADAPTER in dropout:
             dropout[REFERENCE_ADAPTER] = torch.nn.Identity()
-    logger.info("KL reference: the adapter of %s (%d policy tensors start from it)", path, copied)
+    start = f" ({copied} policy tensors start from it)" if init_policy else ""
+    logger.info("KL reference: the adapter of %s%s", path, start)
 
 
 def init_policy_adapter(peft_model, path: str | os.PathLike, policy_adapter: str = "default") -> None:

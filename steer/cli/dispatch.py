@@ -94,6 +94,8 @@ def run(argv: Sequence[str] | None = None) -> Any:
 
     parsed = parse_command_args(command, rest, types)
     training_args = _training_args(parsed)
+    if getattr(parsed[0], "prerequisites", None):  # a prerequisite's own run has none (prerequisite_argv)
+        _run_prerequisites(command, rest, parsed[0].prerequisites, types, training_args.output_dir)
     if training_args is not None:
         _log_process(command, training_args)
     result = entry(*parsed)
@@ -102,6 +104,38 @@ def run(argv: Sequence[str] | None = None) -> Any:
     elif command.words[0] == "eval":
         _print_result(command, parsed, result)
     return result
+
+
+def _run_prerequisites(command: Command, rest: list[str], runs: list[dict], types, output_dir: str) -> None:
+    """Train the recipe's unfinished prerequisite runs first, in order (:mod:`steer.scripts.prerequisites`); every
+    one's settings are parsed and checked before the first one trains. A prerequisite with this run's own
+    ``output_dir`` is this run (e.g. the recipe's plain-SFT twin trained on its own): it is skipped."""
+    from pathlib import Path
+
+    from steer.scripts.prerequisites import finished_run, prerequisite_argv
+
+    args, _ = normalise_config_flag(rest)
+    own = Path(output_dir).expanduser().resolve()
+    runs = [step for step in runs if Path(step["output_dir"]).expanduser().resolve() != own]
+    pending = [(step, prerequisite_argv(args, step)) for step in runs if not finished_run(step["output_dir"])]
+    for step, argv in pending:
+        try:
+            parse_command_args(command, argv, types)
+        except CommandLineError as err:
+            raise CommandLineError(command.name, f"prerequisite run {step['output_dir']}: {err}") from None
+    for index, (step, argv) in enumerate(pending, 1):
+        overrides = ", ".join(f"{k}={v}" for k, v in step.items() if k != "output_dir")
+        logger.info(
+            "prerequisite %d/%d: training %s (%s) before this run",
+            index,
+            len(pending),
+            step["output_dir"],
+            overrides,
+        )
+        run([*command.words, *argv])  # its trainer is dropped before the next run loads a model
+    done = len(runs) - len(pending)
+    if done:
+        logger.info("prerequisites: %d of %d already finished, not retrained", done, len(runs))
 
 
 def shutdown_distributed() -> None:

@@ -19,6 +19,7 @@ from steer.constraints import CONSTRAINTS, Constraint, build_constraint, constra
 from steer.data import RTP_HELDOUT_SIZE
 from steer.errors import UserInputError, first_line
 from steer.scripts.output import check_output_dir, resolve_resume, training_run
+from steer.scripts.prerequisites import prerequisite_runs
 from steer.trainers.constrained import STATE_NAME, ConstrainedConfig, ConstrainedTrainer
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,16 @@ class ConstrainedScriptArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules the policy LoRA adapts (default: all linear layers)."}
     )
+    prerequisites: list[dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Runs this one needs first (e.g. the adapters of kl_reference_adapter and policy_init_adapter), "
+            "each a mapping of overrides of this same command that sets its own output_dir, e.g. "
+            "[{output_dir: outputs/topic_sft, kl_coef: 0}]. The CLI trains, in order, each one whose output_dir "
+            "holds no finished run yet (resuming from its newest checkpoint when it has one), then this run. JSON "
+            "on the command line; [] skips them."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -136,6 +147,7 @@ class ConstrainedScriptArguments:
         self.constraint_kwargs = constraint_kwargs(
             self.constraint_kwargs, "ConstrainedScriptArguments.constraint_kwargs"
         )
+        self.prerequisites = prerequisite_runs(self.prerequisites, "ConstrainedScriptArguments.prerequisites")
         if self.dataset_format not in ("text", "prompt_completion"):
             raise ValueError(
                 "ConstrainedScriptArguments.dataset_format must be 'text' or 'prompt_completion', "
