@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import fails
+from helpers.launch import constrained_args
 
 from steer import cli
 from steer.scripts.prerequisites import finished_run, prerequisite_argv, prerequisite_runs
 
-ROOT = Path(__file__).resolve().parents[1]
 FIELD = "ConstrainedScriptArguments.prerequisites"
 
 
@@ -62,44 +62,9 @@ def test_prerequisite_runs_and_argv(tmp_path):
     assert finished_run(tmp_path / "a")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from helpers.models import save_tiny_llama
-
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from steer.models import tiny_corpus
-
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    sentences = tiny_corpus(3, 24)
-    path.write_text(
-        "".join(
-            json.dumps({"prompt": sentences[i], "completion": " " + sentences[i + 1]}) + "\n"
-            for i in range(0, 24, 2)
-        )
-    )
-    return path
-
-
-def _recipe(
-    tiny_dir: Path, corpus: Path, tmp_path: Path, prerequisites: list[dict], *extra: str
-) -> list[str]:
+def _recipe(model_dir: Path, tmp_path: Path, prerequisites: list[dict], *extra: str) -> list[str]:
     return [
-        "train",
-        "constrained",
-        "--config",
-        str(ROOT / "recipes" / "tiny" / "constrained.yaml"),
-        "--model_name_or_path",
-        str(tiny_dir),
-        "--dataset_name",
-        str(corpus),
-        "--constraint",
-        "keyword",
-        "--constraint_kwargs",
-        '{"banned": ["the", "bad"]}',
+        *constrained_args(tmp_path, model_dir, banned=("the", "bad")),
         "--guidance_context_prior",
         "none",
         "--max_steps",
@@ -116,11 +81,11 @@ def _recipe(
     ]
 
 
-def test_one_command_trains_the_prerequisites_first(tiny_dir, corpus, tmp_path, one_thread, caplog):
+def test_one_command_trains_the_prerequisites_first(tiny_model_dir, tmp_path, one_thread, caplog):
     ref, init = str(tmp_path / "ref"), str(tmp_path / "init")
     runs = [{"output_dir": init, "kl_coef": 0}, {"output_dir": ref, "kl_coef": 0, "learning_rate": 0.05}]
     argv = _recipe(
-        tiny_dir, corpus, tmp_path, runs, "--kl_reference", "base", "--kl_reference_adapter", ref,
+        tiny_model_dir, tmp_path, runs, "--kl_reference", "base", "--kl_reference_adapter", ref,
         "--policy_init_adapter", init,
     )  # fmt: skip
     with caplog.at_level("INFO", logger="steer"):
@@ -137,7 +102,7 @@ def test_one_command_trains_the_prerequisites_first(tiny_dir, corpus, tmp_path, 
     assert stamps == {p: (Path(p) / "adapter_model.safetensors").stat().st_mtime_ns for p in (ref, init)}
 
     caplog.clear()  # a prerequisite trained on its own (the recipe's twin command): it is this run, not before it
-    twin = _recipe(tiny_dir, corpus, tmp_path, runs, "--kl_coef", "0", "--output_dir", str(tmp_path / "twin"))
+    twin = _recipe(tiny_model_dir, tmp_path, runs, "--kl_coef", "0", "--output_dir", str(tmp_path / "twin"))
     twin_runs = [*runs, {"output_dir": str(tmp_path / "twin"), "kl_coef": 0}]
     twin[twin.index("--prerequisites") + 1] = json.dumps(twin_runs)
     with caplog.at_level("INFO", logger="steer"):
@@ -145,13 +110,11 @@ def test_one_command_trains_the_prerequisites_first(tiny_dir, corpus, tmp_path, 
     assert finished_run(tmp_path / "twin") and "prerequisite 1/" not in caplog.text
 
 
-def test_a_bad_prerequisite_fails_before_any_training(tiny_dir, corpus, tmp_path, capsys):
+def test_a_bad_prerequisite_fails_before_any_training(tiny_model_dir, tmp_path, capsys):
     runs = [
         {"output_dir": str(tmp_path / "a"), "kl_coef": 0},
         {"output_dir": str(tmp_path / "b"), "kl_cof": 0},
     ]
-    fails(capsys, _recipe(tiny_dir, corpus, tmp_path, runs), "prerequisite run", "kl_cof")
+    fails(capsys, _recipe(tiny_model_dir, tmp_path, runs), "prerequisite run", "kl_cof")
     assert not (tmp_path / "a").exists()
-    fails(
-        capsys, _recipe(tiny_dir, corpus, tmp_path, [{"kl_coef": 0}]), f"{FIELD}[0] needs its own output_dir"
-    )
+    fails(capsys, _recipe(tiny_model_dir, tmp_path, [{"kl_coef": 0}]), f"{FIELD}[0] needs its own output_dir")
