@@ -95,7 +95,7 @@ def run(argv: Sequence[str] | None = None) -> Any:
     parsed = parse_command_args(command, rest, types)
     training_args = _training_args(parsed)
     if getattr(parsed[0], "prerequisites", None):  # a prerequisite's own run has none (prerequisite_argv)
-        _run_prerequisites(command, rest, parsed[0].prerequisites, types, training_args.output_dir)
+        _run_prerequisites(command, rest, parsed, types)
     if training_args is not None:
         _log_process(command, training_args)
     result = entry(*parsed)
@@ -106,18 +106,31 @@ def run(argv: Sequence[str] | None = None) -> Any:
     return result
 
 
-def _run_prerequisites(command: Command, rest: list[str], runs: list[dict], types, output_dir: str) -> None:
-    """Train the recipe's unfinished prerequisite runs first, in order (:mod:`steer.scripts.prerequisites`); every
-    one's settings are parsed and checked before the first one trains. A prerequisite with this run's own
-    ``output_dir`` is this run (e.g. the recipe's plain-SFT twin trained on its own): it is skipped."""
+def _run_prerequisites(command: Command, rest: list[str], parsed: Sequence[Any], types) -> None:
+    """Train the recipe's unfinished prerequisite runs first, in order (:mod:`steer.scripts.prerequisites`). Every
+    one's settings, and this run's output directory, are checked before the first one trains. A prerequisite with
+    this run's own ``output_dir`` is this run (e.g. the recipe's plain-SFT twin trained on its own): skipped."""
     from pathlib import Path
 
+    from steer.scripts.output import check_output_dir, resolve_resume
     from steer.scripts.prerequisites import finished_run, prerequisite_argv
 
+    script_args, training_args = parsed[0], _training_args(parsed)
     args, _ = normalise_config_flag(rest)
-    own = Path(output_dir).expanduser().resolve()
-    runs = [step for step in runs if Path(step["output_dir"]).expanduser().resolve() != own]
+    own = Path(training_args.output_dir).expanduser().resolve()
+    runs = [
+        step for step in script_args.prerequisites if Path(step["output_dir"]).expanduser().resolve() != own
+    ]
     pending = [(step, prerequisite_argv(args, step)) for step in runs if not finished_run(step["output_dir"])]
+    if pending:  # this run's own output_dir would refuse it only after the prerequisites' hours: say so now
+        owner = type(training_args).__name__
+        resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir, owner=owner)
+        check_output_dir(
+            training_args.output_dir,
+            overwrite=bool(getattr(script_args, "overwrite_output_dir", False)),
+            resume=resume,
+            owner=type(script_args).__name__,
+        )
     for step, argv in pending:
         try:
             parse_command_args(command, argv, types)
