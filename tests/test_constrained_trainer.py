@@ -265,11 +265,10 @@ def test_policy_init_adapter(tmp_path):
     )
     model = trainer.model.eval()
     with torch.no_grad():
-        assert (
-            float((model(**batch).logits - logits["init"]).abs().max()) < 1e-5
-        )  # the policy: init's weights
+        # the policy runs with init's weights, the reference with ref's
+        assert float((model(**batch).logits - logits["init"]).abs().max()) < 1e-5
         with reference_model(model):
-            assert float((model(**batch).logits - logits["ref"]).abs().max()) < 1e-5  # the reference: ref's
+            assert float((model(**batch).logits - logits["ref"]).abs().max()) < 1e-5
     trainer.train()
     assert all(math.isfinite(x) for x in _losses(trainer))
 

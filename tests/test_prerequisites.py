@@ -117,9 +117,8 @@ def test_a_bad_prerequisite_fails_before_any_training(tiny_model_dir, tmp_path, 
     ]
     fails(capsys, _recipe(tiny_model_dir, tmp_path, runs), "prerequisite run", "kl_cof")
     assert not (tmp_path / "a").exists()
-    (
-        tmp_path / "main"
-    ).mkdir()  # this run's output_dir holds another run: refused before the prerequisites train
+    # this run's output_dir holds another run: refused before the prerequisites train
+    (tmp_path / "main").mkdir()
     (tmp_path / "main" / "adapter_config.json").write_text("{}")
     fails(capsys, _recipe(tiny_model_dir, tmp_path, runs[:1]), "overwrite_output_dir")
     assert not (tmp_path / "a").exists()
