@@ -326,6 +326,11 @@ def test_use_peft_false_with_the_lora_guidance_backbone(tiny_dir, tmp_path, caps
     argv = _constrained(tmp_path, tiny_dir, "--use_peft", "false")
     fails(capsys, argv, "use_peft=false", "guidance_backbone='lora'", "separate")
     fails(capsys, [*argv, "--guidance_backbone", "separate", "--kl_reference", "base"], "kl_reference='base'")
+    fails(
+        capsys,
+        [*argv, "--guidance_backbone", "separate", "--policy_export_weight", "0.5"],
+        "policy_export_weight",
+    )
 
 
 def test_max_length_too_small_for_any_sample(tiny_dir, tmp_path, capsys, monkeypatch):

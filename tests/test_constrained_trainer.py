@@ -49,6 +49,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("sample_buffer_size", 0),
         ("guidance_holdout_fraction", 1.0),
         ("importance_weighting", "prefix"),
+        ("policy_export_weight", 0.0),
+        ("policy_export_weight", 1.2),
+        ("policy_export_weight", float("nan")),
     ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field, value):

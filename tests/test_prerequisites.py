@@ -86,13 +86,16 @@ def test_one_command_trains_the_prerequisites_first(tiny_model_dir, tmp_path, on
     runs = [{"output_dir": init, "kl_coef": 0}, {"output_dir": ref, "kl_coef": 0, "learning_rate": 0.05}]
     argv = _recipe(
         tiny_model_dir, tmp_path, runs, "--kl_reference", "base", "--kl_reference_adapter", ref,
-        "--policy_init_adapter", init,
+        "--policy_init_adapter", init, "--policy_export_weight", "0.5",
     )  # fmt: skip
     with caplog.at_level("INFO", logger="steer"):
         assert cli.main(argv) == 0
     assert finished_run(ref) and finished_run(init) and finished_run(tmp_path / "main")
     assert caplog.text.count("KL reference: the adapter of") == 1  # the twins (kl_coef 0) ignore it
     assert "prerequisite 1/2: training" in caplog.text and "prerequisite 2/2" in caplog.text
+    exported = json.loads((tmp_path / "main" / "adapter_config.json").read_text())  # halfway back to init
+    kept = json.loads((tmp_path / "main" / "trained_policy" / "adapter_config.json").read_text())
+    assert exported["r"] == 2 * kept["r"] and f"0.5 x the adapter of {init}" in caplog.text
     stamps = {p: (Path(p) / "adapter_model.safetensors").stat().st_mtime_ns for p in (ref, init)}
 
     caplog.clear()

@@ -330,6 +330,11 @@ def check_constrained_config(
                 "ConstrainedConfig.guidance_backbone='lora' puts the guidance adapter on the policy's frozen base "
                 "weights; set guidance_backbone separate (or use_peft true)"
             )
+        if training_args.policy_export_weight < 1 and training_args.kl_coef > 0:
+            raise UserInputError(
+                "ConstrainedScriptArguments.use_peft=false trains the full model, but ConstrainedConfig."
+                "policy_export_weight interpolates LoRA adapters; set policy_export_weight 1 (or use_peft true)"
+            )
         if training_args.kl_reference == "base":
             raise UserInputError(
                 "ConstrainedScriptArguments.use_peft=false trains the full model, but ConstrainedConfig."
@@ -570,4 +575,11 @@ def train_constrained(
         trainer.save_model(training_args.output_dir)
         if training_args.should_save and script_args.use_peft:
             atomic_write_json(f"{training_args.output_dir}/{BASE_MODEL_FILE}", record)
+            if training_args.kl_coef > 0 and training_args.policy_export_weight < 1:
+                from steer.interpolation import export_interpolated_policy
+
+                start = training_args.policy_init_adapter or training_args.kl_reference_adapter
+                export_interpolated_policy(
+                    training_args.output_dir, start, training_args.policy_export_weight
+                )
     return trainer

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer.errors import InputFileNotFoundError, RunInterrupted, UserInputError
+from steer.interpolation import TRAINED_POLICY_DIR
 
 __all__ = [
     "REPLACED_DIR",
@@ -62,6 +63,7 @@ RUN_ARTEFACTS = (
     "guidance",
     "persona",
     "data",
+    TRAINED_POLICY_DIR,
 )
 # Files that come with those artefacts (tokenizer, model card, results, logs, evaluation outputs): moved aside
 # with a previous run on overwrite, but on their own not a previous run.

@@ -77,6 +77,16 @@ class ConstrainedConfig(SFTConfig):
             "like kl_reference_adapter (the plain-SFT twin is usually what it points at)."
         },
     )
+    policy_export_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight w of the trained policy in the adapter saved to output_dir, interpolated in weight space "
+            "toward where it started (WiSE-FT): delta_W = w * delta_W(trained) + (1 - w) * delta_W(start), with the "
+            "start the policy_init_adapter, else the kl_reference_adapter, else none (a fresh LoRA: the change is "
+            "scaled by w). Exact, as one LoRA of the two ranks summed; the trained adapter stays in "
+            "output_dir/trained_policy and in the checkpoints. 1: the trained adapter as is. Ignored with kl_coef 0."
+        },
+    )
     kl_chunk_size: int = field(
         default=256,
         metadata={
@@ -336,6 +346,10 @@ class ConstrainedConfig(SFTConfig):
             raise ValueError(
                 "ConstrainedConfig.kl_reference_adapter is the frozen reference of kl_reference='base', got "
                 f"kl_reference={self.kl_reference!r}"
+            )
+        if not 0.0 < self.policy_export_weight <= 1.0:
+            raise ValueError(
+                f"ConstrainedConfig.policy_export_weight must be in (0, 1], got {self.policy_export_weight!r}"
             )
         _at_least("kl_chunk_size", self.kl_chunk_size, 1)
         _choice("kl_implementation", self.kl_implementation, ("chunked", "fused"))

@@ -1,0 +1,181 @@
+"""Weight-space interpolation of a trained LoRA policy toward the adapter it started from (WiSE-FT).
+
+``ΔW = w · ΔW_trained + (1 − w) · ΔW_start`` for every LoRA-wrapped module, written exactly as one LoRA adapter:
+the ``A`` factors are stacked, the ``B`` factors placed side by side with each adapter's weight and scaling folded
+in, so the rank is the sum of the two and ``lora_alpha`` equals it (scaling 1). Without a start adapter (a policy
+trained from a fresh LoRA, ``ΔW_start = 0``) the trained ``B`` factors are scaled by ``w`` and the shape is kept.
+
+Used by ``ConstrainedConfig.policy_export_weight``: the run's ``output_dir`` gets the interpolated adapter, and the
+trained one stays in its :data:`TRAINED_POLICY_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from steer.errors import ModelLoadError
+from steer.io import atomic_save_file, atomic_write_json
+
+__all__ = ["TRAINED_POLICY_DIR", "export_interpolated_policy", "interpolate_adapter", "keep_trained_policy"]
+
+logger = logging.getLogger(__name__)
+
+TRAINED_POLICY_DIR = "trained_policy"  # the run's trained adapter, beside the interpolated one it exported
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_PLAIN_LORA = {  # adapter_config fields whose other values change what A and B mean, and the values allowed
+    "use_dora": (False, None),
+    "use_rslora": (False, None),
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "modules_to_save": (None, []),
+    "lora_bias": (False, None),
+    "bias": ("none", None),
+}
+
+
+def _read_adapter(path: Path, role: str) -> tuple[dict, dict]:
+    """The ``adapter_config.json`` and safetensors weights of the LoRA adapter at ``path``; one line naming
+    ``role`` and the file for anything this interpolation cannot represent exactly."""
+    from safetensors.torch import load_file
+
+    config_file, weights_file = path / ADAPTER_FILES[0], path / ADAPTER_FILES[1]
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise ModelLoadError(f"{role}: no {file.name} in {path} (a finished run's adapter directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise ModelLoadError(f"{role}: {config_file} is not valid JSON ({err})") from err
+    if config.get("peft_type") != "LORA":
+        raise ModelLoadError(
+            f"{role}: {config_file} has peft_type {config.get('peft_type')!r}; only LORA interpolates"
+        )
+    for key, allowed in _PLAIN_LORA.items():
+        if config.get(key) not in allowed:
+            raise ModelLoadError(
+                f"{role}: {config_file} sets {key}={config.get(key)!r}, which interpolation does not support"
+            )
+    weights = load_file(str(weights_file))
+    for name in weights:
+        if not name.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ModelLoadError(
+                f"{role}: {weights_file} holds {name}; only lora_A / lora_B weights interpolate"
+            )
+    return config, weights
+
+
+def _scaling(config: dict) -> float:
+    return float(config["lora_alpha"]) / float(config["r"])
+
+
+def interpolate_adapter(
+    trained: str | os.PathLike,
+    start: str | os.PathLike | None,
+    weight: float,
+    output_dir: str | os.PathLike,
+) -> Path:
+    """Write to ``output_dir`` the LoRA adapter with ``ΔW = weight · ΔW(trained) + (1 − weight) · ΔW(start)``.
+
+    ``start`` None means a zero start (the trained adapter began as a fresh LoRA). Both adapters must wrap the
+    same modules of the same base model; anything else is refused with one line naming the adapter and field.
+    The other files of ``trained`` (tokenizer, ``base_model.json``) are copied beside the adapter. Returns
+    ``output_dir``.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"interpolate_adapter: weight must be in [0, 1], got {weight!r}")
+    trained, output_dir = Path(trained), Path(output_dir)
+    config, weights = _read_adapter(trained, "the trained adapter")
+    scale = _scaling(config)
+    if start is None:
+        merged = {
+            k: (v * weight if k.endswith(".lora_B.weight") else v).contiguous() for k, v in weights.items()
+        }
+        out_config = dict(config)
+    else:
+        import torch
+
+        start = Path(start)
+        start_config, start_weights = _read_adapter(start, "the start adapter")
+        if sorted(start_config.get("target_modules") or []) != sorted(config.get("target_modules") or []):
+            raise ModelLoadError(
+                f"the start adapter {start}: target_modules {start_config.get('target_modules')!r} differ from the "
+                f"trained adapter's {config.get('target_modules')!r}"
+            )
+        missing = sorted(set(weights) ^ set(start_weights))
+        if missing:
+            raise ModelLoadError(
+                f"the start adapter {start}: {missing[0]} is in one adapter and not the other"
+            )
+        for other in ("base_model.json",):
+            a, b = trained / other, start / other
+            if a.is_file() and b.is_file():
+                ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+                ra.pop("name_or_path", None), rb.pop("name_or_path", None)
+                if ra != rb:
+                    raise ModelLoadError(
+                        f"the start adapter {start}: trained on another base model ({other} differs)"
+                    )
+        start_scale = _scaling(start_config)
+        merged = {}
+        for name, tensor in weights.items():
+            if name.endswith(".lora_A.weight"):
+                merged[name] = torch.cat([tensor, start_weights[name].to(tensor.dtype)], 0).contiguous()
+            else:
+                parts = [
+                    tensor * (weight * scale),
+                    start_weights[name].to(tensor.dtype) * ((1 - weight) * start_scale),
+                ]
+                merged[name] = torch.cat(parts, 1).contiguous()
+        rank = int(config["r"]) + int(start_config["r"])
+        out_config = {**config, "r": rank, "lora_alpha": rank}  # scaling 1: each part's scale is in its B
+    out_config["inference_mode"] = True
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for file in trained.iterdir():  # tokenizer, chat template, base_model.json, README
+        copied = (
+            file.is_file() and file.name not in ADAPTER_FILES and file.suffix in (".json", ".jinja", ".md")
+        )
+        if copied and file.resolve() != (output_dir / file.name).resolve():
+            shutil.copyfile(file, output_dir / file.name)
+    atomic_save_file(merged, output_dir / ADAPTER_FILES[1], metadata={"format": "pt"})
+    atomic_write_json(output_dir / ADAPTER_FILES[0], out_config)
+    return output_dir
+
+
+def keep_trained_policy(output_dir: str | os.PathLike) -> Path:
+    """Copy the adapter files of the run in ``output_dir`` (and its ``base_model.json``) into its
+    :data:`TRAINED_POLICY_DIR`, before the interpolated adapter replaces them. Returns that directory."""
+    output_dir = Path(output_dir)
+    kept = output_dir / TRAINED_POLICY_DIR
+    kept.mkdir(parents=True, exist_ok=True)
+    for file in output_dir.iterdir():
+        if (
+            file.is_file()
+            and file.suffix in (".json", ".jinja", ".safetensors")
+            and file.name != "trainer_state.json"
+        ):
+            tmp = kept / f".{file.name}.tmp"
+            shutil.copyfile(file, tmp)
+            os.replace(tmp, kept / file.name)
+    return kept
+
+
+def export_interpolated_policy(
+    output_dir: str | os.PathLike, start: str | os.PathLike | None, weight: float
+) -> Path:
+    """Replace the adapter a run saved in ``output_dir`` by its interpolation toward ``start``
+    (:func:`interpolate_adapter`), keeping the trained one in :data:`TRAINED_POLICY_DIR`. Returns that directory."""
+    kept = keep_trained_policy(output_dir)
+    interpolate_adapter(kept, start, weight, output_dir)
+    toward = f"the adapter of {start}" if start is not None else "the base model"
+    logger.info(
+        "Exported policy: %.3g x the trained change + %.3g x %s (trained adapter: %s)",
+        weight,
+        1 - weight,
+        toward,
+        kept,
+    )
+    return kept
