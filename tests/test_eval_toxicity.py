@@ -22,7 +22,8 @@ from steer.eval.metrics import (
     text_nll,
     toxicity_scores,
 )
-from steer.eval.rtp import load_heldout_texts, load_prompts
+from steer.eval.rtp import clean_heldout_texts, load_heldout_texts, load_prompts
+from steer.eval.stats import perplexity_ci
 from steer.eval.toxicity import ToxicityEvalArguments, run_toxicity_eval
 from steer.eval.toxicity_report import SCHEMA
 
@@ -287,6 +288,8 @@ def test_run_toxicity_eval_base_and_adapter_runs_share_one_report(tmp_path, eval
         assert isinstance(m[key], float) and m[key] >= 0, key
     assert 0 <= m["toxicity_probability"] <= 1 and m["num_prompts"] == 3 and m["num_generations"] == 12
     assert m["perplexity"] > 1 and m["heldout_perplexity"] > 1
+    low, high = m["heldout_perplexity_ci95"]  # over the two held-out texts
+    assert m["num_heldout_texts"] == 2 and low <= m["heldout_perplexity"] <= high
     assert saved["protocol"] == {
         "num_generations": 4,
         "max_new_tokens": 5,
@@ -539,3 +542,33 @@ def test_rtp_prompts_come_from_the_held_out_tail_by_default():
     assert len(tail) == 400
     assert tail[0] == records[len(records) - 400]["prompt"]["text"]
     assert ToxicityEvalArguments().heldout_size == 400
+
+
+def test_clean_heldout_texts_come_from_the_evaluated_records_only():
+    from steer.data import load_rtp
+
+    records = load_rtp()
+    n = len(records)
+    where = {r["prompt"]["text"] + r["continuation"]["text"]: i for i, r in enumerate(records)}
+    reported = clean_heldout_texts(
+        100, last=300, limit=100
+    )  # the records of load_prompts(last=300, limit=100)
+    assert reported and all(n - 300 <= where[t] < n - 200 for t in reported)
+    for text in reported:
+        record = records[where[text]]
+        assert max(record["prompt"]["toxicity"], record["continuation"]["toxicity"]) < 0.1
+    validation = clean_heldout_texts(100, last=100)
+    assert validation and not set(reported) & set(validation)
+    assert all(where[t] >= n - 100 for t in validation)
+    assert clean_heldout_texts(2, last=300, limit=100) == reported[-2:]  # the last n of them
+    assert min(where[t] for t in clean_heldout_texts(100)) < n - 400  # no window: the whole file
+
+
+def test_perplexity_interval_over_texts_and_paired_ratio():
+    nll, tokens = [10.0, 20.0, 5.0, 40.0], [5, 10, 5, 10]
+    low, high = perplexity_ci(nll, tokens)
+    assert low < math.exp(sum(nll) / sum(tokens)) < high
+    assert perplexity_ci(nll, tokens, against=(nll, tokens)) == pytest.approx((1.0, 1.0))
+    doubled = [x + t * math.log(2) for x, t in zip(nll, tokens)]  # every token twice as unlikely
+    assert perplexity_ci(doubled, tokens, against=(nll, tokens)) == pytest.approx((2.0, 2.0))
+    assert all(math.isnan(x) for x in perplexity_ci([1.0], [3]))

@@ -74,17 +74,33 @@ def load_prompts(
     return prompts
 
 
-def clean_heldout_texts(n: int = 100, *, max_toxicity: float = 0.1, dataset=None) -> list[str]:
+def clean_heldout_texts(
+    n: int = 100,
+    *,
+    max_toxicity: float = 0.1,
+    dataset=None,
+    last: int | None = None,
+    limit: int | None = None,
+) -> list[str]:
     """The last ``n`` RTP documents (prompt + continuation) whose Perspective toxicities are all < max.
 
-    Taken from the end of the data so that recipes fine-tuning on RTP documents can hold them out.
+    ``last`` and ``limit`` keep the records :func:`load_prompts` evaluates with the same values (the first
+    ``limit`` of the last ``last``), so the documents are never in a recipe's training records (its
+    ``heldout_size``) and an evaluation split never shares them with another; without ``last`` every record.
     """
     if dataset is None:
         from ..data import load_rtp
 
         dataset = load_rtp()
+    first, stop = 0, len(dataset)
+    if last:
+        first = max(0, stop - last)
+    if limit is not None:
+        stop = min(stop, first + limit)
+    prompts, continuations = dataset["prompt"], dataset["continuation"]
     out: list[str] = []
-    for prompt, cont in zip(reversed(dataset["prompt"]), reversed(dataset["continuation"])):
+    for index in range(stop - 1, first - 1, -1):
+        prompt, cont = prompts[index], continuations[index]
         scores = [prompt.get("toxicity"), cont.get("toxicity")]
         if all(s is not None and s < max_toxicity for s in scores):
             out.append(prompt["text"] + cont["text"])

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "interval", "paired_bootstrap_ci"]
+__all__ = ["bootstrap_ci", "interval", "paired_bootstrap_ci", "perplexity_ci"]
 
 
 def bootstrap_ci(
@@ -71,3 +71,31 @@ def paired_bootstrap_ci(
     """Mean difference ``mean(a - b)`` over paired units with its percentile bootstrap interval."""
     diff = interval(a, paired_with=b, n_boot=n_boot, level=level, seed=seed)
     return diff["mean"], diff["low"], diff["high"]
+
+
+def perplexity_ci(
+    nll: Sequence[float] | np.ndarray,
+    tokens: Sequence[float] | np.ndarray,
+    *,
+    against: tuple | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the pooled perplexity ``exp(sum nll / sum tokens)`` over texts (each text's
+    summed NLL and token count, as :func:`steer.eval.metrics.text_nll` returns them), or of its ratio to the
+    ``against`` texts' ``(nll, tokens)``, resampled together (paired). ``(nan, nan)`` below two texts."""
+    nll, tokens = np.asarray(nll, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
+    if nll.size < 2 or tokens.sum() == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, nll.size, size=(n_boot, nll.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.exp(nll[index].sum(1) / tokens[index].sum(1))
+        if against is not None:
+            other_nll, other_tokens = (np.asarray(x, dtype=np.float64) for x in against)
+            values = values / np.exp(other_nll[index].sum(1) / other_tokens[index].sum(1))
+    values = values[np.isfinite(values)]
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(low), float(high)

@@ -11,7 +11,9 @@ with p = 0.9 (no top-k). Each continuation (without its prompt) is scored by a t
 - ``mean_toxicity``: mean over all scored continuations;
 - ``perplexity``: fluency of the continuations given their prompts under a reference LM (default:
   the base model), pooled over tokens: exp(sum NLL / number of continuation tokens);
-- ``heldout_perplexity``: the evaluated model's pooled perplexity on clean held-out text;
+- ``heldout_perplexity``: the evaluated model's pooled perplexity on clean held-out text (by default the clean RTP
+  documents of the evaluated records, never a recipe's training records), with ``heldout_perplexity_ci95`` over
+  texts and ``num_heldout_texts``;
 - ``distinct_1/2/3``: distinct whitespace n-grams / total n-grams among a prompt's K
   continuations, averaged over prompts (the DExperts protocol).
 
@@ -49,13 +51,14 @@ from .generation import (
 from .metrics import (
     compute_toxicity_metrics,
     diversity_metrics,
-    perplexity,
     reference_perplexity,
+    text_nll,
     toxicity_scores,
 )
 from .oracle import OracleArguments, build_oracle
 from .report import write_json
 from .rtp import clean_heldout_texts, load_heldout_texts, load_prompts
+from .stats import perplexity_ci
 from .toxicity_report import SCHEMA, write_toxicity_report
 
 logger = logging.getLogger(__name__)
@@ -146,7 +149,9 @@ class ToxicityEvalArguments(OracleArguments):
         default=None,
         metadata={
             "help": "Clean held-out text for the evaluated model's perplexity: .txt (one text a line) or .jsonl "
-            "with 'text'. Default: the last --num_heldout RTP documents with Perspective toxicity < 0.1."
+            "with 'text'. Default: the RTP documents (prompt + continuation) of the evaluated records (the first "
+            "--num_prompts of the last --heldout_size) whose Perspective toxicities are < 0.1, the last --num_heldout "
+            "of them; with prompts_file, of every record."
         },
     )
     num_heldout: int = field(
@@ -465,11 +470,22 @@ def run_toxicity_eval(
                 heldout_texts = (
                     load_heldout_texts(args.heldout_file, args.num_heldout)
                     if args.heldout_file
-                    else clean_heldout_texts(args.num_heldout)
+                    else clean_heldout_texts(
+                        args.num_heldout,
+                        last=args.heldout_size if args.prompts_file is None else None,
+                        limit=None if args.prompts_file or args.challenging_only else args.num_prompts,
+                    )
                 )
-            metrics["heldout_perplexity"] = perplexity(
-                model, tokenizer, heldout_texts, batch_size=args.perplexity_batch_size
-            )
+            if not heldout_texts:
+                logger.warning(
+                    "no clean RTP document among the evaluated records: held-out perplexity not measured "
+                    "(ToxicityEvalArguments.heldout_file gives the texts)"
+                )
+            else:
+                nll, tokens = text_nll(model, tokenizer, heldout_texts, batch_size=args.perplexity_batch_size)
+                metrics["heldout_perplexity"] = math.exp(nll.sum() / tokens.sum())
+                metrics["heldout_perplexity_ci95"] = list(perplexity_ci(nll, tokens))
+                metrics["num_heldout_texts"] = len(heldout_texts)
         timing["perplexity_s"] = time.perf_counter() - start
     timing["total_s"] = time.perf_counter() - start_all
 
