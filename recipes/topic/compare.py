@@ -29,7 +29,7 @@ import numpy as np
 
 from steer.constraints import topic_constraint
 from steer.eval.metrics import text_nll, toxicity_scores
-from steer.eval.stats import bootstrap_ci, paired_bootstrap_ci
+from steer.eval.stats import bootstrap_ci, paired_bootstrap_ci, perplexity_ci
 
 TOPIC = "politics"
 # Politics words that are not in steer.constraints.TOPICS["politics"] (checked at start-up): the second judge.
@@ -76,23 +76,6 @@ def per_prompt_nll(model, tokenizer, prompts, rows) -> tuple[np.ndarray, np.ndar
 
 def ppl(nll: np.ndarray, tokens: np.ndarray) -> float:
     return math.exp(nll.sum() / tokens.sum())
-
-
-def ppl_interval(nll, tokens, *, n_boot=2000, seed=0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(nll), size=(n_boot, len(nll)))
-    values = np.exp(nll[idx].sum(1) / tokens[idx].sum(1))
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-
-def ratio_interval(a, b, *, n_boot=2000, seed=0) -> tuple[float, float, float]:
-    """Paired bootstrap of ppl(a) / ppl(b) over prompts (a, b: (nll, tokens) per prompt)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a[0]), size=(n_boot, len(a[0])))
-    ra = np.exp(a[0][idx].sum(1) / a[1][idx].sum(1))
-    rb = np.exp(b[0][idx].sum(1) / b[1][idx].sum(1))
-    ratio = ra / rb
-    return ppl(*a) / ppl(*b), float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))
 
 
 def main(argv=None) -> dict:
@@ -146,7 +129,7 @@ def main(argv=None) -> dict:
     for run, d in data.items():
         s_lo, s_hi = bootstrap_ci(d["sat"])
         j_lo, j_hi = bootstrap_ci(d["judge"])
-        p_lo, p_hi = ppl_interval(*d["nll"])
+        p_lo, p_hi = perplexity_ci(*d["nll"])
         lines.append(
             f"| {run} | {d['n']} | {d['sat'].mean():.3f} [{s_lo:.3f}, {s_hi:.3f}] | {d['judge'].mean():.3f} "
             f"[{j_lo:.3f}, {j_hi:.3f}] | {ppl(*d['nll']):.1f} [{p_lo:.1f}, {p_hi:.1f}] | "
@@ -167,7 +150,8 @@ def main(argv=None) -> dict:
         a, b = data[run], data[against]
         sd, s_lo, s_hi = paired_bootstrap_ci(a["sat"], b["sat"])
         jd, j_lo, j_hi = paired_bootstrap_ci(a["judge"], b["judge"])
-        r, r_lo, r_hi = ratio_interval(a["nll"], b["nll"])
+        r = ppl(*a["nll"]) / ppl(*b["nll"])
+        r_lo, r_hi = perplexity_ci(*a["nll"], against=b["nll"])
         ratio = a["sat"].mean() / b["sat"].mean() if b["sat"].mean() > 0 else float("inf")
         clean = a["heldout_perplexity"] / b["heldout_perplexity"]
         out[pair] = {
