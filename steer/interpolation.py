@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from steer.errors import ModelLoadError
-from steer.io import atomic_save_file, atomic_write_json
+from steer.io import atomic_save_file, atomic_write, atomic_write_json
 
 __all__ = ["TRAINED_POLICY_DIR", "export_interpolated_policy", "interpolate_adapter", "keep_trained_policy"]
 
@@ -98,6 +98,8 @@ def interpolate_adapter(
     else:
         import torch
 
+        from steer.models import BASE_MODEL_FILE, recorded_base_model
+
         start = Path(start)
         start_config, start_weights = _read_adapter(start, "the start adapter")
         if sorted(start_config.get("target_modules") or []) != sorted(config.get("target_modules") or []):
@@ -110,15 +112,13 @@ def interpolate_adapter(
             raise ModelLoadError(
                 f"the start adapter {start}: {missing[0]} is in one adapter and not the other"
             )
-        for other in ("base_model.json",):
-            a, b = trained / other, start / other
-            if a.is_file() and b.is_file():
-                ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
-                ra.pop("name_or_path", None), rb.pop("name_or_path", None)
-                if ra != rb:
-                    raise ModelLoadError(
-                        f"the start adapter {start}: trained on another base model ({other} differs)"
-                    )
+        records = [recorded_base_model(path) for path in (trained, start)]
+        if all(records):  # name_or_path is informative only (a hub id and its local copy are one model)
+            ra, rb = ({k: v for k, v in r.items() if k != "name_or_path"} for r in records)
+            if ra != rb:
+                raise ModelLoadError(
+                    f"the start adapter {start}: trained on another base model ({BASE_MODEL_FILE} differs)"
+                )
         start_scale = _scaling(start_config)
         merged = {}
         for name, tensor in weights.items():
@@ -157,9 +157,7 @@ def keep_trained_policy(output_dir: str | os.PathLike) -> Path:
             and file.suffix in (".json", ".jinja", ".safetensors")
             and file.name != "trainer_state.json"
         ):
-            tmp = kept / f".{file.name}.tmp"
-            shutil.copyfile(file, tmp)
-            os.replace(tmp, kept / file.name)
+            atomic_write(kept / file.name, lambda tmp, source=file: shutil.copyfile(source, tmp))
     return kept
 
 

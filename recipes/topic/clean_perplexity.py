@@ -17,35 +17,28 @@ held out of training, never used for a choice) for many runs at once, and report
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-import numpy as np
 
-
-def documents(first: int, stop: int, max_toxicity: float | None) -> tuple[list[str], list[int]]:
-    """The prompt + continuation texts of records ``first`` .. ``stop - 1`` of the RTP file (``STEER_DATA_DIR``),
-    those whose prompt and continuation Perspective toxicities are both below ``max_toxicity`` (None: every one),
-    and their record numbers."""
+def documents(first: int, stop: int, max_toxicity: float | None) -> list[str]:
+    """The prompt + continuation texts of records ``first`` .. ``stop - 1`` of the RTP file (``STEER_DATA_DIR``):
+    the clean ones as ``steer eval toxicity`` takes them (prompt and continuation Perspective toxicities below
+    ``max_toxicity``), or every one (None)."""
     from steer.data import load_rtp
+    from steer.eval.rtp import clean_heldout_texts
 
     data = load_rtp()
-    if not 0 <= first < stop <= len(data["prompt"]):
-        raise SystemExit(f"--records {first}:{stop}: the RTP file has records 0..{len(data['prompt']) - 1}")
-    texts, records = [], []
-    for index in range(first, stop):
-        prompt, continuation = data["prompt"][index], data["continuation"][index]
-        scores = (prompt.get("toxicity"), continuation.get("toxicity"))
-        if max_toxicity is None or all(s is not None and s < max_toxicity for s in scores):
-            texts.append(prompt["text"] + continuation["text"])
-            records.append(index)
+    if not 0 <= first < stop <= len(data):
+        raise SystemExit(f"--records {first}:{stop}: the RTP file has records 0..{len(data) - 1}")
+    if max_toxicity is None:
+        window = data.select(range(first, stop))
+        texts = [p["text"] + c["text"] for p, c in zip(window["prompt"], window["continuation"])]
+    else:
+        last, limit = len(data) - first, stop - first
+        texts = clean_heldout_texts(limit, max_toxicity=max_toxicity, dataset=data, last=last, limit=limit)
     if not texts:
         raise SystemExit(f"--records {first}:{stop}: no document with toxicity < {max_toxicity}")
-    return texts, records
-
-
-def _ppl(nll: np.ndarray, tokens: np.ndarray) -> float:
-    return math.exp(nll.sum() / tokens.sum())
+    return texts
 
 
 def main(argv=None) -> dict:
@@ -63,7 +56,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from steer.eval.generation import load_eval_model
-    from steer.eval.metrics import text_nll
+    from steer.eval.metrics import pooled_perplexity, text_nll
     from steer.eval.stats import perplexity_ci
 
     runs = dict(item.split("=", 1) for item in args.runs)
@@ -71,7 +64,7 @@ def main(argv=None) -> dict:
     if against not in runs:
         raise SystemExit(f"--against {against}: not one of the runs {sorted(runs)}")
     first, stop = (int(x) for x in args.records.split(":"))
-    texts, records = documents(first, stop, None if args.max_toxicity < 0 else args.max_toxicity)
+    texts = documents(first, stop, None if args.max_toxicity < 0 else args.max_toxicity)
     scores = {}
     for name, path in runs.items():
         model, tokenizer, _ = load_eval_model(path, dtype="float32")
@@ -89,10 +82,10 @@ def main(argv=None) -> dict:
         f"| run | perplexity [95% CI] | ratio to {against} [95% CI] |",
         "|---|---|---|",
     ]
-    result = {"records": records, "runs": {}}
+    result = {"num_texts": len(texts), "runs": {}}
     for name, (nll, tokens) in scores.items():
-        value, (lo, hi) = _ppl(nll, tokens), perplexity_ci(nll, tokens)
-        ratio = value / _ppl(*scores[against])
+        value, (lo, hi) = pooled_perplexity(nll, tokens), perplexity_ci(nll, tokens)
+        ratio = value / pooled_perplexity(*scores[against])
         r_lo, r_hi = perplexity_ci(nll, tokens, against=scores[against])
         lines.append(f"| {name} | {value:.1f} [{lo:.1f}, {hi:.1f}] | {ratio:.3f}× [{r_lo:.3f}, {r_hi:.3f}] |")
         result["runs"][name] = {

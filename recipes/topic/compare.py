@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from steer.constraints import topic_constraint
-from steer.eval.metrics import text_nll, toxicity_scores
+from steer.eval.metrics import pooled_perplexity, text_nll, toxicity_scores
 from steer.eval.stats import bootstrap_ci, paired_bootstrap_ci, perplexity_ci
 
 TOPIC = "politics"
@@ -72,10 +71,6 @@ def per_prompt_nll(model, tokenizer, prompts, rows) -> tuple[np.ndarray, np.ndar
         np.asarray([part.sum() for part in np.split(nll, ends)]),
         np.asarray([part.sum() for part in np.split(tokens, ends)]),
     )
-
-
-def ppl(nll: np.ndarray, tokens: np.ndarray) -> float:
-    return math.exp(nll.sum() / tokens.sum())
 
 
 def main(argv=None) -> dict:
@@ -132,7 +127,7 @@ def main(argv=None) -> dict:
         p_lo, p_hi = perplexity_ci(*d["nll"])
         lines.append(
             f"| {run} | {d['n']} | {d['sat'].mean():.3f} [{s_lo:.3f}, {s_hi:.3f}] | {d['judge'].mean():.3f} "
-            f"[{j_lo:.3f}, {j_hi:.3f}] | {ppl(*d['nll']):.1f} [{p_lo:.1f}, {p_hi:.1f}] | "
+            f"[{j_lo:.3f}, {j_hi:.3f}] | {pooled_perplexity(*d['nll']):.1f} [{p_lo:.1f}, {p_hi:.1f}] | "
             f"{d['heldout_perplexity']:.1f} | {d['distinct_2']:.3f} |"
         )
     out = {}
@@ -150,7 +145,7 @@ def main(argv=None) -> dict:
         a, b = data[run], data[against]
         sd, s_lo, s_hi = paired_bootstrap_ci(a["sat"], b["sat"])
         jd, j_lo, j_hi = paired_bootstrap_ci(a["judge"], b["judge"])
-        r = ppl(*a["nll"]) / ppl(*b["nll"])
+        r = pooled_perplexity(*a["nll"]) / pooled_perplexity(*b["nll"])
         r_lo, r_hi = perplexity_ci(*a["nll"], against=b["nll"])
         ratio = a["sat"].mean() / b["sat"].mean() if b["sat"].mean() > 0 else float("inf")
         clean = a["heldout_perplexity"] / b["heldout_perplexity"]

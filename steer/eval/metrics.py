@@ -115,8 +115,14 @@ def perplexity(
     nll, tokens = text_nll(
         model, tokenizer, texts, prompts=prompts, batch_size=batch_size, max_length=max_length
     )
-    total = int(tokens.sum())
-    return math.exp(float(nll.sum()) / total) if total else float("nan")
+    return pooled_perplexity(nll, tokens)
+
+
+def pooled_perplexity(nll: Sequence[float] | np.ndarray, tokens: Sequence[float] | np.ndarray) -> float:
+    """``exp(sum nll / sum tokens)`` from per-text summed NLLs and token counts (:func:`text_nll`); NaN without
+    tokens."""
+    total = float(np.sum(tokens))
+    return math.exp(float(np.sum(nll)) / total) if total else float("nan")
 
 
 def text_nll(

@@ -51,6 +51,7 @@ from .generation import (
 from .metrics import (
     compute_toxicity_metrics,
     diversity_metrics,
+    pooled_perplexity,
     reference_perplexity,
     text_nll,
     toxicity_scores,
@@ -483,7 +484,7 @@ def run_toxicity_eval(
                 )
             else:
                 nll, tokens = text_nll(model, tokenizer, heldout_texts, batch_size=args.perplexity_batch_size)
-                metrics["heldout_perplexity"] = math.exp(nll.sum() / tokens.sum())
+                metrics["heldout_perplexity"] = pooled_perplexity(nll, tokens)
                 metrics["heldout_perplexity_ci95"] = list(perplexity_ci(nll, tokens))
                 metrics["num_heldout_texts"] = len(heldout_texts)
         timing["perplexity_s"] = time.perf_counter() - start
