@@ -52,6 +52,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("policy_export_weight", 0.0),
         ("policy_export_weight", 1.2),
         ("policy_export_weight", float("nan")),
+        ("guidance_token_rows", False),  # without guidance_shared_logit nothing in the head would learn
     ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field, value):
@@ -423,6 +424,8 @@ def test_parallel_schedule_runs_one_round_stale(tmp_path):
             "sequential",
             {"kl_reference": "base", "guidance_shared_logit": True, "importance_weighting": "suffix"},
         ),
+        # frozen token rows: only the context learns, and the rows and the prior bias resume as they were
+        ("sequential", {"guidance_shared_logit": True, "guidance_token_rows": False}),
     ],
 )
 def test_resume_matches_an_uninterrupted_run(tmp_path, schedule, settings):
@@ -443,6 +446,10 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, schedule, settings):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
     if settings.get("guidance_shared_logit"):
         assert full.guidance.head.shared is not None and full.guidance.head.shared.abs().sum() > 0
+    if settings.get("guidance_token_rows") is False:
+        for trainer in (full, resumed):
+            assert not trainer.guidance.head.weight.any()
+        torch.testing.assert_close(full.guidance.head.bias, resumed.guidance.head.bias, rtol=0, atol=0)
 
 
 def test_save_model_reloads_with_identical_logits(tmp_path):

@@ -365,3 +365,35 @@ def test_shared_logit_carries_context_evidence_to_tokens_never_sampled_after_it(
 
     assert train(shared=True) > 0.2
     assert abs(train(shared=False)) < 0.05
+
+
+def test_frozen_token_rows_learn_only_the_context(tmp_path):
+    """token_rows=False: the rows stay zero and the bias stays the prior, so at every position two tokens' logits
+    differ by their priors alone; the shared logit (and the backbone) learn, and the setting round-trips."""
+    with pytest.raises(ValueError, match="token_rows=False needs shared_logit=True"):
+        GuidanceConfig(lora_r=4, token_rows=False)
+    policy, _ = _policy()
+    config = GuidanceConfig(lora_r=4, shared_logit=True, token_rows=False)
+    guidance = GuidanceModel(policy, config)
+    prior = torch.linspace(-3.0, 1.0, guidance.vocab_size)
+    with torch.no_grad():
+        guidance.head.bias.copy_(prior)
+    ids, mask = _ids()
+    guidance.set_trainable(False)
+    guidance.set_trainable(True)  # unfreezing still leaves the rows and the bias frozen
+    assert not guidance.head.weight.requires_grad and not guidance.head.bias.requires_grad
+    assert guidance.head.shared.requires_grad
+    _train_guidance(guidance, ids, mask, steps=3)
+    assert not guidance.head.weight.any()
+    torch.testing.assert_close(guidance.head.bias, prior, rtol=0, atol=0)
+    assert guidance.head.shared.abs().sum() > 0
+    with torch.no_grad():
+        z = guidance(ids, mask)
+    context = z - prior  # one value per position, the same for every token
+    assert context.std(dim=-1).max() < 1e-5
+    assert context[..., 0].std() > 0  # the context part varies with the prefix
+    guidance.save_pretrained(tmp_path / "g")
+    loaded = GuidanceModel.from_pretrained(tmp_path / "g", _policy()[0])
+    assert not loaded.config.token_rows and not loaded.head.bias.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), z, atol=1e-6, rtol=1e-6)

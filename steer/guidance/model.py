@@ -66,6 +66,14 @@ class GuidanceConfig:
             "about the constraint, whatever the next token, is learned from every sampled position."
         },
     )
+    token_rows: bool = field(
+        default=True,
+        metadata={
+            "help": "Train the head's per-token rows and bias. False (needs shared_logit) keeps them at their start "
+            "(zero rows, the prior bias): R(x<t, v) = sigmoid(prior_v + u.h(x<t)), so tokens differ only by their "
+            "prior and the context (through u and the backbone) sets how strongly the prior acts."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.backbone not in ("lora", "separate"):
@@ -82,6 +90,10 @@ class GuidanceConfig:
             raise ValueError("GuidanceConfig.adapter_name must be non-empty and not 'default' (the policy's)")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        if not self.token_rows and not self.shared_logit:
+            raise ValueError(
+                "GuidanceConfig.token_rows=False needs shared_logit=True (otherwise no head parameter learns)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,10 +266,14 @@ class GuidanceModel(nn.Module):
         return [*self._adapter_params, *self.head.parameters()]
 
     def set_trainable(self, flag: bool) -> None:
-        """Freeze (``False``) or unfreeze the guidance parameters, e.g. during policy steps."""
+        """Freeze (``False``) or unfreeze the guidance parameters, e.g. during policy steps. Without
+        ``token_rows`` the head's rows and bias stay frozen (they keep their start: zero rows, the prior)."""
         self._trainable = bool(flag)
         for param in self.trainable_parameters():
             param.requires_grad_(self._trainable)
+        if not self.config.token_rows:
+            self.head.weight.requires_grad_(False)
+            self.head.bias.requires_grad_(False)
 
     @property
     def device(self) -> torch.device:

@@ -164,6 +164,14 @@ class ConstrainedConfig(SFTConfig):
             "sampled position instead of once per vocabulary row."
         },
     )
+    guidance_token_rows: bool = field(
+        default=True,
+        metadata={
+            "help": "Train the guidance head's per-token rows and bias. False (needs guidance_shared_logit) keeps "
+            "them at the prior: R(x<t, v) = sigmoid(prior_v + u.h(x<t)), so only the context (the shared logit "
+            "and the guidance LoRA) is learned and tokens differ only by their prior."
+        },
+    )
     guidance_lr: float = field(
         default=5e-4, metadata={"help": "Learning rate of the guidance model's AdamW."}
     )
@@ -380,6 +388,11 @@ class ConstrainedConfig(SFTConfig):
         _at_least("guidance_lora_alpha", self.guidance_lora_alpha, 0, strict=True)
         if self.guidance_num_layers is not None:
             _at_least("guidance_num_layers", self.guidance_num_layers, 1)
+        if not self.guidance_token_rows and not self.guidance_shared_logit:
+            raise ValueError(
+                "ConstrainedConfig.guidance_token_rows=False needs guidance_shared_logit=True (otherwise no part of "
+                "the guidance head learns)"
+            )
         _at_least("guidance_lr", self.guidance_lr, 0.0, strict=True)
         _at_least("guidance_steps_per_round", self.guidance_steps_per_round, 0)
         _at_least("guidance_batch_size", self.guidance_batch_size, 1)
@@ -463,4 +476,5 @@ class ConstrainedConfig(SFTConfig):
             lora_alpha=self.guidance_lora_alpha,
             separate_num_layers=self.guidance_num_layers,
             shared_logit=self.guidance_shared_logit,
+            token_rows=self.guidance_token_rows,
         )

@@ -366,11 +366,14 @@ def replicate_guidance(accelerator, model: nn.Module, guidance: nn.Module, devic
 
 
 def average_gradients(params: Iterable[torch.Tensor]) -> None:
-    """Average the gradients of ``params`` over the processes (a missing gradient counts as zeros). Collective."""
+    """Average the gradients of ``params`` over the processes (a missing gradient counts as zeros; a frozen
+    parameter, frozen on every process alike, is skipped). Collective."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
     for param in params:
+        if not param.requires_grad:
+            continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         dist.all_reduce(param.grad)
