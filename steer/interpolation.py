@@ -5,8 +5,9 @@ the ``A`` factors are stacked, the ``B`` factors placed side by side with each a
 in, so the rank is the sum of the two and ``lora_alpha`` equals it (scaling 1). Without a start adapter (a policy
 trained from a fresh LoRA, ``ΔW_start = 0``) the trained ``B`` factors are scaled by ``w`` and the shape is kept.
 
-Used by ``ConstrainedConfig.policy_export_weight``: the run's ``output_dir`` gets the interpolated adapter, and the
-trained one stays in its :data:`TRAINED_POLICY_DIR`.
+Used by ``ConstrainedConfig.policy_export_weight``: the run's ``output_dir`` gets the interpolated adapter, the
+trained one stays in its :data:`TRAINED_POLICY_DIR`, and :data:`INTERPOLATION_FILE` records the start and weight.
+``steer export policy`` (:func:`run_export_policy`) re-exports a finished run at another weight.
 """
 
 from __future__ import annotations
@@ -15,16 +16,28 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from steer.errors import ModelLoadError
 from steer.io import atomic_save_file, atomic_write, atomic_write_json
 
-__all__ = ["TRAINED_POLICY_DIR", "export_interpolated_policy", "interpolate_adapter", "keep_trained_policy"]
+__all__ = [
+    "INTERPOLATION_FILE",
+    "TRAINED_POLICY_DIR",
+    "ExportPolicyArguments",
+    "export_interpolated_policy",
+    "interpolate_adapter",
+    "keep_trained_policy",
+    "run_export_policy",
+]
 
 logger = logging.getLogger(__name__)
 
 TRAINED_POLICY_DIR = "trained_policy"  # the run's trained adapter, beside the interpolated one it exported
+INTERPOLATION_FILE = (
+    "interpolation.json"  # {"start": adapter dir or null, "weight": w} of an exported adapter
+)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _PLAIN_LORA = {  # adapter_config fields whose other values change what A and B mean, and the values allowed
     "use_dora": (False, None),
@@ -142,6 +155,8 @@ def interpolate_adapter(
             shutil.copyfile(file, output_dir / file.name)
     atomic_save_file(merged, output_dir / ADAPTER_FILES[1], metadata={"format": "pt"})
     atomic_write_json(output_dir / ADAPTER_FILES[0], out_config)
+    record = {"start": None if start is None else str(start), "weight": weight}
+    atomic_write_json(output_dir / INTERPOLATION_FILE, record)
     return output_dir
 
 
@@ -155,7 +170,7 @@ def keep_trained_policy(output_dir: str | os.PathLike) -> Path:
         if (
             file.is_file()
             and file.suffix in (".json", ".jinja", ".safetensors")
-            and file.name != "trainer_state.json"
+            and file.name not in ("trainer_state.json", INTERPOLATION_FILE)
         ):
             atomic_write(kept / file.name, lambda tmp, source=file: shutil.copyfile(source, tmp))
     return kept
@@ -177,3 +192,82 @@ def export_interpolated_policy(
         kept,
     )
     return kept
+
+
+@dataclass
+class ExportPolicyArguments:
+    """Re-export a finished constrained run's policy at another interpolation weight (``steer export policy``)."""
+
+    run_dir: str = field(
+        metadata={
+            "help": "A finished `steer train constrained` output_dir. Its trained adapter is run_dir/trained_policy "
+            "when the run exported an interpolation (policy_export_weight < 1), else run_dir itself."
+        }
+    )
+    weight: float = field(
+        metadata={
+            "help": "w in dW = w * dW_trained + (1 - w) * dW_start; 1 = the trained adapter, 0 = the start."
+        }
+    )
+    output_dir: str = field(
+        metadata={"help": "Where the exported adapter goes (not run_dir: the run is kept)."}
+    )
+    start: str | None = field(
+        default=None,
+        metadata={
+            "help": "The adapter the change is interpolated toward: a finished adapter directory, or 'none' for a "
+            "fresh-LoRA start (toward the base model). Default: the start the run recorded in interpolation.json "
+            "(its policy_init_adapter or kl_reference_adapter); a run exported at weight 1 recorded none, so "
+            "pass it."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        name = "ExportPolicyArguments"
+        if not 0.0 <= self.weight <= 1.0:  # also NaN
+            raise ValueError(f"{name}.weight must be in [0, 1], got {self.weight!r}")
+        if not Path(self.run_dir).expanduser().is_dir():
+            raise ValueError(f"{name}.run_dir: {self.run_dir} is not a directory")
+        if Path(self.output_dir).expanduser().resolve() == Path(self.run_dir).expanduser().resolve():
+            raise ValueError(f"{name}.output_dir must differ from run_dir (the run's adapters are kept)")
+
+
+def run_export_policy(args: ExportPolicyArguments) -> Path:
+    """CLI entry point: write ``args.output_dir``, the run's trained adapter interpolated toward its start."""
+    run_dir = Path(args.run_dir).expanduser()
+    kept = run_dir / TRAINED_POLICY_DIR
+    trained = kept if kept.is_dir() else run_dir
+    if trained == run_dir and (run_dir / INTERPOLATION_FILE).is_file():
+        raise ModelLoadError(
+            f"ExportPolicyArguments.run_dir: {run_dir} holds an exported interpolation without its trained adapter "
+            f"(no {TRAINED_POLICY_DIR}/); pass the run's own output_dir"
+        )
+    start = args.start
+    if start is None:
+        record_file = run_dir / INTERPOLATION_FILE
+        if not record_file.is_file():
+            raise ModelLoadError(
+                f"ExportPolicyArguments.start: {run_dir} records no start ({INTERPOLATION_FILE} is missing: the run "
+                "exported its trained adapter as is); pass --start ADAPTER_DIR, or --start none for a fresh-LoRA "
+                "start"
+            )
+        try:
+            start = json.loads(record_file.read_text())["start"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"{record_file}: no 'start' entry ({err})") from err
+    elif start.lower() == "none":
+        start = None
+    if start is not None and not Path(start).expanduser().is_dir():
+        raise ModelLoadError(f"ExportPolicyArguments.start: {start} is not a directory")
+    out = interpolate_adapter(
+        trained, None if start is None else Path(start).expanduser(), args.weight, args.output_dir
+    )
+    logger.info(
+        "Exported %s: %.3g x the trained change of %s + %.3g x %s",
+        out,
+        args.weight,
+        trained,
+        1 - args.weight,
+        f"the adapter of {start}" if start is not None else "the base model",
+    )
+    return out

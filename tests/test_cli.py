@@ -54,6 +54,7 @@ def test_find_command():
         "eval toxicity",
         "eval agreement",
         "eval opinions",
+        "export policy",
         "demo",
     }
 

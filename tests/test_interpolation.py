@@ -90,3 +90,70 @@ def test_interpolation_refuses_what_it_cannot_represent(tmp_path):
     with pytest.raises(ModelLoadError, match="another base model"):
         interpolate_adapter(trained, start, 0.5, tmp_path / "out")
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_steer_export_policy_reexports_a_run_at_another_weight(tmp_path):
+    from steer.cli.commands import CommandLineError
+    from steer.cli.dispatch import run as steer
+
+    run = _adapter(tmp_path / "run", seed=1)
+    start = _adapter(tmp_path / "start", seed=2)
+    export_interpolated_policy(run, start, 0.8)
+    assert json.loads((run / "interpolation.json").read_text()) == {"start": str(start), "weight": 0.8}
+    assert not (run / TRAINED_POLICY_DIR / "interpolation.json").exists()
+    out = tmp_path / "w30"
+    steer(["export", "policy", "--run_dir", str(run), "--weight", "0.3", "--output_dir", str(out)])
+    d_trained, d_start = _delta(run / TRAINED_POLICY_DIR), _delta(start)
+    for key, value in _delta(out).items():  # the recorded start, the trained (not the exported) adapter
+        torch.testing.assert_close(value, 0.3 * d_trained[key] + 0.7 * d_start[key], atol=1e-5, rtol=1e-4)
+    steer(
+        [
+            "export",
+            "policy",
+            "--run_dir",
+            str(run),
+            "--weight",
+            "0.5",
+            "--start",
+            "none",
+            "--output_dir",
+            str(tmp_path / "zero"),
+        ]
+    )
+    for key, value in _delta(tmp_path / "zero").items():
+        torch.testing.assert_close(value, 0.5 * d_trained[key], atol=1e-5, rtol=1e-4)
+
+    bare = _adapter(tmp_path / "bare", seed=3)  # exported as trained (weight 1): no recorded start
+    with pytest.raises(ModelLoadError, match=r"records no start .*pass --start"):
+        steer(
+            [
+                "export",
+                "policy",
+                "--run_dir",
+                str(bare),
+                "--weight",
+                "0.5",
+                "--output_dir",
+                str(tmp_path / "x"),
+            ]
+        )
+    with pytest.raises(ModelLoadError, match="exported interpolation without its trained adapter"):
+        steer(
+            [
+                "export",
+                "policy",
+                "--run_dir",
+                str(out),
+                "--weight",
+                "0.5",
+                "--output_dir",
+                str(tmp_path / "y"),
+            ]
+        )
+    for argv, message in [
+        (["--weight", "1.5"], "weight must be in"),
+        (["--weight", "0.5", "--output_dir", str(run)], "output_dir must differ from run_dir"),
+    ]:
+        args = ["export", "policy", "--run_dir", str(run), "--output_dir", str(tmp_path / "z"), *argv]
+        with pytest.raises(CommandLineError, match=message):
+            steer(args)

@@ -78,6 +78,14 @@ COMMANDS: tuple[Command, ...] = (
         report_files=("opinions.md",),
     ),
     Command(
+        ("export", "policy"),
+        "steer.interpolation",
+        ("ExportPolicyArguments",),
+        "run_export_policy",
+        "re-export a finished constrained run's LoRA policy at another interpolation weight toward its start "
+        "(WiSE-FT)",
+    ),
+    Command(
         ("demo",),
         "steer.demo",
         ("DemoArguments",),
