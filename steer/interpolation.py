@@ -35,9 +35,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRAINED_POLICY_DIR = "trained_policy"  # the run's trained adapter, beside the interpolated one it exported
-INTERPOLATION_FILE = (
-    "interpolation.json"  # {"start": adapter dir or null, "weight": w} of an exported adapter
-)
+# {"start": the start adapter's directory (as the run named it) or null, "weight": w} of an exported adapter
+INTERPOLATION_FILE = "interpolation.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _PLAIN_LORA = {  # adapter_config fields whose other values change what A and B mean, and the values allowed
     "use_dora": (False, None),
