@@ -53,6 +53,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("policy_export_weight", 1.2),
         ("policy_export_weight", float("nan")),
         ("guidance_token_rows", False),  # without guidance_shared_logit nothing in the head would learn
+        ("guidance_token_rank", -1),
     ],
 )
 def test_bad_config_values_name_the_field(tmp_path, field, value):
@@ -426,6 +427,11 @@ def test_parallel_schedule_runs_one_round_stale(tmp_path):
         ),
         # frozen token rows: only the context learns, and the rows and the prior bias resume as they were
         ("sequential", {"guidance_shared_logit": True, "guidance_token_rows": False}),
+        # the embedding-tied token term is a trained part too
+        (
+            "sequential",
+            {"guidance_shared_logit": True, "guidance_token_rows": False, "guidance_token_rank": 2},
+        ),
     ],
 )
 def test_resume_matches_an_uninterrupted_run(tmp_path, schedule, settings):

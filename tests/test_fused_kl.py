@@ -606,6 +606,30 @@ def test_module_wrapper_matches_function():
     assert "softcap=3.0" in repr(module)
 
 
+def test_module_wrapper_uses_a_guidance_heads_context_terms():
+    """A GuidanceHead with a shared logit and a token term: the module computes z with both (not weight and bias
+    alone), the same as passing z from the head as a callable."""
+    from steer.guidance.head import GuidanceHead
+
+    t = _setup()
+    head = torch.nn.Linear(8, 37)
+    guidance_head = GuidanceHead(6, 37, shared=True, token_rank=2)
+    guidance_head.set_token_basis(torch.randn(37, 6))
+    with torch.no_grad():
+        guidance_head.shared.normal_()
+        guidance_head.token_up.normal_()
+    module = FusedConstraintKL(chunk_size=4)
+    out = module(t["h"], head, t["g"], guidance_head)
+    expected = fused_constraint_kl(
+        t["h"], head.weight, head.bias, lambda start, end: guidance_head(t["g"][start:end]), chunk_size=4
+    )
+    torch.testing.assert_close(out.loss, expected.loss)
+    plain = fused_constraint_kl(
+        t["h"], head.weight, head.bias, t["g"], guidance_head.weight, guidance_head.bias, chunk_size=4
+    )
+    assert not torch.allclose(out.loss, plain.loss)
+
+
 def test_empty_rows_give_zero():
     t = _setup()
     h = t["h"][:0].clone().requires_grad_(True)

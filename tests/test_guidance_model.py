@@ -370,8 +370,10 @@ def test_shared_logit_carries_context_evidence_to_tokens_never_sampled_after_it(
 def test_frozen_token_rows_learn_only_the_context(tmp_path):
     """token_rows=False: the rows stay zero and the bias stays the prior, so at every position two tokens' logits
     differ by their priors alone; the shared logit (and the backbone) learn, and the setting round-trips."""
-    with pytest.raises(ValueError, match="token_rows=False needs shared_logit=True"):
+    with pytest.raises(ValueError, match="token_rows=False needs shared_logit=True or token_rank > 0"):
         GuidanceConfig(lora_r=4, token_rows=False)
+    with pytest.raises(ValueError, match="GuidanceConfig.token_rank must be >= 0"):
+        GuidanceConfig(lora_r=4, token_rank=-1)
     policy, _ = _policy()
     config = GuidanceConfig(lora_r=4, shared_logit=True, token_rows=False)
     guidance = GuidanceModel(policy, config)
@@ -395,5 +397,74 @@ def test_frozen_token_rows_learn_only_the_context(tmp_path):
     guidance.save_pretrained(tmp_path / "g")
     loaded = GuidanceModel.from_pretrained(tmp_path / "g", _policy()[0])
     assert not loaded.config.token_rows and not loaded.head.bias.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), z, atol=1e-6, rtol=1e-6)
+
+
+def _token_term_gain(token_rank: int) -> float:
+    """The label is "the token after the prefix is one of tokens 20-29", whose output embeddings share one
+    direction; training samples only tokens 20-24 of the group. Returns R's rise for the never-sampled 25-29 over
+    never-sampled tokens outside the group."""
+    from steer.guidance import guidance_loss_from_hidden
+
+    torch.manual_seed(0)
+    model, _ = tiny_causal_lm("llama", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        embeddings = model.get_output_embeddings().weight
+        direction = torch.randn(embeddings.shape[1], generator=gen)
+        embeddings[20:30] = 2.0 * direction + 0.2 * torch.randn(10, embeddings.shape[1], generator=gen)
+    config = GuidanceConfig(backbone="separate", separate_num_layers=1, token_rank=token_rank)
+    guidance = GuidanceModel(model, config)
+    opt = torch.optim.Adam(guidance.trainable_parameters(), lr=1e-2)
+    for _ in range(60):
+        ids = torch.randint(100, 200, (16, 4), generator=gen)
+        labels = (torch.rand(16, generator=gen) < 0.5).float()
+        ids[labels.bool(), 3] = torch.randint(20, 25, (int(labels.sum()),), generator=gen)
+        cont = torch.zeros_like(ids, dtype=torch.bool)
+        cont[:, 3] = True  # the BCE scores z[:, 2, x_3] only
+        hidden = guidance.hidden_states(ids, attention_mask=torch.ones_like(ids))
+        loss, _ = guidance_loss_from_hidden(hidden, guidance.head, ids, cont, labels, guidance=guidance)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        probe = torch.randint(100, 200, (32, 3), generator=gen)
+        r = torch.sigmoid(guidance(probe, torch.ones_like(probe))[:, -1])
+    return float(r[:, 25:30].mean() - r[:, 300:400].mean())
+
+
+def test_token_term_carries_what_a_token_teaches_to_tokens_with_nearby_embeddings():
+    """token_rank > 0: the embedding-tied term lifts R of group tokens the rounds never sampled; per-token rows
+    alone cannot (an unsampled row gets no gradient)."""
+    assert _token_term_gain(token_rank=4) > 0.2
+    assert abs(_token_term_gain(token_rank=0)) < 1e-6
+
+
+def test_token_term_starts_at_the_prior_and_round_trips(tmp_path):
+    """A fresh head with a token term is exactly its prior; trained, it saves without the embedding basis (taken
+    from the base model again on load) and reloads with identical logits; rows stay frozen without token_rows."""
+    from safetensors.torch import load_file
+
+    policy, _ = _policy()
+    config = GuidanceConfig(lora_r=4, token_rows=False, token_rank=3)
+    guidance = GuidanceModel(policy, config)
+    prior = torch.linspace(-3.0, 1.0, guidance.vocab_size)
+    guidance.init_head(prior)
+    assert guidance.head.is_fresh()
+    ids, mask = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(guidance(ids, mask), prior.expand(*ids.shape, -1), rtol=0, atol=0)
+    assert guidance.head.token_up.requires_grad and not guidance.head.weight.requires_grad
+    _train_guidance(guidance, ids, mask, steps=3)
+    assert not guidance.head.is_fresh() and not guidance.head.weight.any()
+    with torch.no_grad():
+        z = guidance(ids, mask)
+    assert (z - prior).std(dim=-1).max() > 0  # tokens now differ by more than their prior
+    guidance.save_pretrained(tmp_path / "g")
+    saved = load_file(str(tmp_path / "g" / "model.safetensors"))
+    assert {"head.token_up", "head.token_down"} <= set(saved) and "head.token_basis" not in saved
+    loaded = GuidanceModel.from_pretrained(tmp_path / "g", _policy()[0])
+    assert loaded.config.token_rank == 3
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask), z, atol=1e-6, rtol=1e-6)

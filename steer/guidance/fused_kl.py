@@ -524,11 +524,18 @@ def fused_constraint_kl(
     return FusedKLOutput(loss, kl_rows, nll_rows, entropy_rows, top1_rows, stats)
 
 
+def _has_context_terms(head: nn.Module | None) -> bool:
+    return head is not None and (
+        getattr(head, "shared", None) is not None or getattr(head, "token_up", None) is not None
+    )
+
+
 class FusedConstraintKL(nn.Module):
     """Module form of :func:`fused_constraint_kl` holding the head transform and the chunk size.
 
     ``FusedConstraintKL(logit_scale=..., logit_softcap=...)(policy_hidden, lm_head, guidance_hidden,
-    guidance_head, ...)`` takes the heads as ``nn.Linear``-like modules (``weight`` and optional ``bias``).
+    guidance_head, ...)`` takes the heads as ``nn.Linear``-like modules (``weight`` and optional ``bias``); a
+    :class:`~steer.guidance.head.GuidanceHead` with a shared logit or a token term computes its own ``z``.
     """
 
     def __init__(
@@ -561,13 +568,23 @@ class FusedConstraintKL(nn.Module):
         kl_rows: int | None = None,
         grad_stats: bool = False,
     ) -> FusedKLOutput:
+        guidance_weight = None if guidance_head is None else guidance_head.weight
+        guidance_bias = None if guidance_head is None else getattr(guidance_head, "bias", None)
+        if isinstance(guidance_hidden, Tensor) and _has_context_terms(guidance_head):
+            # a GuidanceHead with a shared logit or a token term: z from the head itself, chunk by chunk
+            g_hidden = guidance_hidden.detach()
+
+            def z_fn(start: int, end: int) -> Tensor:
+                return guidance_head(g_hidden[start:end].float())
+
+            guidance_hidden, guidance_weight, guidance_bias = z_fn, None, None
         return fused_constraint_kl(
             policy_hidden,
             head.weight,
             getattr(head, "bias", None),
             guidance_hidden,
-            None if guidance_head is None else guidance_head.weight,
-            None if guidance_head is None else getattr(guidance_head, "bias", None),
+            guidance_weight,
+            guidance_bias,
             reference=reference,
             row_weight=row_weight,
             targets=targets,

@@ -26,7 +26,7 @@ from ..errors import ArtefactMismatchError, InputFileNotFoundError, UserInputErr
 from ..io import atomic_save_file, atomic_write_text, dataclass_from_dict
 from ..models import base_model_record, check_artefact_base, model_device, only_adapter, tuner_layers
 from .context_prior import ContextPrior
-from .head import GuidanceHead, shared_logit
+from .head import GuidanceHead, shared_logit, token_logits
 
 __all__ = ["GuidanceConfig", "GuidanceModel"]
 
@@ -75,6 +75,15 @@ class GuidanceConfig:
         },
     )
 
+    token_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Rank r of a token term tied to the base model's output embeddings E (steer.guidance.head): "
+            "z[v] += e_v.(B A h), one low-rank map learned from every sampled token, so what the rounds learn about "
+            "a token reaches tokens with nearby embeddings. 0 = off."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.backbone not in ("lora", "separate"):
             raise ValueError(f"GuidanceConfig.backbone must be 'lora' or 'separate', got {self.backbone!r}")
@@ -90,9 +99,12 @@ class GuidanceConfig:
             raise ValueError("GuidanceConfig.adapter_name must be non-empty and not 'default' (the policy's)")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        if not self.token_rows and not self.shared_logit:
+        if self.token_rank < 0:
+            raise ValueError(f"GuidanceConfig.token_rank must be >= 0, got {self.token_rank}")
+        if not self.token_rows and not self.shared_logit and not self.token_rank:
             raise ValueError(
-                "GuidanceConfig.token_rows=False needs shared_logit=True (otherwise no head parameter learns)"
+                "GuidanceConfig.token_rows=False needs shared_logit=True or token_rank > 0 (otherwise no head "
+                "parameter learns)"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +134,24 @@ def _hidden_size(config) -> int:
         if getattr(config, name, None):
             return int(getattr(config, name))
     raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
+
+
+def _output_embeddings(causal_lm: nn.Module, vocab_size: int, hidden_size: int) -> Tensor:
+    """The base model's ``[V, H]`` output embeddings (gathered in full when sharded), for the head's token term."""
+    module = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise ValueError(
+            "GuidanceConfig.token_rank needs a base model with output embeddings (get_output_embeddings)"
+        )
+    if hasattr(weight, "full_tensor"):  # a DTensor (FSDP2): every rank keeps the whole basis
+        weight = weight.full_tensor()
+    if tuple(weight.shape) != (vocab_size, hidden_size):
+        raise ValueError(
+            f"GuidanceConfig.token_rank: the output embeddings are {list(weight.shape)}, not [vocab_size, hidden_size] "
+            f"= {[vocab_size, hidden_size]}"
+        )
+    return weight
 
 
 def _position_ids(attention_mask: Tensor, new_tokens: int) -> Tensor:
@@ -178,8 +208,14 @@ class GuidanceModel(nn.Module):
             self._adapter_params = []
             self._all_adapter_params = []
         self.head = GuidanceHead(
-            self.hidden_size, self.vocab_size, shared=self.config.shared_logit, device=device
+            self.hidden_size,
+            self.vocab_size,
+            shared=self.config.shared_logit,
+            token_rank=self.config.token_rank,
+            device=device,
         )
+        if self.config.token_rank:
+            self.head.set_token_basis(_output_embeddings(causal_lm, self.vocab_size, self.hidden_size))
         self.context_prior: ContextPrior | None = None  # fixed offsets of z for split words (not trained)
         self.set_trainable(True)
 
@@ -291,6 +327,8 @@ class GuidanceModel(nn.Module):
             self.head.weight.zero_()
             if self.head.shared is not None:
                 self.head.shared.zero_()
+            if self.head.token_up is not None:
+                self.head.token_up.zero_()
             self.head.bias.copy_(bias.to(device=self.device, dtype=self.head.bias.dtype))
 
     def set_context_prior(self, prior: ContextPrior | None) -> None:
@@ -323,6 +361,9 @@ class GuidanceModel(nn.Module):
             extra = shared_logit(self.head, hidden)
             if extra is not None:
                 z.add_(extra.unsqueeze(-1))
+            term = token_logits(self.head, hidden)
+            if term is not None:
+                z.add_(term)
         if self.context_prior is not None and contexts is not None:
             self.context_prior.add_(z.view(-1, z.shape[-1]), contexts.reshape(-1, contexts.shape[-1]))
         return z
@@ -532,7 +573,7 @@ class GuidanceModel(nn.Module):
         if shapes != expected:
             raise ValueError(
                 f"{source}: head weights {shapes} do not fit head {expected} (config.json shared_logit: "
-                f"{self.config.shared_logit})"
+                f"{self.config.shared_logit}, token_rank: {self.config.token_rank})"
             )
         with torch.no_grad():
             for name, param in self.head.named_parameters():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .head import shared_logit
+from .head import shared_logit, token_logits
 
 __all__ = [
     "guidance_loss",
@@ -219,7 +219,7 @@ def sampled_token_logits(
 
     ``offsets [B, T-1]``: fixed additions to those logits (the guidance model's context prior,
     :meth:`~steer.guidance.GuidanceModel.token_offsets`). A :class:`~steer.guidance.head.GuidanceHead` with a
-    shared context logit adds it at every position."""
+    shared context logit adds it at every position, and one with a token term adds it for the sampled tokens."""
     targets = input_ids[:, 1:].to(hidden.device)
     logits = (hidden[:, :-1].float() * head.weight[targets].float()).sum(-1)
     if head.bias is not None:
@@ -227,6 +227,9 @@ def sampled_token_logits(
     extra = shared_logit(head, hidden[:, :-1])
     if extra is not None:
         logits = logits + extra
+    term = token_logits(head, hidden[:, :-1], targets)
+    if term is not None:
+        logits = logits + term
     if offsets is not None:
         logits = logits + offsets.to(logits.device)
     return logits
@@ -272,16 +275,13 @@ def guidance_loss_from_hidden(
     loss, metrics = _bce_terms(token_logits, continuation_mask.to(hidden.device), labels, weights)
     token_weights = metrics.pop("_token_weights")
     if consistency_coef > 0:
-        bias = None if head.bias is None else head.bias.float()
 
         def rows(b, t):
             if guidance is not None:  # z with the context prior's offsets (GuidanceModel.logits)
                 return guidance.logits(
                     hidden[b, t], None if contexts is None else contexts.to(hidden.device)[b, t]
                 )
-            z = F.linear(hidden[b, t], head.weight.float(), bias)  # a bare head: no offsets
-            extra = shared_logit(head, hidden[b, t])
-            return z if extra is None else z + extra.unsqueeze(-1)
+            return head(hidden[b, t])  # a bare head (with its shared logit and token term): no offsets
 
         consistency = _consistency(
             token_logits, token_weights, continuation_mask.to(hidden.device), rows, ref_logits_fn

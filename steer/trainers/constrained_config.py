@@ -167,9 +167,19 @@ class ConstrainedConfig(SFTConfig):
     guidance_token_rows: bool = field(
         default=True,
         metadata={
-            "help": "Train the guidance head's per-token rows and bias. False (needs guidance_shared_logit) keeps "
-            "them at the prior: R(x<t, v) = sigmoid(prior_v + u.h(x<t)), so only the context (the shared logit "
-            "and the guidance LoRA) is learned and tokens differ only by their prior."
+            "help": "Train the guidance head's per-token rows and bias. False (needs guidance_shared_logit or "
+            "guidance_token_rank) keeps them at the prior: R(x<t, v) = sigmoid(prior_v + u.h(x<t)), so only the "
+            "context (the shared logit and the guidance LoRA) is learned and tokens differ only by their prior (and "
+            "the token term, with guidance_token_rank)."
+        },
+    )
+    guidance_token_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Rank r of a token term in the guidance head tied to the base model's output embeddings E: "
+            "z[v] += e_v.(B A h(x<t)). Every sampled token trains the one low-rank map, so what the rounds learn "
+            "about a token (e.g. 'leads toward the topic') reaches tokens with nearby embeddings, which per-token "
+            "rows learn only from their own samples. 0 = off."
         },
     )
     guidance_lr: float = field(
@@ -388,10 +398,11 @@ class ConstrainedConfig(SFTConfig):
         _at_least("guidance_lora_alpha", self.guidance_lora_alpha, 0, strict=True)
         if self.guidance_num_layers is not None:
             _at_least("guidance_num_layers", self.guidance_num_layers, 1)
-        if not self.guidance_token_rows and not self.guidance_shared_logit:
+        _at_least("guidance_token_rank", self.guidance_token_rank, 0)
+        if not self.guidance_token_rows and not self.guidance_shared_logit and not self.guidance_token_rank:
             raise ValueError(
-                "ConstrainedConfig.guidance_token_rows=False needs guidance_shared_logit=True (otherwise no part of "
-                "the guidance head learns)"
+                "ConstrainedConfig.guidance_token_rows=False needs guidance_shared_logit=True or guidance_token_rank "
+                "> 0 (otherwise no part of the guidance head learns)"
             )
         _at_least("guidance_lr", self.guidance_lr, 0.0, strict=True)
         _at_least("guidance_steps_per_round", self.guidance_steps_per_round, 0)
@@ -477,4 +488,5 @@ class ConstrainedConfig(SFTConfig):
             separate_num_layers=self.guidance_num_layers,
             shared_logit=self.guidance_shared_logit,
             token_rows=self.guidance_token_rows,
+            token_rank=self.guidance_token_rank,
         )
