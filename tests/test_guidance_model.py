@@ -42,6 +42,20 @@ def _train_guidance(guidance, ids, mask, steps=3, lr=5e-2):
     return loss
 
 
+def _fit_sequence_labels(guidance, batch, steps=60, lr=1e-2):
+    """Adam on the guidance loss for ``steps`` batches ``batch() -> (ids, continuation_mask, labels)``."""
+    from steer.guidance import guidance_loss_from_hidden
+
+    opt = torch.optim.Adam(guidance.trainable_parameters(), lr=lr)
+    for _ in range(steps):
+        ids, cont, labels = batch()
+        hidden = guidance.hidden_states(ids, attention_mask=torch.ones_like(ids))
+        loss, _ = guidance_loss_from_hidden(hidden, guidance.head, ids, cont, labels, guidance=guidance)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def _policy_flags(policy):
     return {n: p.requires_grad for n, p in policy.named_parameters() if ".default." in n}
 
@@ -331,7 +345,6 @@ def test_shared_logit_head_is_one_z_everywhere_and_round_trips(tmp_path, backbon
 def test_shared_logit_carries_context_evidence_to_tokens_never_sampled_after_it():
     """The label is "token 7 occurs in the prefix". Trained on sequences whose next tokens come from one half of
     the vocabulary, only the shared context logit lets R rise after token 7 for tokens of the other half."""
-    from steer.guidance import guidance_loss_from_hidden
 
     def train(shared: bool) -> float:
         torch.manual_seed(0)
@@ -339,19 +352,17 @@ def test_shared_logit_carries_context_evidence_to_tokens_never_sampled_after_it(
         guidance = GuidanceModel(
             model, GuidanceConfig(backbone="separate", separate_num_layers=1, shared_logit=shared)
         )
-        opt = torch.optim.Adam(guidance.trainable_parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(0)
-        for _ in range(60):
+
+        def batch():
             ids = torch.randint(10, 200, (16, 8), generator=gen)  # next tokens from [10, 200) only
             labels = (torch.rand(16, generator=gen) < 0.5).float()
             ids[labels.bool(), 2] = 7  # the evidence, inside the prefix
             cont = torch.zeros_like(ids, dtype=torch.bool)
             cont[:, 3:] = True
-            hidden = guidance.hidden_states(ids, attention_mask=torch.ones_like(ids))
-            loss, _ = guidance_loss_from_hidden(hidden, guidance.head, ids, cont, labels, guidance=guidance)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            return ids, cont, labels
+
+        _fit_sequence_labels(guidance, batch)
         with torch.no_grad():
             probe = torch.randint(10, 200, (32, 8), generator=gen)
             with_evidence = probe.clone()
@@ -405,7 +416,6 @@ def _token_term_gain(token_rank: int) -> float:
     """The label is "the token after the prefix is one of tokens 20-29", whose output embeddings share one
     direction; training samples only tokens 20-24 of the group. Returns R's rise for the never-sampled 25-29 over
     never-sampled tokens outside the group."""
-    from steer.guidance import guidance_loss_from_hidden
 
     torch.manual_seed(0)
     model, _ = tiny_causal_lm("llama", seed=0)
@@ -416,18 +426,16 @@ def _token_term_gain(token_rank: int) -> float:
         embeddings[20:30] = 2.0 * direction + 0.2 * torch.randn(10, embeddings.shape[1], generator=gen)
     config = GuidanceConfig(backbone="separate", separate_num_layers=1, token_rank=token_rank)
     guidance = GuidanceModel(model, config)
-    opt = torch.optim.Adam(guidance.trainable_parameters(), lr=1e-2)
-    for _ in range(60):
+
+    def batch():
         ids = torch.randint(100, 200, (16, 4), generator=gen)
         labels = (torch.rand(16, generator=gen) < 0.5).float()
         ids[labels.bool(), 3] = torch.randint(20, 25, (int(labels.sum()),), generator=gen)
         cont = torch.zeros_like(ids, dtype=torch.bool)
         cont[:, 3] = True  # the BCE scores z[:, 2, x_3] only
-        hidden = guidance.hidden_states(ids, attention_mask=torch.ones_like(ids))
-        loss, _ = guidance_loss_from_hidden(hidden, guidance.head, ids, cont, labels, guidance=guidance)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return ids, cont, labels
+
+    _fit_sequence_labels(guidance, batch)
     with torch.no_grad():
         probe = torch.randint(100, 200, (32, 3), generator=gen)
         r = torch.sigmoid(guidance(probe, torch.ones_like(probe))[:, -1])
