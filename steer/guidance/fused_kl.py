@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .head import has_context_terms
 from .kl import _row_dot
 
 __all__ = ["FusedConstraintKL", "FusedKLOutput", "fused_chunk_size", "fused_constraint_kl"]
@@ -524,12 +525,6 @@ def fused_constraint_kl(
     return FusedKLOutput(loss, kl_rows, nll_rows, entropy_rows, top1_rows, stats)
 
 
-def _has_context_terms(head: nn.Module | None) -> bool:
-    return head is not None and (
-        getattr(head, "shared", None) is not None or getattr(head, "token_up", None) is not None
-    )
-
-
 class FusedConstraintKL(nn.Module):
     """Module form of :func:`fused_constraint_kl` holding the head transform and the chunk size.
 
@@ -570,7 +565,7 @@ class FusedConstraintKL(nn.Module):
     ) -> FusedKLOutput:
         guidance_weight = None if guidance_head is None else guidance_head.weight
         guidance_bias = None if guidance_head is None else getattr(guidance_head, "bias", None)
-        if isinstance(guidance_hidden, Tensor) and _has_context_terms(guidance_head):
+        if isinstance(guidance_hidden, Tensor) and has_context_terms(guidance_head):
             # a GuidanceHead with a shared logit or a token term: z from the head itself, chunk by chunk
             g_hidden = guidance_hidden.detach()
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GuidanceHead", "shared_logit", "token_logits"]
+__all__ = ["GuidanceHead", "add_context_terms_", "has_context_terms", "shared_logit", "token_logits"]
 
 
 class GuidanceHead(nn.Linear):
@@ -68,11 +68,7 @@ class GuidanceHead(nn.Linear):
         self.token_basis = embeddings.detach().to(device=self.weight.device, dtype=torch.float32).clone()
 
     def forward(self, hidden: Tensor) -> Tensor:
-        z = F.linear(hidden, self.weight, self.bias)
-        extra = shared_logit(self, hidden)
-        z = z if extra is None else z + extra.unsqueeze(-1)
-        term = token_logits(self, hidden)
-        return z if term is None else z + term
+        return add_context_terms_(self, F.linear(hidden, self.weight, self.bias), hidden)
 
     def is_fresh(self) -> bool:
         """No context has moved the head yet (weights, the shared vector and the token term's ``B`` still zero)."""
@@ -117,3 +113,22 @@ def shared_logit(head: nn.Module, hidden: Tensor) -> Tensor | None:
     if shared is None:
         return None
     return hidden.float() @ shared.float()
+
+
+def has_context_terms(head: nn.Module | None) -> bool:
+    """The head adds more than ``weight . h + bias``: a shared logit or a token term."""
+    return head is not None and (
+        getattr(head, "shared", None) is not None or getattr(head, "token_up", None) is not None
+    )
+
+
+def add_context_terms_(head: nn.Module, z: Tensor, hidden: Tensor) -> Tensor:
+    """``z [..., V]`` (the head's ``weight . h + bias``) plus its shared logit and token term, in place; returns
+    ``z``. A bare ``nn.Linear`` adds nothing."""
+    extra = shared_logit(head, hidden)
+    if extra is not None:
+        z.add_(extra.unsqueeze(-1))
+    term = token_logits(head, hidden)
+    if term is not None:
+        z.add_(term)
+    return z

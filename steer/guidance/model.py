@@ -26,7 +26,7 @@ from ..errors import ArtefactMismatchError, InputFileNotFoundError, UserInputErr
 from ..io import atomic_save_file, atomic_write_text, dataclass_from_dict
 from ..models import base_model_record, check_artefact_base, model_device, only_adapter, tuner_layers
 from .context_prior import ContextPrior
-from .head import GuidanceHead, shared_logit, token_logits
+from .head import GuidanceHead, add_context_terms_
 
 __all__ = ["GuidanceConfig", "GuidanceModel"]
 
@@ -358,12 +358,7 @@ class GuidanceModel(nn.Module):
                 z = F.linear(hidden.float(), self.head.weight, self.head.bias)
             else:
                 z = torch.addmm(self.head.bias, hidden.float(), self.head.weight.t(), out=out)
-            extra = shared_logit(self.head, hidden)
-            if extra is not None:
-                z.add_(extra.unsqueeze(-1))
-            term = token_logits(self.head, hidden)
-            if term is not None:
-                z.add_(term)
+            add_context_terms_(self.head, z, hidden)
         if self.context_prior is not None and contexts is not None:
             self.context_prior.add_(z.view(-1, z.shape[-1]), contexts.reshape(-1, contexts.shape[-1]))
         return z
