@@ -18,6 +18,7 @@ from steer.eval.metrics import (
     compute_toxicity_metrics,
     distinct_n,
     diversity_metrics,
+    grouped_nll,
     perplexity,
     text_nll,
     toxicity_scores,
@@ -112,6 +113,14 @@ def test_perplexity_matches_a_manual_computation_and_ignores_padding(tiny_llama)
     assert tokens.tolist() == [c for _, c in parts] + [0]
     assert nll[:3] == pytest.approx([n for n, _ in parts], rel=1e-4)
     assert nll[3] == 0.0
+    # per prompt: the sums over its continuations, an empty group 0, in the order given
+    group_nll, group_tokens = grouped_nll(
+        model, tokenizer, [prompts[0], "x", prompts[2]], [[texts[0], texts[0]], [], [texts[2]]]
+    )
+    assert group_tokens.tolist() == [2 * parts[0][1], 0, parts[2][1]]
+    assert group_nll == pytest.approx([2 * parts[0][0], 0.0, parts[2][0]], rel=1e-4)
+    with pytest.raises(ValueError, match="2 prompts for 1 groups"):
+        grouped_nll(model, tokenizer, prompts[:2], [texts])
 
 
 # ---- prompts ------------------------------------------------------------------------------------

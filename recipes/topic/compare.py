@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from steer.constraints import topic_constraint
-from steer.eval.metrics import pooled_perplexity, text_nll, toxicity_scores
+from steer.eval.metrics import grouped_nll, pooled_perplexity, toxicity_scores
 from steer.eval.stats import bootstrap_ci, paired_bootstrap_ci, perplexity_ci
 
 TOPIC = "politics"
@@ -59,18 +59,6 @@ def read_run(directory: Path, run: str) -> tuple[list[str], list[list[str]]]:
 def per_prompt_rate(constraint, rows: list[list[str]]) -> np.ndarray:
     """Per prompt: the share of its continuations that satisfy ``constraint`` (unscored ones left out)."""
     return np.asarray([1.0 - np.nanmean(row) for row in toxicity_scores(rows, constraint)])
-
-
-def per_prompt_nll(model, tokenizer, prompts, rows) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt: summed NLL and token count of its continuations under the base LM."""
-    flat_prompts = [p for p, row in zip(prompts, rows) for _ in row]
-    flat = [t for row in rows for t in row]
-    nll, tokens = text_nll(model, tokenizer, flat, prompts=flat_prompts)
-    ends = np.cumsum([len(row) for row in rows])[:-1]
-    return (
-        np.asarray([part.sum() for part in np.split(nll, ends)]),
-        np.asarray([part.sum() for part in np.split(tokens, ends)]),
-    )
 
 
 def main(argv=None) -> dict:
@@ -108,7 +96,7 @@ def main(argv=None) -> dict:
         data[run] = {
             "sat": per_prompt_rate(constraint, rows),
             "judge": per_prompt_rate(judge, rows),
-            "nll": per_prompt_nll(model, tokenizer, prompts, rows),
+            "nll": grouped_nll(model, tokenizer, prompts, rows),
             "heldout_perplexity": result.get("metrics", {}).get("heldout_perplexity", float("nan")),
             "distinct_2": result.get("metrics", {}).get("distinct_2", float("nan")),
             "n": sum(len(r) for r in rows),

@@ -191,6 +191,25 @@ def text_nll(
     return nll_out, tokens_out
 
 
+def grouped_nll(
+    model, tokenizer, prompts: Sequence[str], groups: Sequence[Sequence[str]], *, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(nll, tokens)`` per prompt: the summed NLL and token count of all of ``groups[i]`` (a prompt's
+    continuations), each scored given ``prompts[i]`` (:func:`text_nll`). The unit of paired intervals over
+    prompts (:func:`steer.eval.stats.perplexity_ci`)."""
+    if len(prompts) != len(groups):
+        raise ValueError(f"{len(prompts)} prompts for {len(groups)} groups of continuations")
+    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
+    flat = [t for group in groups for t in group]
+    nll, tokens = text_nll(model, tokenizer, flat, prompts=flat_prompts, batch_size=batch_size)
+    ends = np.cumsum([len(group) for group in groups], dtype=np.int64)
+    spans = list(zip(ends - np.asarray([len(group) for group in groups], dtype=np.int64), ends))
+    return (
+        np.asarray([nll[start:end].sum() for start, end in spans], dtype=np.float64),
+        np.asarray([tokens[start:end].sum() for start, end in spans], dtype=np.int64),
+    )
+
+
 def reference_perplexity(
     model,
     tokenizer,
