@@ -371,3 +371,37 @@ def test_a_topic_constraint_starts_r_high_at_its_words_and_at_the_base_rate_else
 
     every = _trainer(tmp_path, constraint=KeywordConstraint(["rude", "calm"], mode="all_of"))
     assert every.priors.token is None and every.priors.flagged is None and bool(every.priors.label_rows.all())
+
+
+def test_an_oracle_that_flags_most_tokens_on_their_own_gets_a_warning(tmp_path, caplog):
+    """A contextual classifier unsure of single tokens scores most of them near 0.5; at the 0.5 threshold its
+    flags (which stop the corpus KL) are a coin flip, so the run says so; a lexical oracle's few flags do not."""
+    from steer.guidance.oracle_priors import FLAGGED_WARN_SHARE, oracle_priors
+
+    _, tokenizer = tiny_causal_lm("llama", seed=0)
+    unsure = CallableConstraint(lambda texts: [0.45 if len(t) % 3 else 0.55 for t in texts], name="unsure")
+    lexical = CallableConstraint(lambda texts: [0.0 if "x" in t else 0.9 for t in texts], name="lexical")
+    for constraint, warned in ((unsure, True), (lexical, False)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="steer.guidance.oracle_priors"):
+            priors = oracle_priors(
+                constraint,
+                tokenizer,
+                512,
+                token_head=False,
+                token_flags=True,
+                cache_dir=tmp_path / constraint.name,
+            )
+        share = float(priors.flagged.float().mean())
+        assert (share > FLAGGED_WARN_SHARE) is warned
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(warnings) is warned, warnings
+        if warned:
+            assert "unsure flags" in warnings[0] and "kl_corpus_stop_at_violation false" in warnings[0]
+    # with the stops off the flags stop nothing: no warning
+    caplog.clear()
+    with caplog.at_level("INFO", logger="steer.guidance.oracle_priors"):
+        oracle_priors(
+            unsure, tokenizer, 512, token_head=True, token_flags=False, cache_dir=tmp_path / "unsure"
+        )
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

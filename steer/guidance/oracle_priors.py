@@ -30,6 +30,10 @@ from .prior import prior_logits, token_prior
 
 logger = logging.getLogger(__name__)
 
+# A token prior that flags more than this share of the vocabulary gets a warning: a violation oracle flags
+# the few tokens that break the constraint on their own (swear words), not most of the vocabulary.
+FLAGGED_WARN_SHARE = 0.25
+
 __all__ = ["OraclePriors", "oracle_priors"]
 
 
@@ -100,12 +104,24 @@ def oracle_priors(
         priors.label_rows = priors.token < threshold
         return priors
     priors.flagged = priors.token < threshold
+    share = float(priors.flagged.float().mean())
     logger.info(
         "token prior: %d of %d tokens flagged by %s on their own text",
         int(priors.flagged.sum()),
         priors.flagged.numel(),
         constraint.name,
     )
+    if token_flags and share > FLAGGED_WARN_SHARE:  # the stops are on
+        logger.warning(
+            "token prior: %s flags %.0f%% of the vocabulary on its own (score < %g; median score %.3f): such "
+            "flags are not evidence (a contextual classifier unsure of single tokens), yet every flag stops the "
+            "corpus KL (kl_corpus_stop_at_violation); consider kl_corpus_stop_at_violation false or a lower "
+            "label_threshold",
+            constraint.name,
+            100 * share,
+            threshold,
+            float(priors.token.median()),
+        )
     if context_texts is not None:
         with once():
             priors.context = context_prior(
