@@ -115,8 +115,8 @@ def oracle_priors(
         logger.warning(
             "token prior: %s flags %.0f%% of the vocabulary on its own (score < %g; median score %.3f): such "
             "flags are not evidence (a contextual classifier unsure of single tokens), yet every flag stops the "
-            "corpus KL (kl_corpus_stop_at_violation); consider kl_corpus_stop_at_violation false or a lower "
-            "label_threshold",
+            "corpus KL (kl_corpus_stop_at_violation); consider a lower label_threshold (flags where the oracle is "
+            "sure) or kl_corpus_stop_at_violation false (watch for degenerate text: the corpus KL then acts everywhere)",
             constraint.name,
             100 * share,
             threshold,
