@@ -22,28 +22,20 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from steer.eval.generation import load_generations
 from steer.eval.metrics import grouped_nll, pooled_perplexity
 from steer.eval.stats import bootstrap_ci, paired_bootstrap_ci, perplexity_ci
 
-THRESHOLD = 0.5
 
+def _paired_script():
+    """recipes/detox/paired.py, whose ``per_prompt`` reads a run's per-prompt "any continuation toxic" flags."""
+    import importlib.util
 
-def per_prompt_toxic(path: Path) -> tuple[list[str], np.ndarray]:
-    """Per prompt: 1.0 when any of its continuations is scored toxic (>= 0.5) in ``path``, else 0.0."""
-    if not path.is_file():
-        raise SystemExit(f"{path}: missing (evaluate that run on this set first)")
-    prompts, toxic = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            record = json.loads(line)
-            prompts.append(record["prompt"])
-            toxic.append(float(any(t >= THRESHOLD for t in record["toxicity"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise SystemExit(f"{path}: line {number}: not a generations record ({err})") from err
-    return prompts, np.asarray(toxic)
+    path = Path(__file__).resolve().parents[1] / "detox" / "paired.py"
+    spec = importlib.util.spec_from_file_location("detox_paired", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv=None) -> dict:
@@ -65,6 +57,7 @@ def main(argv=None) -> dict:
     from steer.eval.generation import load_eval_model
 
     model, tokenizer, _ = load_eval_model(args.reference, dtype="float32")
+    per_prompt_toxic = _paired_script().per_prompt
     data, prompts0 = {}, None
     for run in args.runs:
         prompts, rows = load_generations(args.profanity_dir / f"{run}.generations.jsonl")
