@@ -489,3 +489,18 @@ def test_stop_when_satisfied_needs_a_monotone_constraint_and_counts_settled_posi
     trainer.train()
     shares = [h["kl_settled_share"] for h in trainer.state.log_history if "kl_settled_share" in h]
     assert shares and all(0.0 <= s <= 1.0 for s in shares)
+
+
+def test_violating_prefix_stop_drops_positions_after_the_oracle_calls_a_prefix_violating(tmp_path):
+    ban = KeywordConstraint(banned=["the", "a", "and", "of", "to"])  # common words: violated early
+    trainer = _trainer(
+        tmp_path,
+        constraint=ban,
+        kl_stop_at_violating_prefix=True,
+        kl_corpus_stop_at_violation=False,
+        max_steps=2,
+        logging_steps=1,
+    )
+    trainer.train()
+    shares = [h["kl_violated_share"] for h in trainer.state.log_history if "kl_violated_share" in h]
+    assert shares and all(0.0 <= s <= 1.0 for s in shares) and max(shares) > 0

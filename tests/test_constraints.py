@@ -323,3 +323,57 @@ def test_topic_constraints_are_any_of_word_lists_with_satisfaction_evidence():
         topic_constraint("space", words=["x"])
     with pytest.raises(UserInputError, match="constraint_kwargs"):
         build_constraint("topic", {"topic": "cooking"})
+
+
+def test_decoder_classifier_scores_every_prefix_in_one_pass():
+    """The score at token j of one pass is the classifier's score of the first j + 1 tokens on their own."""
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    from steer.constraints.base import Constraint
+    from steer.models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        num_labels=2,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    c = ClassifierConstraint(model=model, tokenizer=tokenizer, positive_label=1, negate=True, batch_size=2)
+    rows = [
+        tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in ["the quick dog runs", "we", "a b c d e f"]
+    ]
+    fast = c.prefix_probs(rows, tokenizer)
+    assert [len(p) for p in fast] == [len(r) for r in rows]
+    with torch.inference_mode():
+        for row, probs in zip(rows, fast):
+            for j in range(len(row)):
+                logits = model(input_ids=torch.tensor([row[: j + 1]])).logits.float()
+                assert float(probs[j]) == pytest.approx(1 - float(torch.softmax(logits, -1)[0, 1]), abs=1e-5)
+    assert torch.cat(fast).std() > 1e-4
+    # A tokenizer with other ids (or an encoder classifier): each prefix is decoded and scored on its own.
+    other = tiny_tokenizer(vocab_size=300)
+    slow = c.prefix_probs([[5, 6, 7]], other)
+    texts = other.batch_decode([[5], [5, 6], [5, 6, 7]], skip_special_tokens=True)
+    assert torch.allclose(slow[0], c(texts), atol=1e-6)
+    assert torch.allclose(Constraint.prefix_probs(c, [[5, 6, 7]], other)[0], slow[0])
+
+
+def test_encoder_classifier_prefix_probs_decode_each_prefix(tiny_classifier):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier)
+    c = ClassifierConstraint(str(tiny_classifier), positive_label="positive", device="cpu")
+    assert not c.runner.scores_every_position()
+    row = tokenizer("a good day", add_special_tokens=False)["input_ids"]
+    probs = c.prefix_probs([row, []], tokenizer)
+    texts = tokenizer.batch_decode([row[: j + 1] for j in range(len(row))], skip_special_tokens=True)
+    assert torch.allclose(probs[0], c(texts), atol=1e-6) and probs[1].numel() == 0

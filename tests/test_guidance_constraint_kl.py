@@ -154,3 +154,72 @@ def test_settled_positions_get_the_reference_as_target(implementation):
     assert 0 < out.metrics["kl_settled_share"] < 1
     assert float(out.terms["corpus"]) == pytest.approx(float(naive), rel=1e-4, abs=1e-6)
     assert float(out.terms["corpus"]) < float(full.terms["corpus"])
+
+
+def test_violated_positions_drop_everything_after_the_first_violating_prefix():
+    from steer.guidance.constraint_kl import violated_positions
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 7, 6, 6, 6, 0], [1, 2, 3, 4, 5, 6]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    seen = []
+
+    def probs(rows):  # a prefix violates once it holds a 7; a later 8 would "dilute" it back
+        seen.extend(rows)
+        return [
+            torch.tensor(
+                [0.1 if 7 in row[: j + 1] and 8 not in row[: j + 1] else 0.9 for j in range(len(row))]
+            )
+            for row in rows
+        ]
+
+    violated = violated_positions(ids, mask, probs, 0.5)
+    # row 0: continuation [7, 8, 9] from token 2; position 2 has read [7]: dropped, and so stays although
+    # the oracle scores [7, 8] satisfied again
+    # row 1: continuation [7, 6, 6] from token 1; row 2: no 7, nothing dropped
+    assert violated.tolist() == [
+        [False, False, True, True, True, False],
+        [False, True, True, True, False, False],
+        [False] * 6,
+    ]
+    assert seen == [[7, 8, 9], [7, 6, 6], [2, 3, 4, 5, 6]]  # each row once, up to its last counted position
+    # prefixes of two tokens or more: row 1's [7] is not judged, [7, 6] is
+    two = violated_positions(ids, mask, probs, 0.5, min_tokens=2)
+    assert two[1].tolist() == [False, False, True, True, False, False]
+    assert two[0].tolist() == [False] * 6  # [7, 8] and on: diluted, never judged violating
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "fused"])
+def test_violating_prefix_stop_drops_corpus_positions(implementation):
+    policy, guidance = _models()
+    batch = _batch(guidance.vocab_size)
+    bad = int(batch["input_ids"][0, 4])  # row 0 violates once it has read its token 4
+    settings = KLSettings(
+        coef=1.0, implementation=implementation, positions="corpus", stop_at_violating_prefix=True
+    )
+    with pytest.raises(ValueError, match="needs prefix_probs"):
+        ConstraintKL(guidance, lambda: policy, settings)
+
+    def probs(rows):
+        return [torch.tensor([0.0 if bad in row[: j + 1] else 1.0 for j in range(len(row))]) for row in rows]
+
+    kl = ConstraintKL(guidance, lambda: policy, settings, prefix_probs=probs)
+    supervised, targets = kl.corpus_mask(batch)
+    with kl.capture() as captured:
+        policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = kl(batch, captured[0], supervised=supervised, targets=targets, n_corpus=3, denom=supervised.sum())
+    with torch.no_grad():
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        z = guidance(batch["input_ids"], batch["attention_mask"])
+        keep = supervised.clone()
+        first = int(supervised[0].nonzero()[0])
+        token_pos = first + 1 + [int(t) for t in batch["input_ids"][0, first + 1 :]].index(bad)
+        keep[0, token_pos:] = False
+        for row in (1, 2):  # the other rows only where they, too, read that token
+            seq = [int(t) for t in batch["input_ids"][row]]
+            start = int(supervised[row].nonzero()[0]) + 1
+            if bad in seq[start:]:
+                keep[row, start + seq[start:].index(bad) :] = False
+        naive = constraint_kl_naive(logits, logits.detach(), z, keep, reduction="sum")
+    assert 0 < out.metrics["kl_violated_share"] < 1
+    assert keep.sum() < supervised.sum()
+    assert float(out.terms["corpus"]) == pytest.approx(float(naive), rel=1e-4, abs=1e-6)

@@ -88,6 +88,23 @@ class Constraint(ABC):
         """For a :attr:`monotone` constraint: whether each text prefix already settles it, whatever comes next."""
         raise NotImplementedError(f"{self.name} is not a monotone constraint (no prefix of it settles it)")
 
+    def prefix_probs(self, rows: Sequence[Sequence[int]], tokenizer) -> list[torch.Tensor]:
+        """P(satisfied) of every prefix of each token row: ``out[i][j]`` scores ``rows[i][: j + 1]`` decoded by
+        ``tokenizer``; a score the backend could not give reads 1.0 (no evidence of a violation).
+
+        One oracle call on all prefixes (quadratic in the row length). A contextual classifier that reads the
+        same token ids overrides it with one pass per row (:class:`~steer.constraints.ClassifierConstraint`).
+        """
+        rows = [[int(t) for t in row] for row in rows]
+        prefixes = [row[: j + 1] for row in rows for j in range(len(row))]
+        if not prefixes:
+            return [torch.zeros(0) for _ in rows]
+        scores = self.evaluate(tokenizer.batch_decode(prefixes, skip_special_tokens=True))
+        flat = torch.where(
+            scores.valid, scores.probs.float(), torch.ones_like(scores.probs, dtype=torch.float32)
+        )
+        return list(torch.split(flat, [len(row) for row in rows]))
+
     @abstractmethod
     def score(self, texts: list[str]) -> Sequence[float | None] | torch.Tensor:
         """Raw P(satisfied) per text; may contain NaN/None for failures."""

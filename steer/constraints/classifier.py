@@ -123,6 +123,71 @@ class SequenceClassifierRunner:
             attention_mask[j, cols] = 1
         return input_ids, attention_mask
 
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.activation == "softmax":
+            return torch.softmax(logits, dim=-1)
+        return logits
+
+    def special_prefix(self) -> list[int] | None:
+        """The special tokens the tokenizer puts before a text (``[]``, or e.g. ``[bos]``), or None when it also
+        adds tokens after it (then a prefix's score is not the hidden state at its last token)."""
+        with_special = self.tokenizer("a b", add_special_tokens=True)["input_ids"]
+        plain = self.tokenizer("a b", add_special_tokens=False)["input_ids"]
+        if with_special[len(with_special) - len(plain) :] != plain:
+            return None
+        return list(with_special[: len(with_special) - len(plain)])
+
+    def scores_every_position(self) -> bool:
+        """Whether one pass scores every prefix of a token row: a decoder classifier (causal body, a ``score``
+        head read at the last token, as Llama, Qwen, Mistral and GPT-2 have) whose tokenizer adds nothing after
+        a text."""
+        model = self.model
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        causal = body is not None and isinstance(getattr(model, "score", None), torch.nn.Linear)
+        return (
+            causal
+            and not getattr(model.config, "is_encoder_decoder", False)
+            and self.special_prefix() is not None
+        )
+
+    def position_scores(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Scores ``[len(row), num_labels]`` of every prefix of each token row (``out[i][j]``: ``rows[i][: j + 1]``),
+        one pass per batch of rows; needs :meth:`scores_every_position`. Rows longer than :attr:`max_length` (with
+        the special prefix) are refused."""
+        prefix = self.special_prefix()
+        if prefix is None or not self.scores_every_position():
+            raise ValueError(f"{type(self.model).__name__} cannot score every prefix in one pass")
+        ids = [prefix + [int(t) for t in row] for row in rows]
+        too_long = [i for i, row in enumerate(ids) if len(row) > self.max_length]
+        if too_long:
+            raise ValueError(
+                f"row {too_long[0]} has {len(ids[too_long[0]])} tokens, over the classifier's {self.max_length}"
+            )
+        body = getattr(self.model, self.model.base_model_prefix)
+        out: list[np.ndarray] = []
+        with torch.inference_mode():
+            for start in range(0, len(ids), self.batch_size):
+                chunk = [
+                    row if row else [self.empty_token_id] for row in ids[start : start + self.batch_size]
+                ]
+                # right padding: a causal body's state at a real token never sees the padding after it
+                width = max(len(r) for r in chunk)
+                input_ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for j, row in enumerate(chunk):
+                    input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+                    attention_mask[j, : len(row)] = 1
+                hidden = body(
+                    input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+                )
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+                scores = self._activate(self.model.score(hidden).float()).cpu().double().numpy()
+                for j, row in enumerate(ids[start : start + self.batch_size]):
+                    out.append(scores[j, len(prefix) : len(row)])
+        return out
+
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """Scores ``[len(texts), num_labels]`` (float64) in the input order."""
         num_labels = int(getattr(self.model.config, "num_labels", 0) or 0)
@@ -137,11 +202,7 @@ class SequenceClassifierRunner:
                 chunk = order[start : start + self.batch_size]
                 input_ids, attention_mask = self._pad([ids[i] for i in chunk])
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-                logits = logits.logits.float()
-                if self.activation == "sigmoid":
-                    logits = torch.sigmoid(logits)
-                elif self.activation == "softmax":
-                    logits = torch.softmax(logits, dim=-1)
+                logits = self._activate(logits.logits.float())
                 for row, index in zip(logits.cpu().double().numpy(), chunk):
                     out[index] = row
         return np.stack(out)
@@ -235,3 +296,26 @@ class ClassifierConstraint(Constraint):
     def score(self, texts: list[str]) -> np.ndarray:
         probs = self.runner(texts)[:, self.label_index]
         return 1.0 - probs if self.negate else probs
+
+    def prefix_probs(self, rows: Sequence[Sequence[int]], tokenizer) -> list[torch.Tensor]:
+        """:meth:`Constraint.prefix_probs` in one pass per batch of rows when the classifier is a decoder that reads
+        the same token ids as ``tokenizer`` (a causal body's state at token ``j`` is its score of the first ``j + 1``
+        tokens); otherwise each prefix is decoded and scored on its own. The one-pass scores read the given ids, not
+        the re-tokenised decoded text."""
+        if not self._same_ids(tokenizer) or any(len(row) + 1 > self.runner.max_length for row in rows):
+            return super().prefix_probs(rows, tokenizer)
+        out = []
+        for scores in self.runner.position_scores(rows):
+            probs = torch.from_numpy(scores[:, self.label_index]).float()
+            out.append(1.0 - probs if self.negate else probs)
+        return out
+
+    def _same_ids(self, tokenizer) -> bool:
+        key = id(tokenizer)
+        if getattr(self, "_ids_checked", (None, None))[0] != key:
+            same = (
+                self.runner.scores_every_position()
+                and tokenizer.get_vocab() == self.runner.tokenizer.get_vocab()
+            )
+            self._ids_checked = (key, same)
+        return self._ids_checked[1]

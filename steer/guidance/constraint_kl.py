@@ -10,7 +10,10 @@ Positions (``KLSettings.positions``): ``corpus`` (the supervised positions; with
 to the first target the oracle flags on its own, or, with a context prior, the first target that completes a
 flagged word: :meth:`ConstraintKL.corpus_kl_mask`), ``samples`` (the continuation positions of policy
 samples appended to the batch: :meth:`ConstraintKL.append_rows`) or ``both``. Each position set has its own
-weight; one guidance pass (and one base-reference pass) serves all of them.
+weight; one guidance pass (and one base-reference pass) serves all of them. With ``stop_at_violating_prefix`` the
+oracle itself judges every prefix of each counted continuation (corpus and samples), and the positions after the
+first violating prefix are dropped (:func:`violated_positions`): the stop a contextual oracle needs, whose single
+tokens flag nothing.
 
 Two implementations of the same numbers (a test checks it):
 
@@ -46,7 +49,15 @@ from .model import GuidanceModel, _is_peft_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConstraintKL", "KLOutput", "KLSettings", "counted_window", "logit_transform", "settled_positions"]
+__all__ = [
+    "ConstraintKL",
+    "KLOutput",
+    "KLSettings",
+    "counted_window",
+    "logit_transform",
+    "settled_positions",
+    "violated_positions",
+]
 
 POSITIONS = ("corpus", "samples", "both")
 
@@ -62,6 +73,9 @@ class KLSettings:
     positions: str = "both"
     stop_at_violation: bool = True
     stop_when_satisfied: bool = False
+    stop_at_violating_prefix: bool = False
+    violation_threshold: float = 0.5
+    violation_min_tokens: int = 2
     chunk_size: int = 256
 
     def __post_init__(self) -> None:
@@ -155,6 +169,8 @@ class ConstraintKL:
         flagged: ``[V]`` bool, the tokens the oracle flags on their own (for ``stop_at_violation``), or None.
         gathered: a callable returning a context in which the passes run (ZeRO-3: the weights gathered).
         require_fused: refuse the chunked path (ZeRO-3: the KL's gradient needs the gathered head weight).
+        prefix_settled: ``token id lists -> [bool]`` for ``stop_when_satisfied``.
+        prefix_probs: ``token rows -> [P(satisfied) of every prefix]`` for ``stop_at_violating_prefix``.
 
     A forward hook on the policy's decoder body keeps its last hidden states inside :meth:`capture`; build this
     object after any deep copy of the policy (a copy would carry the hook along).
@@ -170,13 +186,19 @@ class ConstraintKL:
         gathered: Callable[[], contextlib.AbstractContextManager] | None = None,
         require_fused: bool = False,
         prefix_settled: Callable[[list[list[int]]], list[bool]] | None = None,
+        prefix_probs: Callable[[list[list[int]]], list[Tensor]] | None = None,
     ) -> None:
         if settings.stop_when_satisfied and prefix_settled is None:
             raise ValueError(
                 "KLSettings.stop_when_satisfied needs prefix_settled (steer.guidance.prefix_settled_by)"
             )
+        if settings.stop_at_violating_prefix and prefix_probs is None:
+            raise ValueError(
+                "KLSettings.stop_at_violating_prefix needs prefix_probs (Constraint.prefix_probs with a tokenizer)"
+            )
         self.guidance, self.settings, self.flagged = guidance, settings, flagged
         self.prefix_settled = prefix_settled if settings.stop_when_satisfied else None
+        self.prefix_probs = prefix_probs if settings.stop_at_violating_prefix else None
         self._policy, self._gathered, self._require_fused = policy, gathered, require_fused
         model = policy()
         inner = model.get_base_model() if _is_peft_model(model) else model
@@ -405,6 +427,21 @@ class ConstraintKL:
             sample[n_corpus:, : cont.shape[1] - 1] = cont[:, 1:]  # position t predicts continuation token t+1
             masks["samples"] = sample
             out.sample_count = sample.sum().float()
+        if self.prefix_probs is not None and masks:
+            kl_union = torch.zeros_like(next(iter(masks.values())))
+            for mask in masks.values():
+                kl_union |= mask
+            violated = violated_positions(
+                inputs["input_ids"],
+                kl_union,
+                self.prefix_probs,
+                s.violation_threshold,
+                s.violation_min_tokens,
+            ).to(kl_union.device)
+            out.metrics["kl_violated_share"] = (
+                float(violated[kl_union].float().mean()) if kl_union.any() else 0.0
+            )
+            masks = {name: mask & ~violated for name, mask in masks.items()}
         nll = None
         if share_nll:  # the corpus rows' SFT targets, on the (possibly widened) batch
             nll_mask = positions()
@@ -613,6 +650,40 @@ def settled_positions(
             rows, cols = zip(*hit)
             out[list(rows), list(cols)] = True
     return out
+
+
+def violated_positions(
+    input_ids: Tensor,
+    mask: Tensor,
+    prefix_probs: Callable[[list[list[int]]], list[Tensor]],
+    threshold: float,
+    min_tokens: int = 1,
+) -> Tensor:
+    """``[B, T]`` bool: the masked positions after the first prefix of the continuation, of at least ``min_tokens``
+    tokens, that the oracle calls violating (P(satisfied) < ``threshold``).
+
+    As in :func:`settled_positions`, a row's continuation starts after its first masked position and at position
+    ``t`` it is the tokens ``first + 1 .. t``; once one of its prefixes violates, every later position does.
+    ``prefix_probs`` (:meth:`~steer.constraints.Constraint.prefix_probs`) scores each row's continuation up to
+    its last masked position, every prefix of it at once.
+    """
+    out = torch.zeros_like(mask)
+    ids = input_ids.tolist()
+    rows, starts, continuations = [], [], []
+    for row in range(mask.shape[0]):
+        positions = mask[row].nonzero().view(-1).tolist()
+        if len(positions) < 2:
+            continue
+        rows.append(row)
+        starts.append(positions[0] + 1)
+        continuations.append(ids[row][positions[0] + 1 : positions[-1] + 1])
+    if not rows:
+        return out
+    for row, start, probs in zip(rows, starts, prefix_probs(continuations)):
+        bad = (probs.reshape(-1)[max(min_tokens, 1) - 1 :] < threshold).nonzero()
+        if bad.numel():
+            out[row, start + max(min_tokens, 1) - 1 + int(bad[0]) :] = True
+    return out & mask
 
 
 def _share_metrics(kl_sq: float, lm_sq: float, dot: float) -> dict[str, Any]:

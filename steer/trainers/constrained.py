@@ -29,6 +29,7 @@ part run on gathered weights (:func:`~steer.trainers.sharding.zero3_whole`). Che
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -205,6 +206,9 @@ class ConstrainedTrainer(SFTTrainer):
             require_fused=self._zero3,
             prefix_settled=prefix_settled_by(constraint, self._tokenizer)
             if settings.stop_when_satisfied
+            else None,
+            prefix_probs=functools.partial(constraint.prefix_probs, tokenizer=self._tokenizer)
+            if settings.stop_at_violating_prefix
             else None,
         )
         if self.is_fsdp_enabled:

@@ -130,6 +130,26 @@ class ConstrainedConfig(SFTConfig):
             "constraint's words after they were written."
         },
     )
+    kl_stop_at_violating_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "For a contextual oracle (a classifier), whose single tokens flag nothing: the oracle scores every "
+            "prefix of each continuation the KL counts (corpus rows and the policy's own samples; a decoder "
+            "classifier reading the policy's token ids does it in one pass per row, Constraint.prefix_probs) and "
+            "the positions after the first prefix with P(satisfied) < label_threshold are dropped. Past such a "
+            "prefix R is small for every token and q* favours whatever dilutes the text (filler a whole-text "
+            "classifier calls safe)."
+        },
+    )
+    kl_violating_prefix_min_tokens: int = field(
+        default=2,
+        metadata={
+            "help": "kl_stop_at_violating_prefix: the oracle judges prefixes of at least this many tokens. A "
+            "classifier trained on whole texts does not judge one token: steer's toxicity oracle scores the first "
+            "token of 54% of Perspective-clean RTP continuations below 0.5, their two-token prefixes 0.3% "
+            "(recipes/detox_classifier/RESULTS.md, part 3)."
+        },
+    )
     kl_sample_coef: float | None = field(
         default=None,
         metadata={
@@ -370,6 +390,7 @@ class ConstrainedConfig(SFTConfig):
                 f"ConstrainedConfig.policy_export_weight must be in (0, 1], got {self.policy_export_weight!r}"
             )
         _at_least("kl_chunk_size", self.kl_chunk_size, 1)
+        _at_least("kl_violating_prefix_min_tokens", self.kl_violating_prefix_min_tokens, 1)
         _choice("kl_implementation", self.kl_implementation, ("chunked", "fused"))
         _choice("kl_positions", self.kl_positions, ("corpus", "samples", "both"))
         if self.kl_sample_coef is not None:
@@ -456,6 +477,9 @@ class ConstrainedConfig(SFTConfig):
             positions=self.kl_positions,
             stop_at_violation=self.kl_corpus_stop_at_violation,
             stop_when_satisfied=self.kl_stop_when_satisfied,
+            stop_at_violating_prefix=self.kl_stop_at_violating_prefix,
+            violation_threshold=self.label_threshold,
+            violation_min_tokens=self.kl_violating_prefix_min_tokens,
             chunk_size=self.kl_chunk_size,
         )
 
