@@ -146,7 +146,7 @@ class ConstrainedConfig(SFTConfig):
         metadata={
             "help": "kl_stop_at_violating_prefix: the oracle judges prefixes of at least this many tokens. A "
             "classifier trained on whole texts does not judge one token: steer's toxicity oracle scores the first "
-            "token of 54% of Perspective-clean RTP continuations below 0.5, their two-token prefixes 0.3% "
+            "token of 162 of 300 Perspective-clean RTP continuations below 0.5, their two-token prefixes 1 of 300 "
             "(recipes/detox_classifier/RESULTS.md, part 3)."
         },
     )
