@@ -237,14 +237,13 @@ def test_classifier_constraint_multilabel_uses_sigmoid(tiny_classifier):
     assert isinstance(c.score(["x"]), np.ndarray)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_classifier_constraint_on_a_decoder_classifier_is_padding_invariant(side):
+def _tiny_decoder_classifier():
+    """A random 2-label Llama sequence classifier and the tiny BPE tokenizer it reads."""
     from transformers import AutoConfig, LlamaForSequenceClassification
 
     from steer.models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    tokenizer.padding_side = side
     config = AutoConfig.for_model(
         "llama",
         vocab_size=len(tokenizer),
@@ -257,7 +256,13 @@ def test_classifier_constraint_on_a_decoder_classifier_is_padding_invariant(side
         initializer_range=0.2,
     )
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
+    return LlamaForSequenceClassification(config), tokenizer
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_classifier_constraint_on_a_decoder_classifier_is_padding_invariant(side):
+    model, tokenizer = _tiny_decoder_classifier()
+    tokenizer.padding_side = side
     c = ClassifierConstraint(model=model, tokenizer=tokenizer, positive_label=1, device="cpu")
     assert model.config.pad_token_id == tokenizer.pad_token_id  # set so the last real token is found
     texts = ["a", "the quick dog runs over the road today", "", "hello " * 300, "we agree"]
@@ -327,25 +332,10 @@ def test_topic_constraints_are_any_of_word_lists_with_satisfaction_evidence():
 
 def test_decoder_classifier_scores_every_prefix_in_one_pass():
     """The score at token j of one pass is the classifier's score of the first j + 1 tokens on their own."""
-    from transformers import AutoConfig, LlamaForSequenceClassification
-
     from steer.constraints.base import Constraint
     from steer.models import tiny_tokenizer
 
-    tokenizer = tiny_tokenizer()
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        num_labels=2,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
+    model, tokenizer = _tiny_decoder_classifier()
     c = ClassifierConstraint(model=model, tokenizer=tokenizer, positive_label=1, negate=True, batch_size=2)
     rows = [
         tokenizer(t, add_special_tokens=False)["input_ids"]
