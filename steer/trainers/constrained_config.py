@@ -138,7 +138,9 @@ class ConstrainedConfig(SFTConfig):
             "classifier reading the policy's token ids does it in one pass per row, Constraint.prefix_probs) and "
             "the positions after the first prefix with P(satisfied) < label_threshold are dropped. Past such a "
             "prefix R is small for every token and q* favours whatever dilutes the text (filler a whole-text "
-            "classifier calls safe)."
+            "classifier calls safe). On the detox-classifier recipe it did not by itself keep the policy fluent "
+            "with kl_reference policy; with a classifier use a fixed reference (recipes/detox_classifier/RESULTS.md, "
+            "part 3)."
         },
     )
     kl_violating_prefix_min_tokens: int = field(
