@@ -8,6 +8,7 @@ order. Texts longer than the model's limit are truncated (characters first, then
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -111,12 +112,13 @@ class SequenceClassifierRunner:
         # A tokenizer that adds no special tokens maps "" to nothing: give the model one token to read.
         return [ids if ids else [self.empty_token_id] for ids in encoded["input_ids"]]
 
-    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad to the batch's longest row on the tokenizer's padding side."""
+    def _pad(self, rows: list[list[int]], *, left: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad to the batch's longest row on the tokenizer's padding side (or on the left when ``left``)."""
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        if left is None:
+            left = getattr(self.tokenizer, "padding_side", "right") == "left"
         for j, row in enumerate(rows):
             cols = slice(width - len(row), width) if left else slice(0, len(row))
             input_ids[j, cols] = torch.tensor(row, dtype=torch.long)
@@ -130,6 +132,7 @@ class SequenceClassifierRunner:
             return torch.softmax(logits, dim=-1)
         return logits
 
+    @functools.cached_property
     def special_prefix(self) -> list[int] | None:
         """The special tokens the tokenizer puts before a text (``[]``, or e.g. ``[bos]``), or None when it also
         adds tokens after it (then a prefix's score is not the hidden state at its last token)."""
@@ -149,15 +152,15 @@ class SequenceClassifierRunner:
         return (
             causal
             and not getattr(model.config, "is_encoder_decoder", False)
-            and self.special_prefix() is not None
+            and self.special_prefix is not None
         )
 
     def position_scores(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Scores ``[len(row), num_labels]`` of every prefix of each token row (``out[i][j]``: ``rows[i][: j + 1]``),
         one pass per batch of rows; needs :meth:`scores_every_position`. Rows longer than :attr:`max_length` (with
         the special prefix) are refused."""
-        prefix = self.special_prefix()
-        if prefix is None or not self.scores_every_position():
+        prefix = self.special_prefix
+        if not self.scores_every_position():
             raise ValueError(f"{type(self.model).__name__} cannot score every prefix in one pass")
         ids = [prefix + [int(t) for t in row] for row in rows]
         too_long = [i for i, row in enumerate(ids) if len(row) > self.max_length]
@@ -173,12 +176,7 @@ class SequenceClassifierRunner:
                     row if row else [self.empty_token_id] for row in ids[start : start + self.batch_size]
                 ]
                 # right padding: a causal body's state at a real token never sees the padding after it
-                width = max(len(r) for r in chunk)
-                input_ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, row in enumerate(chunk):
-                    input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
-                    attention_mask[j, : len(row)] = 1
+                input_ids, attention_mask = self._pad(chunk, left=False)
                 hidden = body(
                     input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
                 )

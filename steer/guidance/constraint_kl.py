@@ -428,9 +428,7 @@ class ConstraintKL:
             masks["samples"] = sample
             out.sample_count = sample.sum().float()
         if self.prefix_probs is not None and masks:
-            kl_union = torch.zeros_like(next(iter(masks.values())))
-            for mask in masks.values():
-                kl_union |= mask
+            kl_union = _union(masks.values())
             violated = violated_positions(
                 inputs["input_ids"],
                 kl_union,
@@ -458,9 +456,7 @@ class ConstraintKL:
             weights["samples"] = s.sample_weight / (out.sample_count * accumulation).clamp(min=1)
         settled = None
         if self.prefix_settled is not None and masks:
-            kl_union = torch.zeros_like(next(iter(masks.values())))
-            for mask in masks.values():
-                kl_union |= mask
+            kl_union = _union(masks.values())
             settled = settled_positions(inputs["input_ids"], kl_union, self.prefix_settled)
             out.metrics["kl_settled_share"] = (
                 float(settled[kl_union].float().mean()) if kl_union.any() else 0.0
@@ -679,11 +675,21 @@ def violated_positions(
         continuations.append(ids[row][positions[0] + 1 : positions[-1] + 1])
     if not rows:
         return out
+    skip = max(min_tokens, 1) - 1  # the prefixes too short to judge
     for row, start, probs in zip(rows, starts, prefix_probs(continuations)):
-        bad = (probs.reshape(-1)[max(min_tokens, 1) - 1 :] < threshold).nonzero()
+        bad = (probs.reshape(-1)[skip:] < threshold).nonzero()
         if bad.numel():
-            out[row, start + max(min_tokens, 1) - 1 + int(bad[0]) :] = True
+            out[row, start + skip + int(bad[0]) :] = True
     return out & mask
+
+
+def _union(masks) -> Tensor:
+    """The positions in any of ``masks`` (equal-shaped bool tensors; at least one)."""
+    masks = list(masks)
+    union = masks[0].clone()
+    for mask in masks[1:]:
+        union |= mask
+    return union
 
 
 def _share_metrics(kl_sq: float, lm_sq: float, dot: float) -> dict[str, Any]:
