@@ -428,7 +428,7 @@ class ConstraintKL:
             masks["samples"] = sample
             out.sample_count = sample.sum().float()
         if self.prefix_probs is not None and masks:
-            kl_union = _union(masks.values())
+            kl_union = _union(masks.values(), like=hidden[..., 0])
             violated = violated_positions(
                 inputs["input_ids"],
                 kl_union,
@@ -456,7 +456,7 @@ class ConstraintKL:
             weights["samples"] = s.sample_weight / (out.sample_count * accumulation).clamp(min=1)
         settled = None
         if self.prefix_settled is not None and masks:
-            kl_union = _union(masks.values())
+            kl_union = _union(masks.values(), like=hidden[..., 0])
             settled = settled_positions(inputs["input_ids"], kl_union, self.prefix_settled)
             out.metrics["kl_settled_share"] = (
                 float(settled[kl_union].float().mean()) if kl_union.any() else 0.0
@@ -474,9 +474,7 @@ class ConstraintKL:
         ``settled`` ([B, T], ``stop_when_satisfied``): positions after a prefix that settles the constraint, where
         R = 1 (``z`` = :data:`SETTLED_Z`) and q* is the reference.
         """
-        union = torch.zeros_like(hidden[..., 0], dtype=torch.bool)
-        for mask in masks.values():
-            union |= mask
+        union = _union(masks.values(), like=hidden[..., 0])
         if nll is not None:
             union |= nll[0]
         zero = hidden.new_zeros((), dtype=torch.float32)
@@ -528,9 +526,7 @@ class ConstraintKL:
         The rows go in KL positions first (row-major), then the NLL-only ones, so the guidance model (and the
         base reference) run only up to the KL positions and the fused pass computes no ``z`` for the rest.
         """
-        kl_union = torch.zeros_like(union)
-        for mask in masks.values():
-            kl_union |= mask
+        kl_union = _union(masks.values(), like=union)
         flat_union, flat_kl = union.reshape(-1), kl_union.reshape(-1)
         order = torch.cat([flat_kl.nonzero().view(-1), (flat_union & ~flat_kl).nonzero().view(-1)])
         n_kl = int(flat_kl.sum())
@@ -683,11 +679,10 @@ def violated_positions(
     return out & mask
 
 
-def _union(masks) -> Tensor:
-    """The positions in any of ``masks`` (equal-shaped bool tensors; at least one)."""
-    masks = list(masks)
-    union = masks[0].clone()
-    for mask in masks[1:]:
+def _union(masks, like: Tensor) -> Tensor:
+    """The positions in any of ``masks`` (bool tensors shaped like ``like``); all False when there are none."""
+    union = torch.zeros_like(like, dtype=torch.bool)
+    for mask in masks:
         union |= mask
     return union
 
